@@ -1,0 +1,94 @@
+"""A thin adapter over ``qemu.qmp``: connect with a deadline, run commands with a
+deadline, wait for events, and turn the library's exceptions into HypervisorError once,
+here. No policy: what to run and when belongs to ``targets/qemu.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+
+from freezeframe.errors import HypervisorError
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class MonitorCommandError(HypervisorError):
+    """QEMU ran the command and answered with an error."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QEMU refused {command}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class Monitor:
+    """One QMP session with one QEMU process."""
+
+    def __init__(self, socket_path: str | Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+        self._client = QMPClient("freezeframe")
+
+    async def __aenter__(self) -> Monitor:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        if not Path(self.socket_path).exists():
+            raise HypervisorError(
+                f"no QMP socket at {self.socket_path}",
+                hint="check the instance's --qmp path and that the VM is running",
+            )
+        try:
+            await asyncio.wait_for(self._client.connect(self.socket_path), self.timeout)
+        except TimeoutError as err:
+            raise HypervisorError(f"QMP at {self.socket_path} did not answer within {self.timeout:g}s") from err
+        except (ConnectError, QMPError, OSError) as err:
+            raise HypervisorError(
+                f"cannot connect to QMP at {self.socket_path}: {err}",
+                hint="is the VM running, and is no other client holding its QMP socket?",
+            ) from err
+
+    async def close(self) -> None:
+        with contextlib.suppress(QMPError, OSError):
+            await self._client.disconnect()
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      *, timeout: float | None = None) -> Any:
+        limit = self.timeout if timeout is None else timeout
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), limit)
+        except ExecuteError as err:
+            raise MonitorCommandError(command, err.error_class, err.error.desc) from err
+        except TimeoutError as err:
+            raise HypervisorError(f"QMP {command} got no reply within {limit:g}s") from err
+        except (QMPError, OSError) as err:
+            raise HypervisorError(f"QMP {command} failed: {err}") from err
+
+    @contextlib.asynccontextmanager
+    async def events(self, *names: str) -> AsyncIterator[Callable[[float], Any]]:
+        """Listen for events named ``names``; yields ``next_event(timeout) -> event dict``.
+
+        Start listening before issuing the command whose events you want, so none is missed.
+        """
+        listener = EventListener(names=list(names))
+        with self._client.listen(listener):
+
+            async def next_event(timeout: float) -> dict[str, Any]:
+                try:
+                    event = await asyncio.wait_for(listener.get(), timeout)
+                except TimeoutError as err:
+                    raise HypervisorError(f"no {'/'.join(names)} event from QEMU within {timeout:g}s") from err
+                return dict(event)
+
+            yield next_event

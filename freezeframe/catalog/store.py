@@ -1,0 +1,383 @@
+"""The catalog: templates, instances and snapshots, in one SQLite file.
+
+The schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes a database
+from version i to i+1, inside one transaction, so a catalog is never half-migrated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from freezeframe.errors import CatalogError, Conflict, InvalidInput, NotFound
+from freezeframe.model import Instance, Level, Snapshot, SnapshotDisk, SnapshotState, Template
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE templates (
+        name TEXT PRIMARY KEY,
+        application_consistent INTEGER NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE instances (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        qmp_socket TEXT,
+        qga_socket TEXT,
+        template TEXT REFERENCES templates(name),
+        application_consistent INTEGER,
+        lab INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        state TEXT NOT NULL,
+        instance TEXT NOT NULL,
+        requested_level TEXT NOT NULL,
+        achieved_level TEXT,
+        fallback_reasons TEXT NOT NULL,
+        freeze_window_ms REAL,
+        timings_ms TEXT NOT NULL,
+        error TEXT,
+        manifest TEXT NOT NULL
+    );
+    CREATE INDEX snapshots_by_instance ON snapshots(instance, created_at);
+    CREATE TABLE snapshot_disks (
+        snapshot_id TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        node TEXT NOT NULL,
+        image TEXT NOT NULL,
+        virtual_size INTEGER NOT NULL,
+        allocated_size INTEGER NOT NULL,
+        PRIMARY KEY (snapshot_id, position)
+    );
+    """,
+)
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def validate_name(kind: str, name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise InvalidInput(
+            f"invalid {kind} name {name!r}",
+            hint="use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+        )
+    return name
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Catalog:
+    """Open with ``Catalog.open(path)``; every method is one transaction."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path) -> Catalog:
+        try:
+            db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys = ON")
+            db.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.Error as err:
+            raise CatalogError(f"cannot open the catalog {path}: {err}") from err
+        catalog = cls(db, path)
+        catalog._migrate()
+        return catalog
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise CatalogError(f"catalog {self.path}: {err}") from err
+
+    def _migrate(self) -> None:
+        with self._tx() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise CatalogError(
+                    f"the catalog {self.path} has schema version {version}, newer than this "
+                    f"freezeframe knows ({len(MIGRATIONS)})",
+                    hint="upgrade freezeframe",
+                )
+            for step in range(version, len(MIGRATIONS)):
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {step + 1}")
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- templates ---------------------------------------------------------------------
+
+    def add_template(self, name: str, *, application_consistent: bool) -> Template:
+        validate_name("template", name)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM templates WHERE name = ?", (name,)).fetchone():
+                raise Conflict(f"template {name!r} exists already")
+            db.execute(
+                "INSERT INTO templates VALUES (?, ?, ?)", (name, int(application_consistent), utc_now())
+            )
+        return self.template(name)
+
+    def template(self, name: str) -> Template:
+        row = self._db.execute("SELECT * FROM templates WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no template named {name!r}", hint="see: freezeframe template list")
+        return _template(row)
+
+    def templates(self) -> list[Template]:
+        return [_template(r) for r in self._db.execute("SELECT * FROM templates ORDER BY name")]
+
+    def update_template(self, name: str, *, application_consistent: bool) -> Template:
+        with self._tx() as db:
+            self.template(name)
+            db.execute(
+                "UPDATE templates SET application_consistent = ? WHERE name = ?",
+                (int(application_consistent), name),
+            )
+        return self.template(name)
+
+    def remove_template(self, name: str) -> None:
+        with self._tx() as db:
+            self.template(name)
+            users = [r[0] for r in db.execute("SELECT name FROM instances WHERE template = ?", (name,))]
+            if users:
+                raise Conflict(
+                    f"template {name!r} is used by {', '.join(users)}",
+                    hint="remove those instances or move them to another template first",
+                )
+            db.execute("DELETE FROM templates WHERE name = ?", (name,))
+
+    # -- instances ---------------------------------------------------------------------
+
+    def add_instance(
+        self,
+        name: str,
+        *,
+        kind: str,
+        qmp_socket: str | None,
+        qga_socket: str | None,
+        template: str | None = None,
+        application_consistent: bool | None = None,
+        lab: bool = False,
+    ) -> Instance:
+        validate_name("instance", name)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM instances WHERE name = ?", (name,)).fetchone():
+                raise Conflict(f"instance {name!r} exists already", hint="choose another name or remove it first")
+            if template is not None:
+                self.template(template)
+            db.execute(
+                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, kind, qmp_socket, qga_socket, template,
+                 None if application_consistent is None else int(application_consistent),
+                 int(lab), utc_now()),
+            )
+        return self.instance(name)
+
+    def instance(self, name: str) -> Instance:
+        row = self._db.execute(
+            """SELECT i.*, t.application_consistent AS template_application_consistent
+               FROM instances i LEFT JOIN templates t ON t.name = i.template WHERE i.name = ?""",
+            (name,),
+        ).fetchone()
+        if row is None:
+            raise NotFound(f"no instance named {name!r}", hint="see: freezeframe instance list")
+        return _instance(row)
+
+    def instances(self) -> list[Instance]:
+        rows = self._db.execute(
+            """SELECT i.*, t.application_consistent AS template_application_consistent
+               FROM instances i LEFT JOIN templates t ON t.name = i.template ORDER BY i.name"""
+        )
+        return [_instance(r) for r in rows]
+
+    def update_instance(self, name: str, **changes: Any) -> Instance:
+        allowed = {"qmp_socket", "qga_socket", "template", "application_consistent"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise InvalidInput(f"cannot change {', '.join(sorted(unknown))} of an instance")
+        with self._tx() as db:
+            self.instance(name)
+            if changes.get("template") is not None:
+                self.template(changes["template"])
+            for column, value in changes.items():
+                if column == "application_consistent" and value is not None:
+                    value = int(value)
+                db.execute(f"UPDATE instances SET {column} = ? WHERE name = ?", (value, name))
+        return self.instance(name)
+
+    def remove_instance(self, name: str, *, force: bool = False) -> None:
+        """Remove an instance. Its live snapshots block that unless ``force``, which marks them deleted."""
+        with self._tx() as db:
+            self.instance(name)
+            live = [
+                r[0]
+                for r in db.execute(
+                    "SELECT name FROM snapshots WHERE instance = ? AND state IN ('created', 'creating', 'deleting')",
+                    (name,),
+                )
+            ]
+            if live and not force:
+                raise Conflict(
+                    f"instance {name!r} still has snapshots: {', '.join(live)}",
+                    hint="delete them first with: freezeframe snapshot delete ID",
+                )
+            db.execute(
+                "UPDATE snapshots SET state = 'deleted', error = coalesce(error, 'instance removed') "
+                "WHERE instance = ? AND state != 'failed'",
+                (name,),
+            )
+            db.execute("DELETE FROM instances WHERE name = ?", (name,))
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    def save_snapshot(self, snap: Snapshot) -> None:
+        """Insert or replace the whole record, disks included."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    snap.id, snap.name, snap.created_at, snap.state.value, snap.instance,
+                    snap.requested_level.value,
+                    snap.achieved_level.value if snap.achieved_level else None,
+                    json.dumps(snap.fallback_reasons), snap.freeze_window_ms,
+                    json.dumps(snap.timings_ms), snap.error, json.dumps(snap.manifest),
+                ),
+            )
+            db.execute("DELETE FROM snapshot_disks WHERE snapshot_id = ?", (snap.id,))
+            db.executemany(
+                "INSERT INTO snapshot_disks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (snap.id, i, d.device, d.node, d.image, d.virtual_size, d.allocated_size)
+                    for i, d in enumerate(snap.disks)
+                ],
+            )
+
+    def snapshot(self, ref: str) -> Snapshot:
+        """A snapshot by id, unique id prefix, or name (the newest live one of that name)."""
+        rows = self._db.execute("SELECT * FROM snapshots WHERE id = ?", (ref,)).fetchall()
+        if not rows:
+            rows = self._db.execute(
+                "SELECT * FROM snapshots WHERE name = ? ORDER BY state = 'deleted', created_at DESC LIMIT 1",
+                (ref,),
+            ).fetchall()
+        if not rows and len(ref) >= 4:
+            rows = self._db.execute(
+                "SELECT * FROM snapshots WHERE id LIKE ? || '%'", (ref,)
+            ).fetchall()
+            if len(rows) > 1:
+                raise InvalidInput(f"snapshot id prefix {ref!r} is ambiguous", hint="give more of the id")
+        if not rows:
+            raise NotFound(f"no snapshot {ref!r}", hint="see: freezeframe snapshot list")
+        return self._snapshot(rows[0])
+
+    def snapshots(self, *, instance: str | None = None, include_deleted: bool = False) -> list[Snapshot]:
+        query = "SELECT * FROM snapshots WHERE 1"
+        args: list[Any] = []
+        if instance is not None:
+            query += " AND instance = ?"
+            args.append(instance)
+        if not include_deleted:
+            query += " AND state != 'deleted'"
+        rows = self._db.execute(query + " ORDER BY created_at, id", args).fetchall()
+        return [self._snapshot(r) for r in rows]
+
+    def snapshots_using_image(self, image: str) -> list[Snapshot]:
+        rows = self._db.execute(
+            """SELECT DISTINCT s.* FROM snapshots s JOIN snapshot_disks d ON d.snapshot_id = s.id
+               WHERE d.image = ? AND s.state NOT IN ('deleted', 'failed')""",
+            (image,),
+        ).fetchall()
+        return [self._snapshot(r) for r in rows]
+
+    def repoint_image(self, old: str, new: str) -> None:
+        """Live snapshots whose disk content was in ``old`` now find it in ``new`` (after a merge)."""
+        with self._tx() as db:
+            db.execute(
+                """UPDATE snapshot_disks SET image = ? WHERE image = ? AND snapshot_id IN
+                   (SELECT id FROM snapshots WHERE state NOT IN ('deleted', 'failed'))""",
+                (new, old),
+            )
+
+    def _snapshot(self, row: sqlite3.Row) -> Snapshot:
+        disks = [
+            SnapshotDisk(
+                device=d["device"], node=d["node"], image=d["image"],
+                virtual_size=d["virtual_size"], allocated_size=d["allocated_size"],
+            )
+            for d in self._db.execute(
+                "SELECT * FROM snapshot_disks WHERE snapshot_id = ? ORDER BY position", (row["id"],)
+            )
+        ]
+        return Snapshot(
+            id=row["id"],
+            name=row["name"],
+            created_at=row["created_at"],
+            state=SnapshotState(row["state"]),
+            instance=row["instance"],
+            requested_level=Level(row["requested_level"]),
+            achieved_level=Level(row["achieved_level"]) if row["achieved_level"] else None,
+            fallback_reasons=json.loads(row["fallback_reasons"]),
+            freeze_window_ms=row["freeze_window_ms"],
+            timings_ms=json.loads(row["timings_ms"]),
+            error=row["error"],
+            disks=disks,
+            manifest=json.loads(row["manifest"]),
+        )
+
+
+def _template(row: sqlite3.Row) -> Template:
+    return Template(
+        name=row["name"], application_consistent=bool(row["application_consistent"]), created_at=row["created_at"]
+    )
+
+
+def _instance(row: sqlite3.Row) -> Instance:
+    own = row["application_consistent"]
+    inherited = row["template_application_consistent"]
+    effective = own if own is not None else inherited
+    return Instance(
+        name=row["name"],
+        kind=row["kind"],
+        qmp_socket=row["qmp_socket"],
+        qga_socket=row["qga_socket"],
+        template=row["template"],
+        own_application_consistent=None if own is None else bool(own),
+        application_consistent=bool(effective),
+        created_at=row["created_at"],
+        lab=bool(row["lab"]),
+    )

@@ -1,0 +1,61 @@
+"""Turn a request into a plan: which instance, which level, which policy. Pure, no I/O."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from freezeframe.catalog.store import validate_name
+from freezeframe.errors import InvalidInput
+from freezeframe.model import Instance, Level, OnFailure, Policy
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotPlan:
+    snapshot_id: str
+    name: str
+    instance: Instance
+    policy: Policy
+
+    @property
+    def level(self) -> Level:
+        return self.policy.level
+
+
+def plan_snapshot(
+    instance: Instance,
+    *,
+    now: datetime,
+    name: str | None = None,
+    level: Level | None = None,
+    on_failure: OnFailure = OnFailure.FALLBACK,
+    agent_timeout: float | None = None,
+    freeze_timeout: float | None = None,
+    snapshot_id: str | None = None,
+) -> SnapshotPlan:
+    """Decide what to attempt. Without an explicit level, ask for ``application`` when the
+    instance (or its template) has application-consistent snapshots enabled, else ``crash``."""
+    if instance.kind != "qemu":
+        raise InvalidInput(f"instance {instance.name!r} is of kind {instance.kind!r}, which cannot be snapshotted yet")
+    if not instance.qmp_socket:
+        raise InvalidInput(
+            f"instance {instance.name!r} has no QMP socket",
+            hint=f"set one with: freezeframe instance update {instance.name} --qmp SOCKET",
+        )
+    if level is None:
+        level = Level.APPLICATION if instance.application_consistent else Level.CRASH
+    if name is None:
+        name = f"{instance.name}-{now.strftime('%Y%m%dT%H%M%SZ')}"
+    validate_name("snapshot", name)
+    timeouts: dict[str, float] = {}
+    if agent_timeout is not None:
+        timeouts["agent_timeout"] = agent_timeout
+    if freeze_timeout is not None:
+        timeouts["freeze_timeout"] = freeze_timeout
+    return SnapshotPlan(
+        snapshot_id=snapshot_id or str(uuid.uuid4()),
+        name=name,
+        instance=instance,
+        policy=Policy(level=level, on_failure=on_failure, **timeouts),
+    )

@@ -1,0 +1,96 @@
+"""Every error freezeframe raises, as one tree.
+
+::
+
+    FreezeframeError                  exit 1   anything we raise
+     +-- InvalidInput                 exit 2   a name, option or policy that cannot work
+     +-- NotFound                     exit 3   no such instance, template, snapshot, VM
+     +-- Conflict                     exit 4   exists already, or busy with another run
+     +-- AgentError                   exit 5   the guest agent (qemu-ga)
+     |    +-- AgentUnavailable                 cannot connect, or no answer to the handshake
+     |    +-- AgentTimeout                     a command got no reply in time
+     |    +-- AgentProtocolError               the reply is not what the protocol allows
+     |    +-- AgentCommandError                the agent answered with an error
+     +-- HypervisorError              exit 6   QEMU's monitor (QMP) and qemu-img
+     +-- SnapshotFailed               exit 7   the policy said fail, or the snapshot could not be taken
+     +-- CatalogError                 exit 8   the catalog database
+     +-- LabError                     exit 9   building or running lab VMs
+
+Each error carries its message and its exit code; only the CLI turns them into output
+and an exit. Foreign exceptions (OSError, sqlite3, qemu.qmp) are translated once, at
+the boundary of the module that met them, with the cause chained.
+"""
+
+from __future__ import annotations
+
+
+class FreezeframeError(Exception):
+    """Root of the tree. ``str(err)`` is the message for the user; ``exit_code`` the status."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        #: What the user can do about it, when we know.
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if self.hint is None else f"{self.message} ({self.hint})"
+
+
+class InvalidInput(FreezeframeError):
+    exit_code = 2
+
+
+class NotFound(FreezeframeError):
+    exit_code = 3
+
+
+class Conflict(FreezeframeError):
+    exit_code = 4
+
+
+class AgentError(FreezeframeError):
+    exit_code = 5
+
+
+class AgentUnavailable(AgentError):
+    pass
+
+
+class AgentTimeout(AgentError):
+    pass
+
+
+class AgentProtocolError(AgentError):
+    pass
+
+
+class AgentCommandError(AgentError):
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"guest agent refused {command}: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class HypervisorError(FreezeframeError):
+    exit_code = 6
+
+
+class SnapshotFailed(FreezeframeError):
+    exit_code = 7
+
+    def __init__(self, message: str, *, snapshot_id: str | None = None, hint: str | None = None):
+        super().__init__(message, hint=hint)
+        #: The failed record kept in the catalog, when there is one.
+        self.snapshot_id = snapshot_id
+
+
+class CatalogError(FreezeframeError):
+    exit_code = 8
+
+
+class LabError(FreezeframeError):
+    exit_code = 9

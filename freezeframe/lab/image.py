@@ -1,0 +1,301 @@
+"""Builds the lab guest: the host's Debian kernel and an initramfs made from host packages.
+
+The initramfs holds busybox, qemu-ga with the shared libraries it links, the virtio and
+file-system modules in dependency order, and ff-workload (compiled static from
+``workload.c``). There is no udev in it, so ``/init`` makes the ``/dev/virtio-ports``
+links itself. The result is cached under the home, keyed by everything that goes in.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from freezeframe.errors import LabError
+
+#: Bump when the image layout or /init changes, so cached images are rebuilt.
+IMAGE_FORMAT = 3
+
+#: Modules the guest needs; their dependencies are added from modules.dep.
+#: crc32c_generic comes first: ext4 (metadata_csum) and xfs ask the crypto API for
+#: crc32c, which would otherwise need modprobe.
+WANTED_MODULES = (
+    "crc32c_generic",
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "ext4",
+    "xfs",
+)
+
+GUEST_AGENT = Path("/usr/sbin/qemu-ga")
+BUSYBOX = Path("/bin/busybox")
+HOST_BINARIES = (GUEST_AGENT, BUSYBOX)
+
+
+@dataclass(frozen=True, slots=True)
+class GuestImage:
+    kernel: Path
+    initrd: Path
+
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+# freezeframe lab guest init. Everything here runs as PID 1; see freezeframe/lab/image.py.
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/sbin:/usr/local/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs -o mode=0755 run /run
+ln -sfn /run /var/run
+echo 1 > /proc/sys/kernel/printk
+
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko || echo "ff-lab: insmod $m failed"; done
+
+arg() { for w in $(cat /proc/cmdline); do case $w in "$1="*) echo "${w#*=}"; return;; esac; done; }
+
+# No udev: name the virtio serial ports the way udev rules would.
+mkdir -p /dev/virtio-ports
+for p in /sys/class/virtio-ports/*; do
+    [ -e "$p/name" ] && ln -sfn "../${p##*/}" "/dev/virtio-ports/$(cat $p/name)"
+done
+
+# Data disks carry a serial (ffdata0, ffdata1, ...) and are mounted at /mnt/<serial>.
+files=""
+for b in /sys/block/vd*; do
+    [ -e "$b" ] || continue
+    dev=/dev/${b##*/}
+    serial=$(cat $b/serial 2>/dev/null)
+    [ -n "$serial" ] || continue
+    mkdir -p /mnt/$serial
+    if mount "$dev" /mnt/$serial; then
+        files="$files /mnt/$serial/workload.log"
+    else
+        echo "ff-lab: cannot mount $dev"
+    fi
+done
+
+if [ "$(arg ff.agent)" != 0 ]; then
+    # qemu-ga never thaws by itself, and tests kill it on purpose: keep it running.
+    ( while :; do
+        qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run \
+            $(arg ff.agent_args | tr ',' ' ')
+        sleep 0.2
+    done ) &
+fi
+
+if [ "$(arg ff.workload)" = 1 ] && [ -n "$files" ]; then
+    sync_flag=""
+    [ "$(arg ff.workload_sync)" = 1 ] && sync_flag=-s
+    ff-workload $sync_flag -i "$(arg ff.workload_interval_us)" /run/ff-workload.stalls $files &
+fi
+
+echo "ff-lab: ready" > /dev/ttyS0
+while :; do sleep 3600; done
+"""
+
+
+def _run(argv: list[str], what: str) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise LabError(f"cannot run {argv[0]} to {what}: {err.strerror}") from err
+    if done.returncode != 0:
+        raise LabError(f"{what} failed: {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout
+
+
+def host_kernel() -> tuple[Path, Path]:
+    """The newest Debian kernel in /boot that has its modules installed."""
+
+    def version_key(path: Path) -> list[int]:
+        return [int(n) for n in re.findall(r"\d+", path.name)]
+
+    for kernel in sorted(Path("/boot").glob("vmlinuz-*"), key=version_key, reverse=True):
+        modules = Path("/lib/modules") / kernel.name.removeprefix("vmlinuz-")
+        if (modules / "modules.dep").exists():
+            return kernel, modules
+    raise LabError(
+        "no kernel with modules found in /boot and /lib/modules",
+        hint="install linux-image-amd64 (make setup does)",
+    )
+
+
+def module_order(modules_dir: Path, wanted: tuple[str, ...]) -> list[Path]:
+    """Module files to load, each after the modules it depends on (from modules.dep)."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (modules_dir / "modules.dep").read_text().splitlines():
+        target, _, rest = line.partition(":")
+        deps[target] = rest.split()
+        by_name[_module_name(target)] = target
+    order: list[str] = []
+
+    def visit(path: str) -> None:
+        if path in order:
+            return
+        for dep in deps.get(path, []):
+            visit(dep)
+        order.append(path)
+
+    for name in wanted:
+        if name not in by_name:
+            raise LabError(f"kernel module {name} not found in {modules_dir}")
+        visit(by_name[name])
+    return [modules_dir / p for p in order]
+
+
+def _module_name(path: str) -> str:
+    base = Path(path).name
+    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
+        if base.endswith(suffix):
+            return base[: -len(suffix)].replace("-", "_")
+    return base
+
+
+def shared_libraries(binary: Path) -> list[Path]:
+    """The libraries the dynamic loader would map for ``binary``, loader included."""
+    out = _run(["ldd", str(binary)], f"list the libraries of {binary}")
+    libs = []
+    for line in out.splitlines():
+        match = re.search(r"(/\S+)\s+\(0x", line)
+        if match:
+            libs.append(Path(match.group(1)))
+    return libs
+
+
+def _image_key(kernel: Path) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{IMAGE_FORMAT}\n{INIT_SCRIPT}".encode())
+    digest.update(resources.files("freezeframe.lab").joinpath("workload.c").read_bytes())
+    for path in (kernel, *HOST_BINARIES):
+        st = path.stat()
+        digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def ensure_image(cache: Path) -> GuestImage:
+    """The cached guest image, built first if it is missing or out of date."""
+    kernel, modules_dir = host_kernel()
+    for binary in HOST_BINARIES:
+        if not binary.exists():
+            raise LabError(f"{binary} is missing", hint="run make setup to install the lab packages")
+    target = cache / _image_key(kernel)
+    image = GuestImage(kernel=target / "vmlinuz", initrd=target / "initrd.gz")
+    if image.kernel.exists() and image.initrd.exists():
+        return image
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix="build-") as tmp:
+        work = Path(tmp)
+        shutil.copyfile(kernel, work / "vmlinuz")
+        _write_initrd(work / "initrd.gz", modules_dir, work)
+        # Rename a whole directory so a concurrent builder never sees half an image.
+        try:
+            (work).rename(target)
+        except OSError:
+            if not image.initrd.exists():
+                raise
+        else:
+            os.mkdir(work)  # TemporaryDirectory wants something to delete
+    return image
+
+
+def _compile_workload(out: Path) -> None:
+    source = out.with_suffix(".c")
+    source.write_bytes(resources.files("freezeframe.lab").joinpath("workload.c").read_bytes())
+    _run(["cc", "-O2", "-static", "-o", str(out), str(source)], "compile the guest workload")
+
+
+def _write_initrd(dest: Path, modules_dir: Path, work: Path) -> None:
+    archive = _Cpio()
+    for directory in ("bin", "dev", "proc", "sys", "run", "var", "mnt", "tmp", "etc",
+                      "lib/modules", "usr/sbin", "usr/local/bin"):
+        archive.directory(directory)
+    archive.file("init", INIT_SCRIPT.encode(), 0o755)
+    archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
+    archive.file("usr/sbin/qemu-ga", GUEST_AGENT.read_bytes(), 0o755)
+    archive.file("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n", 0o644)
+    seen: set[str] = set()
+    for lib in shared_libraries(GUEST_AGENT):
+        # Keep the path the binary asks for (/lib64/ld-linux..., /lib/x86_64-linux-gnu/...).
+        name = str(lib).lstrip("/")
+        if name not in seen:
+            seen.add(name)
+            parent = str(Path(name).parent)
+            archive.directory(parent)
+            archive.file(name, lib.resolve().read_bytes(), 0o755)
+    order = []
+    for module in module_order(modules_dir, WANTED_MODULES):
+        name = _module_name(module.name)
+        archive.file(f"lib/modules/{name}.ko", _module_bytes(module), 0o644)
+        order.append(name)
+    archive.file("lib/modules/order", ("\n".join(order) + "\n").encode(), 0o644)
+    workload = work / "ff-workload"
+    _compile_workload(workload)
+    archive.file("usr/local/bin/ff-workload", workload.read_bytes(), 0o755)
+    with gzip.open(dest, "wb", compresslevel=6) as out:
+        out.write(archive.finish())
+
+
+def _module_bytes(module: Path) -> bytes:
+    data = module.read_bytes()
+    if module.name.endswith(".ko"):
+        return data
+    if module.name.endswith(".ko.xz"):
+        import lzma
+
+        return lzma.decompress(data)
+    if module.name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    raise LabError(f"cannot unpack kernel module {module}: unknown compression")
+
+
+class _Cpio:
+    """A "newc" cpio archive, the format the kernel unpacks as initramfs.
+
+    Written here rather than with cpio(1) so ownership and modes are exact
+    without fakeroot, and the build needs one tool less.
+    """
+
+    def __init__(self) -> None:
+        self._out = io.BytesIO()
+        self._ino = 1
+        self._dirs: set[str] = set()
+
+    def _entry(self, name: str, mode: int, data: bytes) -> None:
+        encoded = name.encode() + b"\0"
+        fields = (self._ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0)
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        self._ino += 1
+        self._out.write(header + encoded)
+        self._pad()
+        self._out.write(data)
+        self._pad()
+
+    def _pad(self) -> None:
+        self._out.write(b"\0" * (-self._out.tell() % 4))
+
+    def directory(self, name: str) -> None:
+        parts = Path(name).parts
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if sub not in self._dirs:
+                self._dirs.add(sub)
+                self._entry(sub, stat.S_IFDIR | 0o755, b"")
+
+    def file(self, name: str, data: bytes, mode: int) -> None:
+        self._entry(name, stat.S_IFREG | mode, data)
+
+    def finish(self) -> bytes:
+        self._entry("TRAILER!!!", 0, b"")
+        return self._out.getvalue()

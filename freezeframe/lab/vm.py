@@ -1,0 +1,274 @@
+"""Small real VMs for the demo, the tests and anyone trying freezeframe.
+
+Each VM lives in its own directory under the lab root: its qcow2 data disks (formatted
+on the host, mounted in the guest at /mnt/ffdataN), a QMP socket, a guest-agent socket,
+the serial console log and a ``vm.json`` describing it. QEMU runs daemonized; ``down``
+stops exactly the process recorded for that VM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from freezeframe.errors import Conflict, LabError, NotFound
+from freezeframe.lab.image import GuestImage, ensure_image
+
+READY_MARKER = b"ff-lab: ready"
+FILESYSTEMS = ("ext4", "xfs")
+#: xfsprogs 6 refuses file systems under 300 MiB; the disks are sparse either way.
+DEFAULT_DISK_MIB = 320
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LabVM:
+    name: str
+    directory: str
+    qmp_socket: str
+    qga_socket: str
+    console: str
+    pid: int
+    disks: list[str]
+    fs: str
+    agent: bool
+    workload: bool
+    accel: str
+
+    @property
+    def running(self) -> bool:
+        return _is_our_qemu(self.pid, self.directory)
+
+
+def _run(argv: list[str], what: str) -> None:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    except OSError as err:
+        raise LabError(f"cannot run {argv[0]} to {what}: {err.strerror}",
+                       hint="run make setup to install the lab packages") from err
+    if done.returncode != 0:
+        raise LabError(f"{what} failed: {(done.stderr or done.stdout).strip()}")
+
+
+def _is_our_qemu(pid: int, directory: str) -> bool:
+    """True if ``pid`` is alive and is the QEMU started for ``directory`` (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"qemu-system" in cmdline and directory.encode() in cmdline
+
+
+def make_disk(path: Path, *, fs: str, size_mib: int) -> None:
+    """A qcow2 disk holding one empty, unmounted-clean file system."""
+    raw = path.with_suffix(".raw")
+    try:
+        with open(raw, "wb") as handle:
+            handle.truncate(size_mib << 20)
+        if fs == "ext4":
+            _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)],
+                 f"format {path.name} as ext4")
+        else:
+            _run(["mkfs.xfs", "-q", "-f", str(raw)], f"format {path.name} as xfs")
+        _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+             f"convert {path.name} to qcow2")
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def _qemu_argv(vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str, cmdline: str,
+               memory_mib: int) -> list[str]:
+    argv = [
+        "qemu-system-x86_64", "-name", vm_dir.name, "-machine", "q35", "-accel", accel,
+        "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
+        "-serial", f"file:{vm_dir / 'console.log'}",
+        "-qmp", f"unix:{vm_dir / 'qmp.sock'},server=on,wait=off",
+        "-chardev", f"socket,path={vm_dir / 'qga.sock'},server=on,wait=off,id=qga0",
+        "-device", "virtio-serial-pci",
+        "-device", f"virtserialport,chardev=qga0,name={AGENT_CHANNEL}",
+        "-pidfile", str(vm_dir / "qemu.pid"), "-daemonize",
+    ]
+    if accel == "kvm":
+        argv += ["-cpu", "max"]
+    for index, disk in enumerate(disks):
+        argv += [
+            "-blockdev", f"driver=file,filename={disk},node-name=ffdata{index}-file",
+            "-blockdev", f"driver=qcow2,file=ffdata{index}-file,node-name=ffdata{index}",
+            "-device", f"virtio-blk-pci,drive=ffdata{index},id=ffdata{index},serial=ffdata{index}",
+        ]
+    return argv
+
+
+def _wait_ready(vm_dir: Path, pid: int, timeout: float) -> bool:
+    console = vm_dir / "console.log"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if READY_MARKER in console.read_bytes():
+                return True
+        if not _is_our_qemu(pid, str(vm_dir)):
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def _console_tail(vm_dir: Path) -> str:
+    try:
+        text = (vm_dir / "console.log").read_text(errors="replace")
+    except OSError:
+        return "(no console output)"
+    return "\n".join(text.strip().splitlines()[-15:]) or "(no console output)"
+
+
+def _stop_pid(pid: int, directory: str, timeout: float = 10.0) -> None:
+    if not _is_our_qemu(pid, directory):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _is_our_qemu(pid, directory):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _boot(vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str, cmdline: str,
+          memory_mib: int, timeout: float) -> int | None:
+    """Start QEMU and wait for the guest; returns its pid, or None if it did not come up."""
+    (vm_dir / "console.log").unlink(missing_ok=True)
+    argv = _qemu_argv(vm_dir, image, disks, accel=accel, cmdline=cmdline, memory_mib=memory_mib)
+    _run(argv, f"start QEMU ({accel})")
+    pid = int((vm_dir / "qemu.pid").read_text().strip())
+    if _wait_ready(vm_dir, pid, timeout):
+        return pid
+    _stop_pid(pid, str(vm_dir))
+    return None
+
+
+def choose_accel(lab_root: Path, image: GuestImage) -> str:
+    """KVM when it really runs a guest here, else TCG.
+
+    /dev/kvm may exist and still not work (QEMU aborts, or the guest spins), so the
+    answer comes from booting the lab guest once with KVM, with a short timeout. It is
+    cached per host boot. FREEZEFRAME_LAB_ACCEL=kvm|tcg overrides the probe.
+    """
+    forced = os.environ.get("FREEZEFRAME_LAB_ACCEL", "auto")
+    if forced in ("kvm", "tcg"):
+        return forced
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg"
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = "unknown"
+    cache = lab_root / ".accel"
+    with contextlib.suppress(OSError, ValueError):
+        cached = json.loads(cache.read_text())
+        if cached.get("boot_id") == boot_id:
+            return str(cached["accel"])
+    probe_dir = lab_root / ".kvm-probe"
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    probe_dir.mkdir(parents=True)
+    accel = "tcg"
+    try:
+        with contextlib.suppress(LabError, OSError, ValueError):
+            if _boot(probe_dir, image, [], accel="kvm", cmdline="console=ttyS0 quiet panic=-1 ff.agent=0",
+                     memory_mib=256, timeout=10) is not None:
+                accel = "kvm"
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            _stop_pid(int((probe_dir / "qemu.pid").read_text()), str(probe_dir))
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    cache.write_text(json.dumps({"boot_id": boot_id, "accel": accel}))
+    return accel
+
+
+def up(
+    lab_root: Path,
+    image_cache: Path,
+    name: str,
+    *,
+    disks: int = 2,
+    fs: str = "ext4",
+    agent: bool = True,
+    workload: bool = False,
+    workload_sync: bool = False,
+    workload_interval_us: int = 2000,
+    agent_args: tuple[str, ...] = (),
+    disk_mib: int = DEFAULT_DISK_MIB,
+    memory_mib: int = 256,
+    boot_timeout: float = 90.0,
+) -> LabVM:
+    """Build (or reuse) the guest image, create the disks and boot the VM; returns once the
+    guest has mounted its disks and started its agent."""
+    if fs not in FILESYSTEMS:
+        raise LabError(f"unknown file system {fs!r}", hint=f"use one of: {', '.join(FILESYSTEMS)}")
+    if not 1 <= disks <= 8:
+        raise LabError(f"a lab VM has 1 to 8 data disks, not {disks}")
+    vm_dir = (lab_root / name).resolve()
+    if vm_dir.exists():
+        raise Conflict(f"a lab VM named {name!r} exists already", hint=f"stop it with: freezeframe lab down {name}")
+    image = ensure_image(image_cache)
+    lab_root.mkdir(parents=True, exist_ok=True)
+    accel = choose_accel(lab_root, image)
+    vm_dir.mkdir(parents=True)
+    try:
+        disk_paths = [vm_dir / f"disk{i}.qcow2" for i in range(disks)]
+        for path in disk_paths:
+            make_disk(path, fs=fs, size_mib=disk_mib)
+        cmdline = " ".join([
+            "console=ttyS0", "quiet", "panic=-1",
+            f"ff.agent={int(agent)}", f"ff.workload={int(workload)}",
+            f"ff.workload_sync={int(workload_sync)}", f"ff.workload_interval_us={workload_interval_us}",
+            f"ff.agent_args={','.join(agent_args)}" if agent_args else "",
+        ]).strip()
+        pid = _boot(vm_dir, image, disk_paths, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
+                    timeout=boot_timeout)
+        if pid is None:
+            raise LabError(f"lab VM {name} did not boot within {boot_timeout:g}s; console:\n{_console_tail(vm_dir)}")
+        vm = LabVM(
+            name=name, directory=str(vm_dir), qmp_socket=str(vm_dir / "qmp.sock"),
+            qga_socket=str(vm_dir / "qga.sock"), console=str(vm_dir / "console.log"), pid=pid,
+            disks=[str(p) for p in disk_paths], fs=fs, agent=agent, workload=workload, accel=accel,
+        )
+        (vm_dir / "vm.json").write_text(json.dumps(asdict(vm), indent=2))
+        return vm
+    except BaseException:
+        with contextlib.suppress(OSError, ValueError):
+            _stop_pid(int((vm_dir / "qemu.pid").read_text()), str(vm_dir))
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        raise
+
+
+def get(lab_root: Path, name: str) -> LabVM:
+    try:
+        data = json.loads((lab_root / name / "vm.json").read_text())
+        return LabVM(**data)
+    except FileNotFoundError:
+        raise NotFound(f"no lab VM named {name!r}", hint="see: freezeframe lab list") from None
+    except (OSError, ValueError, TypeError) as err:
+        raise LabError(f"the lab VM {name} has a damaged vm.json: {err}") from err
+
+
+def list_vms(lab_root: Path) -> list[LabVM]:
+    if not lab_root.is_dir():
+        return []
+    return [get(lab_root, p.parent.name) for p in sorted(lab_root.glob("*/vm.json"))]
+
+
+def down(lab_root: Path, name: str) -> None:
+    """Stop the VM (only the QEMU process started for it) and remove its files."""
+    vm = get(lab_root, name)
+    _stop_pid(vm.pid, vm.directory)
+    if vm.running:
+        raise LabError(f"lab VM {name} (pid {vm.pid}) did not stop")
+    shutil.rmtree(vm.directory, ignore_errors=True)

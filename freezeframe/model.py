@@ -1,0 +1,142 @@
+"""The values every layer shares: consistency levels, the quiesce policy, and records.
+
+Plain, typed, immutable where they can be. No I/O here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from freezeframe.errors import InvalidInput
+
+
+class Level(enum.Enum):
+    """Consistency levels, ordered: crash < filesystem < application."""
+
+    CRASH = "crash"
+    FILESYSTEM = "filesystem"
+    APPLICATION = "application"
+
+    @property
+    def rank(self) -> int:
+        return _RANKS[self]
+
+    def __lt__(self, other: Level) -> bool:
+        return self.rank < other.rank
+
+    def __le__(self, other: Level) -> bool:
+        return self.rank <= other.rank
+
+    def below(self) -> Level:
+        """The next level down the ladder (crash stays crash)."""
+        return _LADDER[max(self.rank - 1, 0)]
+
+    @classmethod
+    def parse(cls, text: str) -> Level:
+        try:
+            return cls(text)
+        except ValueError:
+            raise InvalidInput(
+                f"unknown consistency level {text!r}",
+                hint="use one of: application, filesystem, crash",
+            ) from None
+
+
+_LADDER = (Level.CRASH, Level.FILESYSTEM, Level.APPLICATION)
+_RANKS = {level: i for i, level in enumerate(_LADDER)}
+
+
+class OnFailure(enum.Enum):
+    """What to do when the requested level cannot be had."""
+
+    FALLBACK = "fallback"  # step down the ladder and record why
+    FAIL = "fail"  # take no snapshot; keep a failed record with the reason
+
+
+class SnapshotState(enum.Enum):
+    CREATING = "creating"
+    CREATED = "created"
+    FAILED = "failed"
+    DELETING = "deleting"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """What the user asked of one snapshot."""
+
+    level: Level
+    on_failure: OnFailure = OnFailure.FALLBACK
+    #: How long the guest agent gets to answer the first probe: an absent agent costs this.
+    agent_timeout: float = 3.0
+    #: How long guest-fsfreeze-freeze may take (it runs the guest's freeze hooks).
+    freeze_timeout: float = 10.0
+    #: Any other guest-agent command, thaw included.
+    command_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("agent_timeout", "freeze_timeout", "command_timeout"):
+            value = getattr(self, name)
+            if not 0 < value <= 3600:
+                raise InvalidInput(f"{name.replace('_', '-')} must be between 0 and 3600 seconds, not {value}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Template:
+    name: str
+    application_consistent: bool
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Instance:
+    name: str
+    kind: str  # "qemu"
+    qmp_socket: str | None
+    qga_socket: str | None
+    template: str | None
+    #: The instance's own setting; None means "as the template says" (false without one).
+    own_application_consistent: bool | None
+    #: The setting in force, resolved against the template.
+    application_consistent: bool
+    created_at: str
+    lab: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SnapshotDisk:
+    #: The guest-visible device (its qdev id or path).
+    device: str
+    #: The block node that held the disk's content at the snapshot point.
+    node: str
+    #: The file with the disk's content at the snapshot point (qemu-img reads it with its chain).
+    image: str
+    virtual_size: int
+    allocated_size: int
+
+
+@dataclass(slots=True, kw_only=True)
+class Snapshot:
+    id: str
+    name: str
+    created_at: str
+    state: SnapshotState
+    instance: str
+    requested_level: Level
+    achieved_level: Level | None = None
+    fallback_reasons: list[str] = field(default_factory=list)
+    freeze_window_ms: float | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    disks: list[SnapshotDisk] = field(default_factory=list)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def application_consistent(self) -> bool:
+        return self.achieved_level is Level.APPLICATION
+
+    @property
+    def size(self) -> int:
+        return sum(d.allocated_size for d in self.disks)

@@ -1,0 +1,287 @@
+"""A running QEMU VM as a snapshot target: its disks over QMP, its file systems over qemu-ga.
+
+How a snapshot is taken, so that nothing slow happens while the guest is frozen:
+
+1. ``prepare``: for each disk, create a qcow2 overlay file whose backing file is the
+   disk's current top image, and add it to QEMU as a block node (``blockdev-add``
+   with ``backing: null``). The guest still runs.
+2. (the engine freezes the guest here)
+3. ``snapshot``: one QMP ``transaction`` of ``blockdev-snapshot`` actions, one per disk;
+   QEMU switches every disk to its overlay at the same instant. The old top images are
+   now read-only: they are the snapshot.
+4. (the engine thaws the guest here)
+
+Deleting a snapshot merges the overlay above its image back into it (``block-commit``),
+so the VM keeps running on a valid chain with all its data. Libvirt does the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from freezeframe.agent.qga import AgentInfo, FreezeState, GuestAgent, GuestFilesystem
+from freezeframe.agent.qmp import Monitor, MonitorCommandError
+from freezeframe.errors import AgentUnavailable, HypervisorError
+from freezeframe.model import SnapshotDisk
+
+_OVERLAY_SUFFIX = re.compile(r"\.ff-[0-9a-f]{8}$")
+_JOB_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class BlockDisk:
+    """One writable disk of the VM, as QMP shows it."""
+
+    device: str
+    node: str  # the top (active) format node
+    filename: str
+    format: str
+    virtual_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Overlay:
+    disk: BlockDisk
+    node: str
+    filename: str
+
+
+class QemuTarget:
+    """Snapshot mechanics for one QEMU VM. Open with ``async with``."""
+
+    kind = "qemu"
+
+    def __init__(self, *, qmp_socket: str, qga_socket: str | None, qmp_timeout: float = 30.0) -> None:
+        self.monitor = Monitor(qmp_socket, timeout=qmp_timeout)
+        self.qga_socket = qga_socket
+        self.agent: GuestAgent | None = None
+        self._prepared: list[_Overlay] = []
+
+    async def __aenter__(self) -> QemuTarget:
+        await self.monitor.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.discard()
+        if self.agent is not None:
+            await self.agent.close()
+        await self.monitor.close()
+
+    # -- discovery ---------------------------------------------------------------------
+
+    async def disks(self) -> list[BlockDisk]:
+        """Every writable disk with a medium; read-only and empty drives are not snapshotted."""
+        found = []
+        for entry in await self.monitor.execute("query-block"):
+            inserted = entry.get("inserted")
+            if not inserted or inserted.get("ro"):
+                continue
+            image = inserted["image"]
+            found.append(
+                BlockDisk(
+                    device=_device_name(entry, inserted["node-name"]),
+                    node=inserted["node-name"],
+                    filename=inserted["file"],
+                    format=inserted["drv"],
+                    virtual_size=int(image["virtual-size"]),
+                )
+            )
+        if not found:
+            raise HypervisorError("the VM has no writable disk to snapshot")
+        return found
+
+    async def _format_nodes(self) -> dict[str, dict[str, Any]]:
+        """Format-layer block nodes by file name (protocol nodes like 'file' are left out)."""
+        nodes = await self.monitor.execute("query-named-block-nodes", {"flat": True})
+        return {n["file"]: n for n in nodes if n["drv"] not in ("file", "host_device", "nbd")}
+
+    # -- guest agent -------------------------------------------------------------------
+
+    async def connect_agent(self, timeout: float, command_timeout: float) -> AgentInfo:
+        """Connect to qemu-ga; raises AgentError when there is no usable agent."""
+        if self.qga_socket is None:
+            raise AgentUnavailable("the instance has no guest-agent socket configured",
+                                   hint="set one with: freezeframe instance update NAME --qga SOCKET")
+        self.agent = GuestAgent(self.qga_socket, timeout=command_timeout)
+        await self.agent.connect(timeout)
+        return await self.agent.info()
+
+    def _agent(self) -> GuestAgent:
+        if self.agent is None:
+            raise AgentUnavailable("the guest agent is not connected")
+        return self.agent
+
+    async def freeze_state(self, timeout: float | None = None) -> FreezeState:
+        return await self._agent().fsfreeze_status(timeout=timeout)
+
+    async def filesystems(self) -> list[GuestFilesystem]:
+        return await self._agent().get_fsinfo()
+
+    async def freeze(self, timeout: float) -> int:
+        return await self._agent().fsfreeze_freeze(timeout=timeout)
+
+    async def thaw(self, timeout: float) -> int:
+        return await self._agent().fsfreeze_thaw(timeout=timeout)
+
+    # -- snapshot ----------------------------------------------------------------------
+
+    async def prepare(self, snapshot_id: str) -> list[BlockDisk]:
+        """Create and attach one overlay per disk, ready for the transaction."""
+        disks = await self.disks()
+        tag = snapshot_id.replace("-", "")[:8]
+        try:
+            for index, disk in enumerate(disks):
+                overlay = _overlay_path(disk.filename, tag)
+                await _create_overlay(overlay, disk)
+                node = f"ff{tag}-{index}"
+                self._prepared.append(_Overlay(disk, node, overlay))
+                await self.monitor.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "file": {"driver": "file", "filename": overlay},
+                        "backing": None,
+                    },
+                )
+        except BaseException:
+            await self.discard()
+            raise
+        return disks
+
+    async def snapshot(self) -> list[SnapshotDisk]:
+        """Switch every disk to its overlay in one atomic transaction."""
+        if not self._prepared:
+            raise HypervisorError("nothing prepared: call prepare() before snapshot()")
+        actions = [
+            {"type": "blockdev-snapshot", "data": {"node": o.disk.node, "overlay": o.node}}
+            for o in self._prepared
+        ]
+        await self.monitor.execute("transaction", {"actions": actions})
+        done, self._prepared = self._prepared, []
+        nodes = await self._format_nodes()
+        result = []
+        for overlay in done:
+            info = nodes.get(overlay.disk.filename, {}).get("image", {})
+            result.append(
+                SnapshotDisk(
+                    device=overlay.disk.device,
+                    node=overlay.disk.node,
+                    image=overlay.disk.filename,
+                    virtual_size=int(info.get("virtual-size", overlay.disk.virtual_size)),
+                    allocated_size=int(info.get("actual-size", _allocated(overlay.disk.filename))),
+                )
+            )
+        return result
+
+    async def discard(self) -> None:
+        """Detach and remove overlays that were prepared but not used."""
+        prepared, self._prepared = self._prepared, []
+        for overlay in reversed(prepared):
+            with contextlib.suppress(HypervisorError):
+                await self.monitor.execute("blockdev-del", {"node-name": overlay.node})
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(overlay.filename)
+
+    # -- deletion ----------------------------------------------------------------------
+
+    async def merge_down(self, image: str) -> str | None:
+        """Remove ``image`` from its disk's chain by committing the layer above into it.
+
+        Returns the file of the layer that was merged (and removed), which now lives on
+        in ``image``; None when no running disk uses ``image``.
+        """
+        nodes = await self._format_nodes()
+        for disk in await self.disks():
+            chain = _chain(disk, nodes)
+            if image not in chain:
+                continue
+            position = chain.index(image)
+            if position == 0:
+                raise HypervisorError(f"{image} is the VM's active image, not a snapshot")
+            above = chain[position - 1]
+            job = f"ff-commit-{nodes[image]['node-name']}"[:31]
+            args: dict[str, Any] = {"job-id": job, "device": disk.node, "base-node": nodes[image]["node-name"]}
+            active = position == 1
+            if not active:
+                args["top-node"] = nodes[above]["node-name"]
+            await self._run_commit(job, args, active)
+            with contextlib.suppress(MonitorCommandError):
+                # Overlays we added with blockdev-add keep a monitor reference.
+                await self.monitor.execute("blockdev-del", {"node-name": nodes[above]["node-name"]})
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(above)
+            return above
+        return None
+
+    async def _run_commit(self, job: str, args: dict[str, Any], active: bool) -> None:
+        async with self.monitor.events(
+            "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"
+        ) as next_event:
+            await self.monitor.execute("block-commit", args)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + _JOB_TIMEOUT
+            while True:
+                event = await next_event(max(deadline - loop.time(), 0.1))
+                data = event.get("data", {})
+                if data.get("device") != job:
+                    continue
+                name = event["event"]
+                if name == "BLOCK_JOB_READY" and active:
+                    await self.monitor.execute("job-complete", {"id": job})
+                elif name == "BLOCK_JOB_COMPLETED":
+                    if data.get("error"):
+                        raise HypervisorError(f"merging the snapshot failed: {data['error']}")
+                    return
+                elif name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"):
+                    raise HypervisorError(f"merging the snapshot failed: {name.lower()}")
+
+
+def _device_name(entry: dict[str, Any], node: str) -> str:
+    if entry.get("device"):
+        return str(entry["device"])
+    qdev = str(entry.get("qdev", ""))
+    match = re.match(r"/machine/peripheral(?:-anon)?/([^/]+)", qdev)
+    return match.group(1) if match else node
+
+
+def _chain(disk: BlockDisk, nodes: dict[str, dict[str, Any]]) -> list[str]:
+    """File names from the active image down to the base."""
+    chain = [disk.filename]
+    while True:
+        backing = nodes.get(chain[-1], {}).get("backing_file")
+        if not backing or backing in chain or backing not in nodes:
+            return chain
+        chain.append(backing)
+
+
+def _overlay_path(filename: str, tag: str) -> str:
+    path = Path(filename)
+    stem = _OVERLAY_SUFFIX.sub("", path.name.removesuffix(".qcow2").removesuffix(".img"))
+    return str(path.with_name(f"{stem}.ff-{tag}.qcow2"))
+
+
+def _allocated(filename: str) -> int:
+    try:
+        return os.stat(filename).st_blocks * 512
+    except OSError:
+        return 0
+
+
+async def _create_overlay(overlay: str, disk: BlockDisk) -> None:
+    # -u: do not open the backing file, QEMU holds its lock; the size is given instead.
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.format, "-b",
+            os.path.abspath(disk.filename), "-u", overlay, str(disk.virtual_size)]
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    _, err = await process.communicate()
+    if process.returncode != 0:
+        raise HypervisorError(f"qemu-img could not create the overlay {overlay}: {err.decode().strip()}")
