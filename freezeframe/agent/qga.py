@@ -345,6 +345,20 @@ class GuestAgent:
             )
         return data, eof
 
+    async def file_write(self, handle: int, data: bytes, *, timeout: float | None = None) -> int:
+        result = _dict(
+            await self.execute(
+                "guest-file-write",
+                {"handle": handle, "buf-b64": base64.b64encode(data).decode()},
+                timeout=timeout,
+            ),
+            "guest-file-write",
+        )
+        written = _int(result, "count", "guest-file-write")
+        if not 0 <= written <= len(data):
+            raise AgentProtocolError(f"guest-file-write claims {written} bytes written of {len(data)}")
+        return written
+
     async def file_close(self, handle: int) -> None:
         await self.execute("guest-file-close", {"handle": handle})
 

@@ -273,7 +273,17 @@ class _Run:
     async def _preflight_agent(self, target: QemuTarget) -> None:
         policy = self.policy
         try:
-            info = await target.connect_agent(policy.agent_timeout, policy.command_timeout)
+            await target.connect_agent(policy.agent_timeout, policy.command_timeout)
+            # First the freeze state: while frozen, qemu-ga reports most commands disabled,
+            # so what it allows can only be judged once it is thawed.
+            if await target.freeze_state() is FreezeState.FROZEN:
+                thawed = await target.thaw(policy.command_timeout)
+                self.event(f"the guest was found frozen before the snapshot (a previous run died?); "
+                           f"thawed {thawed} file systems")
+                if await target.freeze_state() is FreezeState.FROZEN:
+                    raise HypervisorError("the guest was found frozen and stays frozen after a thaw",
+                                          hint="check qemu-ga in the guest")
+            info = await target.agent_info()
         except AgentError as err:
             self.ladder.step_down(Level.CRASH, f"no usable guest agent: {err}")
             return
@@ -284,22 +294,15 @@ class _Run:
                 Level.CRASH, f"the guest agent does not allow {', '.join(blocked)} (blocked by its configuration)"
             )
             return
-        try:
-            state = await target.freeze_state()
-            if state is FreezeState.FROZEN:
-                thawed = await target.thaw(policy.command_timeout)
-                self.event(f"the guest was found frozen before the snapshot (a previous run died?); "
-                           f"thawed {thawed} file systems")
-                if await target.freeze_state() is FreezeState.FROZEN:
-                    raise HypervisorError("the guest was found frozen and stays frozen after a thaw")
-            if info.allows("guest-get-fsinfo"):
+        if info.allows("guest-get-fsinfo"):
+            try:
                 self.manifest["filesystems"] = [
                     {"mountpoint": fs.mountpoint, "type": fs.type, "name": fs.name,
                      "devices": [d.dev for d in fs.disks if d.dev]}
                     for fs in await target.filesystems()
                 ]
-        except AgentError as err:
-            self.ladder.step_down(Level.CRASH, f"the guest agent failed in preflight: {err}")
+            except AgentError as err:
+                self.ladder.step_down(Level.CRASH, f"the guest agent failed in preflight: {err}")
 
     async def _freeze(self, target: QemuTarget) -> int:
         try:

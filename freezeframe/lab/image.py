@@ -24,7 +24,7 @@ from pathlib import Path
 from freezeframe.errors import LabError
 
 #: Bump when the image layout or /init changes, so cached images are rebuilt.
-IMAGE_FORMAT = 3
+IMAGE_FORMAT = 4
 
 #: Modules the guest needs; their dependencies are added from modules.dep.
 #: crc32c_generic comes first: ext4 (metadata_csum) and xfs ask the crypto API for
@@ -89,7 +89,7 @@ if [ "$(arg ff.agent)" != 0 ]; then
     # qemu-ga never thaws by itself, and tests kill it on purpose: keep it running.
     ( while :; do
         qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run \
-            $(arg ff.agent_args | tr ',' ' ')
+            $(arg ff.agent_args | tr '+' ' ')
         sleep 0.2
     done ) &
 fi

@@ -229,7 +229,8 @@ def up(
             "console=ttyS0", "quiet", "panic=-1",
             f"ff.agent={int(agent)}", f"ff.workload={int(workload)}",
             f"ff.workload_sync={int(workload_sync)}", f"ff.workload_interval_us={workload_interval_us}",
-            f"ff.agent_args={','.join(agent_args)}" if agent_args else "",
+            # The kernel splits its command line at spaces, so the guest's init turns '+' back into them.
+            f"ff.agent_args={'+'.join(agent_args)}" if agent_args else "",
         ]).strip()
         pid = _boot(vm_dir, image, disk_paths, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
                     timeout=boot_timeout)

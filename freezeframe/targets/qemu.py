@@ -104,14 +104,16 @@ class QemuTarget:
 
     # -- guest agent -------------------------------------------------------------------
 
-    async def connect_agent(self, timeout: float, command_timeout: float) -> AgentInfo:
-        """Connect to qemu-ga; raises AgentError when there is no usable agent."""
+    async def connect_agent(self, timeout: float, command_timeout: float) -> None:
+        """Connect to qemu-ga within ``timeout``; raises AgentError when there is no usable agent."""
         if self.qga_socket is None:
             raise AgentUnavailable("the instance has no guest-agent socket configured",
                                    hint="set one with: freezeframe instance update NAME --qga SOCKET")
         self.agent = GuestAgent(self.qga_socket, timeout=command_timeout)
         await self.agent.connect(timeout)
-        return await self.agent.info()
+
+    async def agent_info(self) -> AgentInfo:
+        return await self._agent().info()
 
     def _agent(self) -> GuestAgent:
         if self.agent is None:

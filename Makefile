@@ -1,0 +1,43 @@
+# freezeframe: the two commands a newcomer needs are `make demo` and `make test`.
+# Both start from a fresh Debian 12 machine: they install what is missing first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+# Tests keep their state (catalog, lab VMs, image cache) here, never in the user's home.
+export FREEZEFRAME_TEST_HOME ?= $(CURDIR)/.test-home
+
+.PHONY: setup system demo test lint typecheck pytest bench clean
+
+setup: system $(STAMP)
+
+system:
+	@bash scripts/setup-system.sh
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	$(BIN)/freezeframe --home $(FREEZEFRAME_TEST_HOME) lab build
+	$(MAKE) --no-print-directory lint typecheck pytest
+
+lint:
+	$(BIN)/ruff check freezeframe tests bench
+
+typecheck:
+	$(BIN)/mypy
+
+pytest:
+	$(BIN)/pytest -ra
+
+bench: setup
+	$(BIN)/python bench/freeze_window.py
+
+clean:
+	rm -rf $(VENV) $(FREEZEFRAME_TEST_HOME) .mypy_cache .ruff_cache .pytest_cache .hypothesis

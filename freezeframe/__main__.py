@@ -1,0 +1,3 @@
+from freezeframe.cli.main import main
+
+main()

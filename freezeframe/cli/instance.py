@@ -1,0 +1,186 @@
+"""``freezeframe instance ...`` and ``freezeframe template ...``"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from freezeframe.cli.main import App, pass_app
+from freezeframe.cli.output import (
+    emit_json,
+    instance_json,
+    output_option,
+    record_table,
+    records_table,
+    stdout,
+    template_json,
+)
+
+_APP_CONSISTENT = "--application-consistent-snapshot-enabled/--no-application-consistent-snapshot-enabled"
+_APP_HELP = ("Ask for application-consistent snapshots by default (else crash). "
+             "Unset: inherit from the template.")
+
+
+def _show(record: dict[str, Any], fmt: str) -> None:
+    if fmt == "json":
+        emit_json(record)
+    else:
+        stdout.print(record_table(record))
+
+
+def _socket(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).expanduser().absolute())
+
+
+# -- instances -------------------------------------------------------------------------------
+
+
+@click.group("instance")
+def instance_group() -> None:
+    """Register and manage the VMs freezeframe snapshots."""
+
+
+@instance_group.command("add")
+@click.argument("name")
+@click.option("--qmp", "qmp", required=True, help="Path of the VM's QMP unix socket.")
+@click.option("--qga", "qga", help="Path of the VM's guest-agent unix socket (needed above crash level).")
+@click.option("--template", help="Template whose defaults the instance inherits.")
+@click.option(_APP_CONSISTENT, "app_consistent", default=None, help=_APP_HELP)
+@output_option
+@pass_app
+def instance_add(app: App, name: str, qmp: str, qga: str | None, template: str | None,
+                 app_consistent: bool | None, fmt: str) -> None:
+    """Register a running QEMU VM as instance NAME."""
+    inst = app.catalog.add_instance(name, kind="qemu", qmp_socket=_socket(qmp), qga_socket=_socket(qga),
+                                    template=template, application_consistent=app_consistent)
+    _show(instance_json(inst), fmt)
+
+
+@instance_group.command("list")
+@output_option
+@pass_app
+def instance_list(app: App, fmt: str) -> None:
+    """List instances."""
+    records = [instance_json(i) for i in app.catalog.instances()]
+    if fmt == "json":
+        emit_json(records)
+    else:
+        stdout.print(records_table(records, ["name", "kind", "template",
+                                             "application_consistent_snapshot_enabled", "qmp_socket",
+                                             "qga_socket"]))
+
+
+@instance_group.command("show")
+@click.argument("name")
+@output_option
+@pass_app
+def instance_show(app: App, name: str, fmt: str) -> None:
+    """Show one instance, with where its settings come from."""
+    _show(instance_json(app.catalog.instance(name)), fmt)
+
+
+@instance_group.command("update")
+@click.argument("name")
+@click.option("--qmp", "qmp", help="New QMP socket path.")
+@click.option("--qga", "qga", help="New guest-agent socket path.")
+@click.option("--template", help="New template.")
+@click.option("--no-template", is_flag=True, help="Detach the instance from its template.")
+@click.option(_APP_CONSISTENT, "app_consistent", default=None, help=_APP_HELP)
+@click.option("--inherit-application-consistent", is_flag=True,
+              help="Drop the instance's own setting and follow its template again.")
+@output_option
+@pass_app
+def instance_update(app: App, name: str, qmp: str | None, qga: str | None, template: str | None,
+                    no_template: bool, app_consistent: bool | None, inherit_application_consistent: bool,
+                    fmt: str) -> None:
+    """Change an instance's sockets, template or default consistency."""
+    changes: dict[str, Any] = {}
+    if qmp is not None:
+        changes["qmp_socket"] = _socket(qmp)
+    if qga is not None:
+        changes["qga_socket"] = _socket(qga)
+    if template is not None and no_template:
+        raise click.UsageError("give either --template or --no-template, not both")
+    if template is not None or no_template:
+        changes["template"] = template
+    if app_consistent is not None and inherit_application_consistent:
+        raise click.UsageError("give either --[no-]application-consistent-snapshot-enabled or "
+                               "--inherit-application-consistent, not both")
+    if app_consistent is not None or inherit_application_consistent:
+        changes["application_consistent"] = app_consistent
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option (see --help)")
+    _show(instance_json(app.catalog.update_instance(name, **changes)), fmt)
+
+
+@instance_group.command("remove")
+@click.argument("name")
+@pass_app
+def instance_remove(app: App, name: str) -> None:
+    """Forget an instance (it must have no live snapshots). The VM itself is not touched."""
+    app.catalog.remove_instance(name)
+    click.echo(f"removed instance {name}")
+
+
+# -- templates -------------------------------------------------------------------------------
+
+
+@click.group("template")
+def template_group() -> None:
+    """Defaults that new instances inherit."""
+
+
+@template_group.command("add")
+@click.argument("name")
+@click.option(_APP_CONSISTENT, "app_consistent", default=False, show_default=True,
+              help="Instances of this template ask for application-consistent snapshots by default.")
+@output_option
+@pass_app
+def template_add(app: App, name: str, app_consistent: bool, fmt: str) -> None:
+    """Create template NAME."""
+    _show(template_json(app.catalog.add_template(name, application_consistent=app_consistent)), fmt)
+
+
+@template_group.command("list")
+@output_option
+@pass_app
+def template_list(app: App, fmt: str) -> None:
+    """List templates."""
+    records = [template_json(t) for t in app.catalog.templates()]
+    if fmt == "json":
+        emit_json(records)
+    else:
+        stdout.print(records_table(records, ["name", "application_consistent_snapshot_enabled", "created_at"]))
+
+
+@template_group.command("show")
+@click.argument("name")
+@output_option
+@pass_app
+def template_show(app: App, name: str, fmt: str) -> None:
+    """Show one template."""
+    _show(template_json(app.catalog.template(name)), fmt)
+
+
+@template_group.command("update")
+@click.argument("name")
+@click.option(_APP_CONSISTENT, "app_consistent", default=None,
+              help="Change the default for instances that inherit it.")
+@output_option
+@pass_app
+def template_update(app: App, name: str, app_consistent: bool | None, fmt: str) -> None:
+    """Change a template; instances without their own setting follow it."""
+    if app_consistent is None:
+        raise click.UsageError("nothing to change: give --[no-]application-consistent-snapshot-enabled")
+    _show(template_json(app.catalog.update_template(name, application_consistent=app_consistent)), fmt)
+
+
+@template_group.command("remove")
+@click.argument("name")
+@pass_app
+def template_remove(app: App, name: str) -> None:
+    """Remove a template no instance uses."""
+    app.catalog.remove_template(name)
+    click.echo(f"removed template {name}")

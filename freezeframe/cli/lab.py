@@ -1,0 +1,98 @@
+"""``freezeframe lab ...``: small real VMs to try freezeframe on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from freezeframe.cli.main import App, pass_app
+from freezeframe.cli.output import emit_json, output_option, progress, record_table, records_table, stdout
+from freezeframe.errors import NotFound
+from freezeframe.lab import image as lab_image
+from freezeframe.lab import vm as lab_vm
+
+
+@click.group("lab")
+def group() -> None:
+    """Build and run small lab VMs (Debian kernel, busybox, qemu-ga) under QEMU."""
+
+
+def _record(vm: lab_vm.LabVM) -> dict[str, Any]:
+    data = asdict(vm)
+    data["running"] = vm.running
+    return data
+
+
+@group.command("build")
+@pass_app
+def build(app: App) -> None:
+    """Build the lab guest image (kernel + initramfs) now, if it is not cached yet."""
+    image = lab_image.ensure_image(app.home.images)
+    click.echo(f"kernel: {image.kernel}\ninitrd: {image.initrd}")
+
+
+@group.command("up")
+@click.argument("name")
+@click.option("--disks", type=click.IntRange(1, 8), default=2, show_default=True, help="Number of data disks.")
+@click.option("--fs", type=click.Choice(lab_vm.FILESYSTEMS), default="ext4", show_default=True,
+              help="File system on every data disk.")
+@click.option("--no-agent", is_flag=True, help="Do not run qemu-ga in the guest.")
+@click.option("--workload", is_flag=True, help="Keep appending sequence numbers to every data disk.")
+@click.option("--workload-sync", is_flag=True, help="With --workload: fdatasync after every write.")
+@click.option("--template", help="Template the new instance inherits from.")
+@output_option
+@pass_app
+def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool, workload_sync: bool,
+       template: str | None, fmt: str) -> None:
+    """Start lab VM NAME and register it as instance NAME."""
+    # Check names before the slow part, so a clash is reported at once.
+    try:
+        app.catalog.instance(name)
+    except NotFound:
+        pass
+    else:
+        raise click.UsageError(f"an instance named {name!r} exists already; choose another name")
+    if template is not None:
+        app.catalog.template(template)
+    with progress(f"lab VM {name}") as say:
+        say("booting")
+        vm = lab_vm.up(app.home.lab, app.home.images, name, disks=disks, fs=fs, agent=not no_agent,
+                       workload=workload, workload_sync=workload_sync)
+    try:
+        app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
+                                 qga_socket=vm.qga_socket if vm.agent else None, template=template, lab=True)
+    except BaseException:
+        lab_vm.down(app.home.lab, name)
+        raise
+    if fmt == "json":
+        emit_json(_record(vm))
+    else:
+        stdout.print(record_table(_record(vm)))
+
+
+@group.command("down")
+@click.argument("name")
+@pass_app
+def down(app: App, name: str) -> None:
+    """Stop lab VM NAME, remove its files, and forget the instance and its snapshots."""
+    lab_vm.down(app.home.lab, name)
+    try:
+        app.catalog.remove_instance(name, force=True)
+    except NotFound:
+        pass
+    click.echo(f"stopped and removed lab VM {name}")
+
+
+@group.command("list")
+@output_option
+@pass_app
+def list_(app: App, fmt: str) -> None:
+    """List lab VMs."""
+    records = [_record(vm) for vm in lab_vm.list_vms(app.home.lab)]
+    if fmt == "json":
+        emit_json(records)
+    else:
+        stdout.print(records_table(records, ["name", "running", "accel", "fs", "agent", "workload", "pid",
+                                             "directory"]))

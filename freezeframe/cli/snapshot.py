@@ -1,0 +1,119 @@
+"""``freezeframe snapshot ...``"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import click
+
+from freezeframe.cli.main import App, pass_app
+from freezeframe.cli.output import (
+    emit_json,
+    output_option,
+    progress,
+    snapshot_json,
+    snapshot_table,
+    snapshots_table,
+    stdout,
+)
+from freezeframe.engine.plan import plan_snapshot
+from freezeframe.engine.run import delete_snapshot, take_snapshot
+from freezeframe.errors import SnapshotFailed
+from freezeframe.model import Level, OnFailure, Snapshot
+
+
+@click.group("snapshot")
+def group() -> None:
+    """Take, list, inspect and delete snapshots."""
+
+
+def _show(snap: Snapshot, fmt: str) -> None:
+    if fmt == "json":
+        emit_json(snapshot_json(snap))
+    else:
+        stdout.print(snapshot_table(snap))
+
+
+@group.command("create")
+@click.argument("instance")
+@click.option("--name", help="Snapshot name. Default: <instance>-<UTC timestamp>.")
+@click.option("--consistency", type=click.Choice([lv.value for lv in Level]),
+              help="Level to ask for. Default: application if the instance has application-consistent "
+                   "snapshots enabled, else crash.")
+@click.option("--on-failure", type=click.Choice([f.value for f in OnFailure]), default="fallback",
+              show_default=True,
+              help="fallback: step down (application -> filesystem -> crash) and record why; "
+                   "fail: keep no snapshot, only a failed record with the reason.")
+@click.option("--agent-timeout", type=float, default=3.0, show_default=True,
+              help="Seconds the guest agent gets to answer the first probe (an absent agent costs this).")
+@click.option("--freeze-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds guest-fsfreeze-freeze may take (it runs the guest's freeze hooks).")
+@output_option
+@pass_app
+def create(app: App, instance: str, name: str | None, consistency: str | None, on_failure: str,
+           agent_timeout: float, freeze_timeout: float, fmt: str) -> None:
+    """Snapshot every disk of INSTANCE at one instant, as consistent as the guest allows."""
+    inst = app.catalog.instance(instance)
+    plan = plan_snapshot(
+        inst,
+        now=datetime.now(UTC),
+        name=name,
+        level=Level.parse(consistency) if consistency else None,
+        on_failure=OnFailure(on_failure),
+        agent_timeout=agent_timeout,
+        freeze_timeout=freeze_timeout,
+    )
+    with progress(f"snapshot of {inst.name}") as say:
+        try:
+            snap = asyncio.run(take_snapshot(plan, app.catalog, lock_dir=app.home.locks, progress=say))
+        except SnapshotFailed as failure:
+            if failure.snapshot_id is not None:
+                _show(app.catalog.snapshot(failure.snapshot_id), fmt)
+            raise
+    _show(snap, fmt)
+
+
+@group.command("list")
+@click.option("--instance", help="Only this instance's snapshots.")
+@click.option("--all", "include_deleted", is_flag=True, help="Include deleted snapshots.")
+@output_option
+@pass_app
+def list_(app: App, instance: str | None, include_deleted: bool, fmt: str) -> None:
+    """List snapshots, oldest first."""
+    if instance is not None:
+        app.catalog.instance(instance)  # a typo should say so, not print an empty list
+    snaps = app.catalog.snapshots(instance=instance, include_deleted=include_deleted)
+    if fmt == "json":
+        emit_json([snapshot_json(s) for s in snaps])
+    else:
+        stdout.print(snapshots_table(snaps))
+
+
+@group.command("show")
+@click.argument("snapshot")
+@output_option
+@pass_app
+def show(app: App, snapshot: str, fmt: str) -> None:
+    """Show one snapshot (by id, id prefix or name)."""
+    _show(app.catalog.snapshot(snapshot), fmt)
+
+
+@group.command("manifest")
+@click.argument("snapshot")
+@pass_app
+def manifest(app: App, snapshot: str) -> None:
+    """Print the snapshot's manifest (JSON): disks, file systems, levels, timings, events."""
+    click.echo(json.dumps(app.catalog.snapshot(snapshot).manifest, indent=2))
+
+
+@group.command("delete")
+@click.argument("snapshot")
+@output_option
+@pass_app
+def delete(app: App, snapshot: str, fmt: str) -> None:
+    """Delete a snapshot, merging its images back so the VM keeps a valid chain."""
+    with progress(f"deleting {snapshot}") as say:
+        snap = asyncio.run(delete_snapshot(app.catalog, snapshot, lock_dir=app.home.locks, progress=say))
+    _show(snap, fmt)

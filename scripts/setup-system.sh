@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages freezeframe and its lab VMs need, if any is missing.
+# Idempotent and quick when everything is there already.
+set -euo pipefail
+
+packages=(
+    qemu-system-x86 qemu-utils qemu-guest-agent   # the hypervisor, qemu-img, the agent copied into the guest
+    linux-image-amd64 busybox-static              # the lab guest's kernel, modules and userland
+    e2fsprogs xfsprogs                            # formatting lab disks; dumpe2fs / xfs_repair as oracles
+    gcc libc6-dev                                 # the static guest workload
+    python3 python3-venv
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    [[ $pkg == \#* ]] && continue
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+
+if ((${#missing[@]})); then
+    echo "setup: installing ${missing[*]}"
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "setup: need root to install packages (run as root, or install them yourself)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

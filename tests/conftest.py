@@ -1,0 +1,105 @@
+"""Shared fixtures: one state directory for the session, real lab VMs that are always stopped."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from freezeframe.catalog import Catalog
+from freezeframe.config import Home
+from freezeframe.lab import vm as lab_vm
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+    """The session's state directory: $FREEZEFRAME_TEST_HOME (kept between runs for its image
+    cache, everything else wiped), or a fresh temporary directory."""
+    configured = os.environ.get("FREEZEFRAME_TEST_HOME")
+    if configured:
+        root = Path(configured)
+        if root.exists():
+            for child in root.iterdir():
+                if child.name not in ("images", "lab"):
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+            for vm in lab_vm.list_vms(root / "lab"):  # an earlier run was killed
+                lab_vm.down(root / "lab", vm.name)
+    else:
+        root = tmp_path_factory.mktemp("ffhome")
+    return Home.open(root)
+
+
+@pytest.fixture
+def catalog(home: Home) -> Iterator[Catalog]:
+    with Catalog.open(home.catalog) as cat:
+        yield cat
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+LabFactory = Callable[..., lab_vm.LabVM]
+
+
+@pytest.fixture
+def lab(home: Home, catalog: Catalog) -> Iterator[LabFactory]:
+    """Start real lab VMs, registered as instances; every one is stopped after the test,
+    whether it passed or not."""
+    started: list[str] = []
+
+    def start(name: str | None = None, **options: Any) -> lab_vm.LabVM:
+        name = name or unique("vm")
+        started.append(name)
+        vm = lab_vm.up(home.lab, home.images, name, **options)
+        catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
+                             qga_socket=vm.qga_socket, lab=True)
+        return vm
+
+    yield start
+    for name in started:
+        try:
+            lab_vm.down(home.lab, name)
+        except Exception as err:  # keep stopping the others
+            print(f"could not stop lab VM {name}: {err}", file=sys.stderr)
+
+
+def run_cli(home: Home, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the real command line, as a user would."""
+    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root))
+    return subprocess.run([sys.executable, "-m", "freezeframe", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="session")
+def shared_vm(home: Home) -> Iterator[lab_vm.LabVM]:
+    """One running lab VM (2 ext4 disks, qemu-ga, the writer running) for the tests that
+    only read it or take snapshots of it, so each does not pay for a boot."""
+    name = unique("shared")
+    vm = lab_vm.up(home.lab, home.images, name, disks=2, workload=True)
+    try:
+        with Catalog.open(home.catalog) as cat:
+            cat.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket, qga_socket=vm.qga_socket, lab=True)
+        yield vm
+    finally:
+        lab_vm.down(home.lab, name)
+
+
+def agent_call(socket: str, fn: Callable[[Any], Any], timeout: float = 10.0) -> Any:
+    """Run ``await fn(agent)`` on a fresh guest-agent connection."""
+    import asyncio
+
+    from freezeframe.agent.qga import GuestAgent
+
+    async def go() -> Any:
+        async with GuestAgent(socket, timeout=timeout) as agent:
+            return await fn(agent)
+
+    return asyncio.run(go())
