@@ -134,7 +134,8 @@ def test_template_default_asks_for_application_and_records_why_it_stepped_down(
         assert any("writer" in reason for reason in snap["fallback_reasons"]), snap["fallback_reasons"]
 
         shown = run_cli(home, "snapshot", "show", snap["id"])
-        assert "Fallback Reason" in shown.stdout and "writer" in shown.stdout
+        assert "Fallback Reason" in shown.stdout
+        assert "writer" in shown.stdout
     finally:
         run_cli(home, "instance", "update", shared_vm.name, "--inherit-application-consistent")
         run_cli(home, "instance", "update", shared_vm.name, "--no-template")

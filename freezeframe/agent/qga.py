@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import enum
 import json
 import secrets
@@ -141,10 +142,8 @@ class GuestAgent:
         self._buffer.clear()
         if writer is not None:
             writer.close()
-            try:
+            with contextlib.suppress(OSError):
                 await writer.wait_closed()
-            except OSError:
-                pass
 
     async def _sync(self, deadline: float) -> None:
         sync_id = secrets.randbelow(2**31 - 1) + 1

@@ -69,7 +69,7 @@ class Monitor:
         try:
             return await asyncio.wait_for(self._client.execute(command, arguments), limit)
         except ExecuteError as err:
-            raise MonitorCommandError(command, err.error_class, err.error.desc) from err
+            raise MonitorCommandError(command, err.error_class, err.error.error.desc) from err
         except TimeoutError as err:
             raise HypervisorError(f"QMP {command} got no reply within {limit:g}s") from err
         except (QMPError, OSError) as err:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict
 from typing import Any
 
@@ -78,10 +79,8 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
 def down(app: App, name: str) -> None:
     """Stop lab VM NAME, remove its files, and forget the instance and its snapshots."""
     lab_vm.down(app.home.lab, name)
-    try:
+    with contextlib.suppress(NotFound):
         app.catalog.remove_instance(name, force=True)
-    except NotFound:
-        pass
     click.echo(f"stopped and removed lab VM {name}")
 
 

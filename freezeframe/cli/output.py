@@ -16,7 +16,7 @@ from freezeframe.model import Instance, Snapshot, Template
 
 # Piped output (logs, CI) gets full rows instead of rich's 80-column guess.
 stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 220)
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 220)
 
 FORMATS = click.Choice(["table", "json"])
 

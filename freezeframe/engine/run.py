@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from freezeframe.agent.qga import FreezeState
 from freezeframe.catalog.store import Catalog, utc_now
@@ -126,9 +126,9 @@ async def take_snapshot(
         try:
             await run.execute()
         except _StepDownRefused as refused:
-            return _fail(catalog, run, f"{refused.reason} (on-failure is fail, so no snapshot was kept)")
+            _fail(catalog, run, f"{refused.reason} (on-failure is fail, so no snapshot was kept)")
         except FreezeframeError as err:
-            return _fail(catalog, run, str(err), cause=err)
+            _fail(catalog, run, err.message, cause=err)
         except BaseException as err:
             # Interrupted (Ctrl-C, cancellation): keep an honest record, then let it go on.
             snap.state = SnapshotState.FAILED
@@ -143,7 +143,7 @@ async def take_snapshot(
         return snap
 
 
-def _fail(catalog: Catalog, run: _Run, message: str, cause: Exception | None = None) -> Snapshot:
+def _fail(catalog: Catalog, run: _Run, message: str, cause: Exception | None = None) -> NoReturn:
     snap = run.snap
     snap.state = SnapshotState.FAILED
     snap.error = message
@@ -151,7 +151,8 @@ def _fail(catalog: Catalog, run: _Run, message: str, cause: Exception | None = N
     snap.disks = []
     run.finish_record()
     catalog.save_snapshot(snap)
-    failure = SnapshotFailed(f"snapshot of {snap.instance} failed: {message}", snapshot_id=snap.id)
+    failure = SnapshotFailed(f"snapshot of {snap.instance} failed: {message}", snapshot_id=snap.id,
+                             hint=cause.hint if isinstance(cause, FreezeframeError) else None)
     if cause is not None:
         raise failure from cause
     raise failure

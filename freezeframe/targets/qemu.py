@@ -279,8 +279,9 @@ def _allocated(filename: str) -> int:
 
 async def _create_overlay(overlay: str, disk: BlockDisk) -> None:
     # -u: do not open the backing file, QEMU holds its lock; the size is given instead.
+    backing = str(Path(disk.filename).absolute())
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.format, "-b",
-            os.path.abspath(disk.filename), "-u", overlay, str(disk.virtual_size)]
+            backing, "-u", overlay, str(disk.virtual_size)]
     process = await asyncio.create_subprocess_exec(
         *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
