@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,14 @@ from oracles import (
 
 from freezeframe.agent.qga import FreezeState, GuestAgent
 from freezeframe.agent.qmp import Monitor
+from freezeframe.catalog import Catalog
 from freezeframe.config import Home
+from freezeframe.engine.plan import plan_snapshot
+from freezeframe.engine.run import take_snapshot
+from freezeframe.errors import SnapshotFailed
 from freezeframe.lab.vm import LabVM
+from freezeframe.model import Instance, Level, OnFailure, Snapshot, SnapshotDisk, SnapshotState
+from freezeframe.targets.qemu import QemuTarget
 
 pytestmark = pytest.mark.vm
 
@@ -254,3 +261,54 @@ def test_without_agent_steps_down_fast_or_fails_by_policy(home: Home, lab: LabFa
     assert sorted(p.name for p in Path(vm.directory).glob("*.qcow2")) == before
     live = json.loads(run_cli(home, "snapshot", "list", "--instance", vm.name, "-o", "json").stdout)
     assert [(s["id"], s["state"]) for s in live] == [(snap["id"], "created"), (failed["id"], "failed")]
+
+
+class ThawsUnderUs(QemuTarget):
+    """The real target, except that someone thaws the guest (for real, through the real
+    agent) just before the transaction: what a real qemu-ga cannot be made to do on demand."""
+
+    async def snapshot(self) -> list[SnapshotDisk]:
+        assert self.agent is not None
+        await self.agent.fsfreeze_thaw()
+        return await super().snapshot()
+
+
+def run_engine(home: Home, instance: str, level: Level, on_failure: OnFailure) -> Snapshot:
+    with Catalog.open(home.catalog) as catalog:
+        plan = plan_snapshot(catalog.instance(instance), now=datetime.now(UTC), level=level,
+                             on_failure=on_failure)
+
+        def factory(inst: Instance) -> QemuTarget:
+            assert inst.qmp_socket is not None
+            return ThawsUnderUs(qmp_socket=inst.qmp_socket, qga_socket=inst.qga_socket)
+
+        return asyncio.run(take_snapshot(plan, catalog, lock_dir=home.locks, target_factory=factory))
+
+
+def test_a_thaw_under_us_means_the_filesystem_level_did_not_hold(home: Home, shared_vm: LabVM) -> None:
+    snap = run_engine(home, shared_vm.name, Level.FILESYSTEM, OnFailure.FALLBACK)
+    assert snap.achieved_level is Level.CRASH
+    assert any("thawed under us" in r for r in snap.fallback_reasons), snap.fallback_reasons
+    assert len(snap.disks) == 2
+    assert_guest_writable(shared_vm, 2)
+
+
+def test_a_thaw_under_us_with_fail_policy_leaves_no_snapshot(home: Home, shared_vm: LabVM) -> None:
+    async def chain_tops() -> list[str]:
+        async with Monitor(shared_vm.qmp_socket) as monitor:
+            return [b["inserted"]["file"] for b in await monitor.execute("query-block")]
+
+    before = asyncio.run(chain_tops())
+    files_before = sorted(Path(shared_vm.directory).glob("*.qcow2"))
+
+    with pytest.raises(SnapshotFailed, match="thawed under us") as caught:
+        run_engine(home, shared_vm.name, Level.FILESYSTEM, OnFailure.FAIL)
+
+    # The snapshot was taken, then merged back: the VM is on the files it had before.
+    assert asyncio.run(chain_tops()) == before
+    assert sorted(Path(shared_vm.directory).glob("*.qcow2")) == files_before
+    with Catalog.open(home.catalog) as catalog:
+        record = catalog.snapshot(caught.value.snapshot_id or "")
+    assert record.state is SnapshotState.FAILED
+    assert record.disks == []
+    assert_guest_writable(shared_vm, 2)

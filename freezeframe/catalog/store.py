@@ -319,7 +319,7 @@ class Catalog:
     def snapshots_using_image(self, image: str) -> list[Snapshot]:
         rows = self._db.execute(
             """SELECT DISTINCT s.* FROM snapshots s JOIN snapshot_disks d ON d.snapshot_id = s.id
-               WHERE d.image = ? AND s.state NOT IN ('deleted', 'failed')""",
+               WHERE d.image = ? AND s.state != 'deleted'""",
             (image,),
         ).fetchall()
         return [self._snapshot(r) for r in rows]
@@ -329,7 +329,7 @@ class Catalog:
         with self._tx() as db:
             db.execute(
                 """UPDATE snapshot_disks SET image = ? WHERE image = ? AND snapshot_id IN
-                   (SELECT id FROM snapshots WHERE state NOT IN ('deleted', 'failed'))""",
+                   (SELECT id FROM snapshots WHERE state != 'deleted')""",
                 (new, old),
             )
 

@@ -34,11 +34,19 @@ from freezeframe.errors import (
     InvalidInput,
     SnapshotFailed,
 )
-from freezeframe.model import Level, OnFailure, Snapshot, SnapshotDisk, SnapshotState
+from freezeframe.model import Instance, Level, OnFailure, Snapshot, SnapshotDisk, SnapshotState
 from freezeframe.targets.qemu import QemuTarget
 
 #: Called with the name of each phase as it starts, for progress displays.
 Progress = Callable[[str], None]
+#: Makes the target for an instance. A seam for tests; the default is QemuTarget.
+TargetFactory = Callable[[Instance], QemuTarget]
+
+
+def qemu_target(instance: Instance) -> QemuTarget:
+    if not instance.qmp_socket:
+        raise InvalidInput(f"instance {instance.name!r} has no QMP socket")
+    return QemuTarget(qmp_socket=instance.qmp_socket, qga_socket=instance.qga_socket)
 
 MANIFEST_FORMAT = "freezeframe-manifest/1"
 #: Commands the agent must allow for a filesystem-consistent snapshot.
@@ -107,7 +115,12 @@ def instance_lock(lock_dir: Path, instance: str) -> Iterator[None]:
 
 
 async def take_snapshot(
-    plan: SnapshotPlan, catalog: Catalog, *, lock_dir: Path, progress: Progress | None = None
+    plan: SnapshotPlan,
+    catalog: Catalog,
+    *,
+    lock_dir: Path,
+    progress: Progress | None = None,
+    target_factory: TargetFactory = qemu_target,
 ) -> Snapshot:
     """Take the planned snapshot and record it. Raises SnapshotFailed (with the failed
     record kept in the catalog) when it cannot be taken or the policy says fail."""
@@ -122,7 +135,7 @@ async def take_snapshot(
     )
     with instance_lock(lock_dir, plan.instance.name):
         catalog.save_snapshot(snap)
-        run = _Run(plan, snap, say)
+        run = _Run(plan, snap, say, target_factory)
         try:
             await run.execute()
         except _StepDownRefused as refused:
@@ -148,7 +161,6 @@ def _fail(catalog: Catalog, run: _Run, message: str, cause: Exception | None = N
     snap.state = SnapshotState.FAILED
     snap.error = message
     snap.achieved_level = None
-    snap.disks = []
     run.finish_record()
     catalog.save_snapshot(snap)
     failure = SnapshotFailed(f"snapshot of {snap.instance} failed: {message}", snapshot_id=snap.id,
@@ -161,13 +173,15 @@ def _fail(catalog: Catalog, run: _Run, message: str, cause: Exception | None = N
 class _Run:
     """The state of one snapshot attempt, so that every exit path can record what happened."""
 
-    def __init__(self, plan: SnapshotPlan, snap: Snapshot, say: Progress) -> None:
+    def __init__(self, plan: SnapshotPlan, snap: Snapshot, say: Progress, target_factory: TargetFactory) -> None:
         self.plan = plan
+        self.target_factory = target_factory
         self.snap = snap
         self.say = say
         self.policy = plan.policy
         self.ladder = _Ladder(plan.level, plan.policy.on_failure)
         self.clock = _Clock()
+        self._window_start = 0
         self.freeze_window_ms: float | None = None
         self.manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
@@ -211,16 +225,14 @@ class _Run:
         snap.manifest = self.manifest
 
     async def execute(self) -> None:
-        instance = self.plan.instance
-        assert instance.qmp_socket is not None  # the plan checked
-        target = QemuTarget(qmp_socket=instance.qmp_socket, qga_socket=instance.qga_socket)
+        target = self.target_factory(self.plan.instance)
         self.say("preflight")
-        with self.clock.phase("connect"):
-            await target.__aenter__()
         try:
+            with self.clock.phase("connect"):
+                await target.connect()
             await self._with_target(target)
         finally:
-            await target.__aexit__(None, None, None)
+            await target.close()
 
     async def _with_target(self, target: QemuTarget) -> None:
         with self.clock.phase("preflight"):
@@ -238,27 +250,34 @@ class _Run:
         with self.clock.phase("prepare"):
             await target.prepare(self.snap.id)
 
-        freezing = self.ladder.level >= Level.FILESYSTEM
         frozen = 0
-        window_start = 0
+        thawed = 0
+        # Set from the first freeze call until the thaw has run: while it is set, every
+        # way out of this block goes through a thaw.
+        held = False
         disks: list[SnapshotDisk] = []
         try:
-            if freezing:
+            if self.ladder.level >= Level.FILESYSTEM:
                 self.say("freeze")
-                window_start = self.clock.now()
+                held = True
                 with self.clock.phase("freeze"):
                     frozen = await self._freeze(target)
+                if self.ladder.level < Level.FILESYSTEM:
+                    # The freeze failed and the policy falls back: release the guest before
+                    # taking the crash-consistent snapshot, not after.
+                    held = False
+                    thawed = await self._thaw_and_confirm(target)
             self.say("snapshot")
             with self.clock.phase("snapshot"):
                 disks = await target.snapshot()
+            # From here the images are in the VM's chains: whatever happens next, the
+            # record keeps them, so they can be found and merged back.
+            self.snap.disks = disks
         finally:
-            if freezing:
+            if held:
                 self.say("thaw")
-                with self.clock.phase("thaw"):
-                    thawed = await self._thaw(target)
-                self.freeze_window_ms = round((self.clock.now() - window_start) / 1e6, 3)
-        self.snap.disks = disks
-        if freezing and frozen > 0 and thawed == 0:
+                thawed = await self._thaw_and_confirm(target)
+        if frozen > 0 and thawed == 0:
             # Someone thawed the guest while we held the freeze: the snapshot may have
             # caught the file systems mid-write.
             try:
@@ -306,6 +325,7 @@ class _Run:
                 self.ladder.step_down(Level.CRASH, f"the guest agent failed in preflight: {err}")
 
     async def _freeze(self, target: QemuTarget) -> int:
+        self._window_start = self.clock.now()
         try:
             frozen = await target.freeze(self.policy.freeze_timeout)
         except AgentError as err:
@@ -316,23 +336,27 @@ class _Run:
             self.ladder.step_down(Level.CRASH, "the guest agent froze no file system (nothing mounted to freeze?)")
         return frozen
 
-    async def _thaw(self, target: QemuTarget) -> int:
-        """Thaw, then confirm. Tries twice; raises only if the guest is still frozen."""
+    async def _thaw_and_confirm(self, target: QemuTarget) -> int:
+        """Thaw, then confirm with fsfreeze-status; two tries. Ends the freeze window at the
+        first successful thaw. Raises only if the guest cannot be confirmed thawed."""
         timeout = self.policy.command_timeout
         last: Exception | None = None
-        for attempt in (1, 2):
-            try:
-                thawed = await target.thaw(timeout)
-                state = await target.freeze_state(timeout)
-            except AgentError as err:
-                last = err
-                self.event(f"thaw attempt {attempt} failed: {err}")
-                continue
-            self.manifest["thawed_filesystems"] = thawed
-            if state is FreezeState.THAWED:
-                return thawed
-            last = None
-            self.event(f"thaw attempt {attempt}: the guest still reports frozen")
+        with self.clock.phase("thaw"):
+            for attempt in (1, 2):
+                try:
+                    thawed = await target.thaw(timeout)
+                    if self.freeze_window_ms is None:
+                        self.freeze_window_ms = round((self.clock.now() - self._window_start) / 1e6, 3)
+                    state = await target.freeze_state(timeout)
+                except AgentError as err:
+                    last = err
+                    self.event(f"thaw attempt {attempt} failed: {err}")
+                    continue
+                self.manifest["thawed_filesystems"] = thawed
+                if state is FreezeState.THAWED:
+                    return thawed
+                last = None
+                self.event(f"thaw attempt {attempt}: the guest still reports frozen")
         raise HypervisorError(
             "the guest could not be confirmed thawed" + (f": {last}" if last else ""),
             hint="check the guest now; freezeframe snapshot create thaws a frozen guest first",
@@ -364,14 +388,13 @@ async def delete_snapshot(catalog: Catalog, ref: str, *, lock_dir: Path,
     if snap.state is SnapshotState.DELETED:
         raise InvalidInput(f"snapshot {snap.name} ({snap.id}) is deleted already")
     with instance_lock(lock_dir, snap.instance):
-        if snap.disks and snap.state in (SnapshotState.CREATED, SnapshotState.DELETING):
-            instance = catalog.instance(snap.instance)
-            if not instance.qmp_socket:
-                raise InvalidInput(f"instance {instance.name} has no QMP socket to merge the snapshot with")
+        # A failed record may hold disks too, when the snapshot was taken but a later step failed.
+        if snap.disks:
+            target = qemu_target(catalog.instance(snap.instance))
             snap.state = SnapshotState.DELETING
             catalog.save_snapshot(snap)
             say("merge")
-            async with QemuTarget(qmp_socket=instance.qmp_socket, qga_socket=None) as target:
+            async with target:
                 for disk in snap.disks:
                     merged = await target.merge_down(disk.image)
                     if merged is not None:

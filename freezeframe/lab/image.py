@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import os
 import re
 import shutil
 import stat
@@ -195,18 +194,22 @@ def ensure_image(cache: Path) -> GuestImage:
     if image.kernel.exists() and image.initrd.exists():
         return image
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache, prefix="build-") as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(dir=cache, prefix="build-"))
+    try:
         shutil.copyfile(kernel, work / "vmlinuz")
-        _write_initrd(work / "initrd.gz", modules_dir, work)
-        # Rename a whole directory so a concurrent builder never sees half an image.
+        with tempfile.TemporaryDirectory() as scratch:
+            _write_initrd(work / "initrd.gz", modules_dir, Path(scratch))
+        # Renaming a whole directory means nobody ever sees half an image. If another
+        # builder got there first, its image is as good as ours.
         try:
-            (work).rename(target)
+            work.rename(target)
         except OSError:
             if not image.initrd.exists():
                 raise
-        else:
-            os.mkdir(work)  # TemporaryDirectory wants something to delete
+    except OSError as err:
+        raise LabError(f"cannot build the lab guest image in {cache}: {err}") from err
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return image
 
 

@@ -214,6 +214,8 @@ def up(
         raise LabError(f"unknown file system {fs!r}", hint=f"use one of: {', '.join(FILESYSTEMS)}")
     if not 1 <= disks <= 8:
         raise LabError(f"a lab VM has 1 to 8 data disks, not {disks}")
+    if any(c in arg for arg in agent_args for c in " +"):
+        raise LabError("guest-agent arguments cannot contain spaces or '+' (they travel on the kernel command line)")
     vm_dir = (lab_root / name).resolve()
     if vm_dir.exists():
         raise Conflict(f"a lab VM named {name!r} exists already", hint=f"stop it with: freezeframe lab down {name}")

@@ -65,14 +65,23 @@ class QemuTarget:
         self._prepared: list[_Overlay] = []
 
     async def __aenter__(self) -> QemuTarget:
-        await self.monitor.connect()
+        await self.connect()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.discard()
-        if self.agent is not None:
-            await self.agent.close()
-        await self.monitor.close()
+        await self.close()
+
+    async def connect(self) -> None:
+        await self.monitor.connect()
+
+    async def close(self) -> None:
+        """Remove unused overlays, then close both channels."""
+        try:
+            await self.discard()
+        finally:
+            if self.agent is not None:
+                await self.agent.close()
+            await self.monitor.close()
 
     # -- discovery ---------------------------------------------------------------------
 
@@ -168,20 +177,19 @@ class QemuTarget:
         ]
         await self.monitor.execute("transaction", {"actions": actions})
         done, self._prepared = self._prepared, []
-        nodes = await self._format_nodes()
-        result = []
-        for overlay in done:
-            info = nodes.get(overlay.disk.filename, {}).get("image", {})
-            result.append(
-                SnapshotDisk(
-                    device=overlay.disk.device,
-                    node=overlay.disk.node,
-                    image=overlay.disk.filename,
-                    virtual_size=int(info.get("virtual-size", overlay.disk.virtual_size)),
-                    allocated_size=int(info.get("actual-size", _allocated(overlay.disk.filename))),
-                )
+        # No QMP query here: this runs inside the freeze window, and query-named-block-nodes
+        # nests every backing image, so its reply grows with the chain. A stat costs
+        # microseconds and is what QEMU reports as actual-size for a file anyway.
+        return [
+            SnapshotDisk(
+                device=overlay.disk.device,
+                node=overlay.disk.node,
+                image=overlay.disk.filename,
+                virtual_size=overlay.disk.virtual_size,
+                allocated_size=_allocated(overlay.disk.filename),
             )
-        return result
+            for overlay in done
+        ]
 
     async def discard(self) -> None:
         """Detach and remove overlays that were prepared but not used."""
@@ -265,8 +273,11 @@ def _chain(disk: BlockDisk, nodes: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _overlay_path(filename: str, tag: str) -> str:
+    """``disk0.qcow2`` -> ``disk0.ff-<tag>.qcow2``, beside it; our own earlier suffix is
+    dropped so names do not grow with every snapshot, and the stem is capped for names
+    other tools made long."""
     path = Path(filename)
-    stem = _OVERLAY_SUFFIX.sub("", path.name.removesuffix(".qcow2").removesuffix(".img"))
+    stem = _OVERLAY_SUFFIX.sub("", path.name.removesuffix(".qcow2").removesuffix(".img"))[:96]
     return str(path.with_name(f"{stem}.ff-{tag}.qcow2"))
 
 
