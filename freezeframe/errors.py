@@ -12,6 +12,7 @@
      |    +-- AgentProtocolError               the reply is not what the protocol allows
      |    +-- AgentCommandError                the agent answered with an error
      +-- HypervisorError              exit 6   QEMU's monitor (QMP) and qemu-img
+     |    +-- MonitorCommandError              QEMU answered a command with an error
      +-- SnapshotFailed               exit 7   the policy said fail, or the snapshot could not be taken
      +-- CatalogError                 exit 8   the catalog database
      +-- LabError                     exit 9   building or running lab VMs
@@ -77,6 +78,14 @@ class AgentCommandError(AgentError):
 
 class HypervisorError(FreezeframeError):
     exit_code = 6
+
+
+class MonitorCommandError(HypervisorError):
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QEMU refused {command}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
 
 
 class SnapshotFailed(FreezeframeError):

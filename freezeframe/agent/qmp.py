@@ -13,19 +13,9 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
-from freezeframe.errors import HypervisorError
+from freezeframe.errors import HypervisorError, MonitorCommandError
 
 DEFAULT_TIMEOUT = 30.0
-
-
-class MonitorCommandError(HypervisorError):
-    """QEMU ran the command and answered with an error."""
-
-    def __init__(self, command: str, error_class: str, desc: str) -> None:
-        super().__init__(f"QEMU refused {command}: {desc}")
-        self.command = command
-        self.error_class = error_class
-        self.desc = desc
 
 
 class Monitor:

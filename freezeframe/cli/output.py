@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
 import click
@@ -65,16 +66,7 @@ def snapshot_json(snap: Snapshot) -> dict[str, Any]:
         "freeze_window_ms": snap.freeze_window_ms,
         "timings_ms": snap.timings_ms,
         "error": snap.error,
-        "disks": [
-            {
-                "device": d.device,
-                "node": d.node,
-                "image": d.image,
-                "virtual_size": d.virtual_size,
-                "allocated_size": d.allocated_size,
-            }
-            for d in snap.disks
-        ],
+        "disks": [asdict(d) for d in snap.disks],
     }
 
 

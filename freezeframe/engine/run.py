@@ -19,7 +19,7 @@ import fcntl
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -218,7 +218,7 @@ class _Run:
                 "fallback_reasons": snap.fallback_reasons,
                 "timings_ms": snap.timings_ms,
                 "freeze_window_ms": snap.freeze_window_ms,
-                "disks": [_disk_json(d) for d in snap.disks],
+                "disks": [asdict(d) for d in snap.disks],
                 "error": snap.error,
             }
         )
@@ -368,16 +368,6 @@ class _Run:
             with contextlib.suppress(FreezeframeError):
                 await target.merge_down(disk.image)
         self.snap.disks = []
-
-
-def _disk_json(disk: SnapshotDisk) -> dict[str, Any]:
-    return {
-        "device": disk.device,
-        "node": disk.node,
-        "image": disk.image,
-        "virtual_size": disk.virtual_size,
-        "allocated_size": disk.allocated_size,
-    }
 
 
 async def delete_snapshot(catalog: Catalog, ref: str, *, lock_dir: Path,

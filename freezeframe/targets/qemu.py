@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.agent.qga import AgentInfo, FreezeState, GuestAgent, GuestFilesystem
-from freezeframe.agent.qmp import Monitor, MonitorCommandError
-from freezeframe.errors import AgentUnavailable, HypervisorError
+from freezeframe.agent.qmp import Monitor
+from freezeframe.errors import AgentUnavailable, HypervisorError, MonitorCommandError
 from freezeframe.model import SnapshotDisk
 
 _OVERLAY_SUFFIX = re.compile(r"\.ff-[0-9a-f]{8}$")
