@@ -55,6 +55,14 @@ class OnFailure(enum.Enum):
     FAIL = "fail"  # take no snapshot; keep a failed record with the reason
 
 
+class WriterFailure(enum.Enum):
+    """What a writer's failure does to the snapshot."""
+
+    FAIL = "fail"  # no snapshot at all
+    CONTINUE = "continue"  # the other writers go on; this one is marked failed; level steps down
+    FALLBACK = "fallback"  # release every writer and step down the ladder (filesystem, then crash)
+
+
 class SnapshotState(enum.Enum):
     CREATING = "creating"
     CREATED = "created"
@@ -84,6 +92,19 @@ class Policy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class WriterSpec:
+    """One configured writer of an instance. ``options`` never hold secrets: a password
+    comes from ``password_env`` (a variable name) or ``password_file`` (owner-only)."""
+
+    name: str
+    kind: str
+    options: dict[str, str] = field(default_factory=dict)
+    timeout: float = 30.0
+    retries: int = 0
+    on_failure: WriterFailure = WriterFailure.FALLBACK
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Template:
     name: str
     application_consistent: bool
@@ -93,7 +114,7 @@ class Template:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Instance:
     name: str
-    kind: str  # "qemu"
+    kind: str  # "qemu" or "host"
     qmp_socket: str | None
     qga_socket: str | None
     template: str | None
@@ -103,18 +124,25 @@ class Instance:
     application_consistent: bool
     created_at: str
     lab: bool = False
+    #: Host instances: the mount points snapshotted together.
+    mounts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SnapshotDisk:
-    #: The guest-visible device (its qdev id or path).
+    """One disk (VM) or file system (host) of a snapshot, and where its copy is."""
+
+    #: VMs: the guest-visible device (its qdev id). Hosts: the mount point.
     device: str
-    #: The block node that held the disk's content at the snapshot point.
+    #: VMs: the block node that held the disk at the snapshot point. Hosts: the provider.
     node: str
-    #: The file with the disk's content at the snapshot point (qemu-img reads it with its chain).
-    image: str
+    #: A file with the content at the snapshot point: a qcow2 (read with its backing chain)
+    #: or a file-system image that can be loop-mounted. None when the copy is a directory.
+    image: str | None
     virtual_size: int
     allocated_size: int
+    #: A directory holding the copy (a btrfs snapshot), when it is not an image.
+    path: str | None = None
 
 
 @dataclass(slots=True, kw_only=True)

@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.errors import CatalogError, Conflict, InvalidInput, NotFound
-from freezeframe.model import Instance, Level, Snapshot, SnapshotDisk, SnapshotState, Template
+from freezeframe.model import (
+    Instance,
+    Level,
+    Snapshot,
+    SnapshotDisk,
+    SnapshotState,
+    Template,
+    WriterFailure,
+    WriterSpec,
+)
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -60,6 +69,36 @@ MIGRATIONS: tuple[str, ...] = (
         allocated_size INTEGER NOT NULL,
         PRIMARY KEY (snapshot_id, position)
     );
+    """,
+    # 2: host instances (mount points), writers, and copies that are directories.
+    """
+    ALTER TABLE instances ADD COLUMN mounts TEXT NOT NULL DEFAULT '[]';
+    CREATE TABLE writers (
+        instance TEXT NOT NULL REFERENCES instances(name) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        options TEXT NOT NULL,
+        timeout REAL NOT NULL,
+        retries INTEGER NOT NULL,
+        on_failure TEXT NOT NULL,
+        PRIMARY KEY (instance, name)
+    );
+    CREATE TABLE snapshot_disks_v2 (
+        snapshot_id TEXT NOT NULL REFERENCES snapshots(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        device TEXT NOT NULL,
+        node TEXT NOT NULL,
+        image TEXT,
+        virtual_size INTEGER NOT NULL,
+        allocated_size INTEGER NOT NULL,
+        path TEXT,
+        PRIMARY KEY (snapshot_id, position)
+    );
+    INSERT INTO snapshot_disks_v2
+        SELECT snapshot_id, position, device, node, image, virtual_size, allocated_size, NULL FROM snapshot_disks;
+    DROP TABLE snapshot_disks;
+    ALTER TABLE snapshot_disks_v2 RENAME TO snapshot_disks
     """,
 )
 
@@ -193,6 +232,7 @@ class Catalog:
         template: str | None = None,
         application_consistent: bool | None = None,
         lab: bool = False,
+        mounts: tuple[str, ...] = (),
     ) -> Instance:
         validate_name("instance", name)
         with self._tx() as db:
@@ -201,10 +241,11 @@ class Catalog:
             if template is not None:
                 self.template(template)
             db.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                """INSERT INTO instances (name, kind, qmp_socket, qga_socket, template,
+                   application_consistent, lab, created_at, mounts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (name, kind, qmp_socket, qga_socket, template,
                  None if application_consistent is None else int(application_consistent),
-                 int(lab), utc_now()),
+                 int(lab), utc_now(), json.dumps(list(mounts))),
             )
         return self.instance(name)
 
@@ -263,6 +304,41 @@ class Catalog:
             )
             db.execute("DELETE FROM instances WHERE name = ?", (name,))
 
+    # -- writers -----------------------------------------------------------------------
+
+    def add_writer(self, instance: str, spec: WriterSpec) -> WriterSpec:
+        validate_name("writer", spec.name)
+        with self._tx() as db:
+            self.instance(instance)
+            if db.execute("SELECT 1 FROM writers WHERE instance = ? AND name = ?", (instance, spec.name)).fetchone():
+                raise Conflict(f"instance {instance!r} has a writer named {spec.name!r} already",
+                               hint="choose another --name, or remove that writer first")
+            position = db.execute("SELECT coalesce(max(position), -1) + 1 FROM writers WHERE instance = ?",
+                                  (instance,)).fetchone()[0]
+            db.execute(
+                "INSERT INTO writers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (instance, spec.name, position, spec.kind, json.dumps(spec.options), spec.timeout,
+                 spec.retries, spec.on_failure.value),
+            )
+        return spec
+
+    def writers(self, instance: str) -> list[WriterSpec]:
+        """The instance's writers in the order they quiesce (they are released in reverse)."""
+        self.instance(instance)
+        rows = self._db.execute("SELECT * FROM writers WHERE instance = ? ORDER BY position", (instance,))
+        return [
+            WriterSpec(name=r["name"], kind=r["kind"], options=json.loads(r["options"]), timeout=r["timeout"],
+                       retries=r["retries"], on_failure=WriterFailure(r["on_failure"]))
+            for r in rows
+        ]
+
+    def remove_writer(self, instance: str, name: str) -> None:
+        with self._tx() as db:
+            self.instance(instance)
+            if db.execute("DELETE FROM writers WHERE instance = ? AND name = ?", (instance, name)).rowcount == 0:
+                raise NotFound(f"instance {instance!r} has no writer named {name!r}",
+                               hint=f"see: freezeframe writer list {instance}")
+
     # -- snapshots ---------------------------------------------------------------------
 
     def save_snapshot(self, snap: Snapshot) -> None:
@@ -280,9 +356,9 @@ class Catalog:
             )
             db.execute("DELETE FROM snapshot_disks WHERE snapshot_id = ?", (snap.id,))
             db.executemany(
-                "INSERT INTO snapshot_disks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO snapshot_disks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (snap.id, i, d.device, d.node, d.image, d.virtual_size, d.allocated_size)
+                    (snap.id, i, d.device, d.node, d.image, d.virtual_size, d.allocated_size, d.path)
                     for i, d in enumerate(snap.disks)
                 ],
             )
@@ -337,7 +413,7 @@ class Catalog:
         disks = [
             SnapshotDisk(
                 device=d["device"], node=d["node"], image=d["image"],
-                virtual_size=d["virtual_size"], allocated_size=d["allocated_size"],
+                virtual_size=d["virtual_size"], allocated_size=d["allocated_size"], path=d["path"],
             )
             for d in self._db.execute(
                 "SELECT * FROM snapshot_disks WHERE snapshot_id = ? ORDER BY position", (row["id"],)
@@ -380,4 +456,5 @@ def _instance(row: sqlite3.Row) -> Instance:
         application_consistent=bool(effective),
         created_at=row["created_at"],
         lab=bool(row["lab"]),
+        mounts=tuple(json.loads(row["mounts"])),
     )

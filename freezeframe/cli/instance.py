@@ -44,17 +44,32 @@ def instance_group() -> None:
 
 @instance_group.command("add")
 @click.argument("name")
-@click.option("--qmp", "qmp", required=True, help="Path of the VM's QMP unix socket.")
+@click.option("--qmp", "qmp", help="Path of the VM's QMP unix socket.")
 @click.option("--qga", "qga", help="Path of the VM's guest-agent unix socket (needed above crash level).")
+@click.option("--host", "host", is_flag=True, help="This Linux host, with the file systems given by --mount.")
+@click.option("--mount", "mounts", multiple=True, help="With --host: a mount point to snapshot (repeatable).")
 @click.option("--template", help="Template whose defaults the instance inherits.")
 @click.option(_APP_CONSISTENT, "app_consistent", default=None, help=_APP_HELP)
 @output_option
 @pass_app
-def instance_add(app: App, name: str, qmp: str, qga: str | None, template: str | None,
-                 app_consistent: bool | None, fmt: str) -> None:
-    """Register a running QEMU VM as instance NAME."""
-    inst = app.catalog.add_instance(name, kind="qemu", qmp_socket=_socket(qmp), qga_socket=_socket(qga),
-                                    template=template, application_consistent=app_consistent)
+def instance_add(app: App, name: str, qmp: str | None, qga: str | None, host: bool, mounts: tuple[str, ...],
+                 template: str | None, app_consistent: bool | None, fmt: str) -> None:
+    """Register instance NAME: a running QEMU VM (--qmp, --qga) or this host (--host --mount ...)."""
+    if host:
+        if qmp or qga:
+            raise click.UsageError("--host instances have no --qmp or --qga")
+        if not mounts:
+            raise click.UsageError("--host needs at least one --mount PATH")
+        inst = app.catalog.add_instance(name, kind="host", qmp_socket=None, qga_socket=None, template=template,
+                                        application_consistent=app_consistent,
+                                        mounts=tuple(str(Path(m).absolute()) for m in mounts))
+    else:
+        if not qmp:
+            raise click.UsageError("give --qmp SOCKET for a VM, or --host --mount PATH for this host")
+        if mounts:
+            raise click.UsageError("--mount goes with --host")
+        inst = app.catalog.add_instance(name, kind="qemu", qmp_socket=_socket(qmp), qga_socket=_socket(qga),
+                                        template=template, application_consistent=app_consistent)
     _show(instance_json(inst), fmt)
 
 

@@ -67,9 +67,10 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 
 def _register() -> None:
-    from freezeframe.cli import instance, lab, snapshot
+    from freezeframe.cli import instance, lab, snapshot, writer
 
     cli.add_command(snapshot.group)
+    cli.add_command(writer.group)
     cli.add_command(instance.instance_group)
     cli.add_command(instance.template_group)
     cli.add_command(lab.group)

@@ -67,6 +67,11 @@ def snapshot_json(snap: Snapshot) -> dict[str, Any]:
         "timings_ms": snap.timings_ms,
         "error": snap.error,
         "disks": [asdict(d) for d in snap.disks],
+        "writers": [
+            {"name": w["name"], "kind": w["kind"], "where": w.get("where", "host"), "status": w["status"],
+             "duration_ms": round(sum(w.get("phases_ms", {}).values()), 3), "error": w.get("error")}
+            for w in snap.manifest.get("writers", [])
+        ],
     }
 
 
@@ -90,8 +95,14 @@ def snapshot_table(snap: Snapshot) -> Table:
     if snap.error:
         rows.append(("Error", snap.error))
     for disk in snap.disks:
-        rows.append((f"Disk {disk.device}", f"{disk.image} ({human_size(disk.virtual_size)} virtual, "
+        where = disk.image or disk.path
+        rows.append((f"Disk {disk.device}", f"{where} ({human_size(disk.virtual_size)} virtual, "
                                             f"{human_size(disk.allocated_size)} allocated)"))
+    for writer in snapshot_json(snap)["writers"]:
+        detail = f"{writer['status']}, {writer['duration_ms']:.1f} ms ({writer['kind']}, {writer['where']})"
+        if writer["error"]:
+            detail += f": {writer['error']}"
+        rows.append((f"Writer {writer['name']}", detail))
     if snap.timings_ms:
         rows.append(("Timings", ", ".join(f"{k} {v:.1f} ms" for k, v in snap.timings_ms.items())))
     for field, value in rows:
@@ -130,6 +141,7 @@ def instance_json(inst: Instance) -> dict[str, Any]:
             else "template" if inst.template else "default"
         ),
         "lab": inst.lab,
+        "mounts": list(inst.mounts),
         "created_at": inst.created_at,
     }
 

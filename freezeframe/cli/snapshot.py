@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 
@@ -20,8 +21,9 @@ from freezeframe.cli.output import (
 )
 from freezeframe.engine.plan import plan_snapshot
 from freezeframe.engine.run import delete_snapshot, take_snapshot
-from freezeframe.errors import SnapshotFailed
-from freezeframe.model import Level, OnFailure, Snapshot
+from freezeframe.errors import InvalidInput, SnapshotFailed
+from freezeframe.model import Level, OnFailure, Snapshot, SnapshotState
+from freezeframe.targets.host import mount_copies, unmount_copies
 
 
 @click.group("snapshot")
@@ -49,12 +51,20 @@ def _show(snap: Snapshot, fmt: str) -> None:
 @click.option("--agent-timeout", type=float, default=3.0, show_default=True,
               help="Seconds the guest agent gets to answer the first probe (an absent agent costs this).")
 @click.option("--freeze-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds guest-fsfreeze-freeze may take (it runs the guest's freeze hooks).")
+              help="Seconds the file-system freeze may take (in a VM it runs the guest's freeze hooks).")
+@click.option("--writer", "include", multiple=True, metavar="NAME",
+              help="Quiesce only these writers (repeatable). Default: all of the instance's writers.")
+@click.option("--exclude-writer", "exclude", multiple=True, metavar="NAME", help="Leave this writer out (repeatable).")
 @output_option
 @pass_app
 def create(app: App, instance: str, name: str | None, consistency: str | None, on_failure: str,
-           agent_timeout: float, freeze_timeout: float, fmt: str) -> None:
-    """Snapshot every disk of INSTANCE at one instant, as consistent as the guest allows."""
+           agent_timeout: float, freeze_timeout: float, include: tuple[str, ...], exclude: tuple[str, ...],
+           fmt: str) -> None:
+    """Snapshot every disk of INSTANCE at one instant, as consistent as it allows.
+
+    application: every selected writer quiesced, file systems frozen; filesystem: file
+    systems frozen; crash: nothing coordinated. The record says which level held and why
+    it stepped down."""
     inst = app.catalog.instance(instance)
     plan = plan_snapshot(
         inst,
@@ -64,6 +74,9 @@ def create(app: App, instance: str, name: str | None, consistency: str | None, o
         on_failure=OnFailure(on_failure),
         agent_timeout=agent_timeout,
         freeze_timeout=freeze_timeout,
+        writers=app.catalog.writers(inst.name),
+        include=include,
+        exclude=exclude,
     )
     with progress(f"snapshot of {inst.name}") as say:
         try:
@@ -106,6 +119,30 @@ def show(app: App, snapshot: str, fmt: str) -> None:
 def manifest(app: App, snapshot: str) -> None:
     """Print the snapshot's manifest (JSON): disks, file systems, levels, timings, events."""
     click.echo(json.dumps(app.catalog.snapshot(snapshot).manifest, indent=2))
+
+
+@group.command("mount")
+@click.argument("snapshot")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@pass_app
+def mount(app: App, snapshot: str, directory: Path) -> None:
+    """Mount a host snapshot's copies read-only at DIRECTORY."""
+    snap = app.catalog.snapshot(snapshot)
+    if app.catalog.instance(snap.instance).kind != "host":
+        raise InvalidInput(f"snapshot {snap.name} is of a VM; only host snapshots can be mounted",
+                           hint="read a VM snapshot's images with qemu-img (see snapshot show)")
+    if snap.state is not SnapshotState.CREATED:
+        raise InvalidInput(f"snapshot {snap.name} is {snap.state.value}, not created")
+    for device, where in mount_copies(snap.disks, directory.absolute()):
+        click.echo(f"{device} -> {where} (read-only)")
+
+
+@group.command("unmount")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def unmount(directory: Path) -> None:
+    """Unmount a snapshot mounted with snapshot mount."""
+    for where in unmount_copies(directory):
+        click.echo(f"unmounted {where}")
 
 
 @group.command("delete")

@@ -5,11 +5,18 @@ The rules this module owns (DESIGN.md section 1):
 * The achieved level is the highest level whose every condition held. Each condition
   that fails steps the level down, with its reason recorded, or, under
   ``on_failure=fail``, fails the snapshot and leaves nothing behind but a failed record.
+* ``application`` needs at least one selected writer, and every one of them quiesced
+  before the freeze and released after the thaw (``engine/quiesce.py`` runs them).
 * Whatever happens after a freeze was attempted, the thaw runs (``finally``), and is then
-  confirmed with fsfreeze-status. A thaw that finds nothing frozen means the file systems
-  were thawed under us: the filesystem level did not hold.
-* A guest found frozen before we start (a previous run died) is thawed first, and that is
-  recorded.
+  confirmed. A thaw that finds nothing frozen means the file systems were thawed under
+  us: the filesystem level did not hold.
+* An instance found frozen before we start (a previous run died) is thawed first, and
+  that is recorded.
+
+The order, so that nothing slow happens while anything is held::
+
+    preflight -> writers prepare -> target prepare -> writers freeze -> file systems freeze
+    -> snapshot -> file systems thaw -> writers thaw (reverse) -> record
 """
 
 from __future__ import annotations
@@ -18,14 +25,14 @@ import contextlib
 import fcntl
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-from freezeframe.agent.qga import FreezeState
 from freezeframe.catalog.store import Catalog, utc_now
 from freezeframe.engine.plan import SnapshotPlan
+from freezeframe.engine.quiesce import Quiesce, WritersFailed
 from freezeframe.errors import (
     AgentError,
     Conflict,
@@ -34,23 +41,35 @@ from freezeframe.errors import (
     InvalidInput,
     SnapshotFailed,
 )
-from freezeframe.model import Instance, Level, OnFailure, Snapshot, SnapshotDisk, SnapshotState
+from freezeframe.model import Instance, Level, OnFailure, Snapshot, SnapshotState
+from freezeframe.targets.base import Target
+from freezeframe.targets.host import HostTarget
 from freezeframe.targets.qemu import QemuTarget
+from freezeframe.writers import make_writer
 
 #: Called with the name of each phase as it starts, for progress displays.
 Progress = Callable[[str], None]
-#: Makes the target for an instance. A seam for tests; the default is QemuTarget.
-TargetFactory = Callable[[Instance], QemuTarget]
-
-
-def qemu_target(instance: Instance) -> QemuTarget:
-    if not instance.qmp_socket:
-        raise InvalidInput(f"instance {instance.name!r} has no QMP socket")
-    return QemuTarget(qmp_socket=instance.qmp_socket, qga_socket=instance.qga_socket)
+#: Makes the target for an instance. A seam for tests; the default is ``make_target``.
+TargetFactory = Callable[[Instance], Target]
 
 MANIFEST_FORMAT = "freezeframe-manifest/1"
-#: Commands the agent must allow for a filesystem-consistent snapshot.
-FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
+
+
+def make_target(instance: Instance, *, protect: Sequence[Path] = ()) -> Target:
+    """The target for an instance. ``protect``: paths whose file systems must never be
+    frozen (the catalog, the program itself)."""
+    if instance.kind == "host":
+        return HostTarget(mounts=instance.mounts, protect=[*protect, Path(__file__), Path.cwd()])
+    if not instance.qmp_socket:
+        raise InvalidInput(
+            f"instance {instance.name!r} has no QMP socket",
+            hint=f"set one with: freezeframe instance update {instance.name} --qmp SOCKET",
+        )
+    return QemuTarget(qmp_socket=instance.qmp_socket, qga_socket=instance.qga_socket)
+
+
+def _default_factory(catalog: Catalog) -> TargetFactory:
+    return lambda instance: make_target(instance, protect=(catalog.path,))
 
 
 class _StepDownRefused(Exception):
@@ -92,7 +111,7 @@ class _Clock:
         try:
             yield
         finally:
-            self.ms[name] = round((self.now() - start) / 1e6, 3)
+            self.ms[name] = round(self.ms.get(name, 0) + (self.now() - start) / 1e6, 3)
 
 
 @contextlib.contextmanager
@@ -120,11 +139,12 @@ async def take_snapshot(
     *,
     lock_dir: Path,
     progress: Progress | None = None,
-    target_factory: TargetFactory = qemu_target,
+    target_factory: TargetFactory | None = None,
 ) -> Snapshot:
     """Take the planned snapshot and record it. Raises SnapshotFailed (with the failed
     record kept in the catalog) when it cannot be taken or the policy says fail."""
     say = progress or (lambda phase: None)
+    factory = target_factory or _default_factory(catalog)
     snap = Snapshot(
         id=plan.snapshot_id,
         name=plan.name,
@@ -135,11 +155,11 @@ async def take_snapshot(
     )
     with instance_lock(lock_dir, plan.instance.name):
         catalog.save_snapshot(snap)
-        run = _Run(plan, snap, say, target_factory)
+        run = _Run(plan, snap, say, factory)
         try:
             await run.execute()
-        except _StepDownRefused as refused:
-            _fail(catalog, run, f"{refused.reason} (on-failure is fail, so no snapshot was kept)")
+        except (_StepDownRefused, WritersFailed) as refused:
+            _fail(catalog, run, f"{refused.reason} (the policy is fail, so no snapshot was kept)")
         except FreezeframeError as err:
             _fail(catalog, run, err.message, cause=err)
         except BaseException as err:
@@ -175,11 +195,15 @@ class _Run:
 
     def __init__(self, plan: SnapshotPlan, snap: Snapshot, say: Progress, target_factory: TargetFactory) -> None:
         self.plan = plan
-        self.target_factory = target_factory
         self.snap = snap
         self.say = say
+        self.target_factory = target_factory
         self.policy = plan.policy
         self.ladder = _Ladder(plan.level, plan.policy.on_failure)
+        self.quiesce = Quiesce(
+            [make_writer(spec) for spec in plan.writers],
+            lambda reason: self.ladder.step_down(Level.FILESYSTEM, reason),
+        )
         self.clock = _Clock()
         self._window_start = 0
         self.freeze_window_ms: float | None = None
@@ -191,6 +215,7 @@ class _Run:
                 "on_failure": plan.policy.on_failure.value,
                 "agent_timeout_s": plan.policy.agent_timeout,
                 "freeze_timeout_s": plan.policy.freeze_timeout,
+                "writers": [spec.name for spec in plan.writers],
             },
             "agent": None,
             "filesystems": [],
@@ -198,6 +223,8 @@ class _Run:
             "thawed_filesystems": 0,
             "writers": [],
             "events": [],
+            # UTC instants, to line the snapshot up with the applications' own logs.
+            "window": {},
         }
 
     def event(self, text: str) -> None:
@@ -218,6 +245,7 @@ class _Run:
                 "fallback_reasons": snap.fallback_reasons,
                 "timings_ms": snap.timings_ms,
                 "freeze_window_ms": snap.freeze_window_ms,
+                "writers": self.quiesce.manifests(),
                 "disks": [asdict(d) for d in snap.disks],
                 "error": snap.error,
             }
@@ -232,164 +260,165 @@ class _Run:
                 await target.connect()
             await self._with_target(target)
         finally:
-            await target.close()
+            try:
+                await self.quiesce.release_all()
+            finally:
+                await target.close()
 
-    async def _with_target(self, target: QemuTarget) -> None:
+    async def _with_target(self, target: Target) -> None:
         with self.clock.phase("preflight"):
-            await target.disks()
             if self.ladder.level >= Level.FILESYSTEM:
-                await self._preflight_agent(target)
-            if self.ladder.level is Level.APPLICATION:
+                probe = await target.probe_freeze(agent_timeout=self.policy.agent_timeout,
+                                                  command_timeout=self.policy.command_timeout)
+                for text in probe.events:
+                    self.event(text)
+                self.manifest.update(probe.details)
+                if probe.unusable:
+                    self.ladder.step_down(Level.CRASH, probe.unusable)
+            if self.ladder.level is Level.APPLICATION and not self.plan.writers:
                 self.ladder.step_down(
                     Level.FILESYSTEM,
                     "application level needs every selected writer to report itself quiesced, "
-                    "and no application writer is configured for this instance",
+                    "and no writer is configured (or selected) for this instance",
                 )
+
+        if self.ladder.level is Level.APPLICATION:
+            self.say("writers prepare")
+            with self.clock.phase("writers_prepare"):
+                await self.quiesce.prepare()
 
         self.say("prepare")
         with self.clock.phase("prepare"):
             await target.prepare(self.snap.id)
 
+        try:
+            await self._hold_and_snapshot(target)
+            if self.plan.writers and self.snap.requested_level is Level.APPLICATION and not self.quiesce.all_held:
+                self.ladder.step_down(Level.FILESYSTEM, "not every selected writer held until the thaw")
+        except (_StepDownRefused, WritersFailed):
+            await self._undo(target)
+            raise
+
+    async def _hold_and_snapshot(self, target: Target) -> None:
         frozen = 0
         thawed = 0
         # Set from the first freeze call until the thaw has run: while it is set, every
         # way out of this block goes through a thaw.
         held = False
-        disks: list[SnapshotDisk] = []
         try:
+            self.say("writers freeze")
+            self.manifest["window"]["writers_freeze_started_at"] = utc_now()
+            with self.clock.phase("writers_freeze"):
+                await self.quiesce.freeze()
             if self.ladder.level >= Level.FILESYSTEM:
                 self.say("freeze")
                 held = True
                 with self.clock.phase("freeze"):
                     frozen = await self._freeze(target)
                 if self.ladder.level < Level.FILESYSTEM:
-                    # The freeze failed and the policy falls back: release the guest before
-                    # taking the crash-consistent snapshot, not after.
+                    # The freeze failed and the policy falls back: release the file systems
+                    # before taking the crash-consistent snapshot, not after.
                     held = False
                     thawed = await self._thaw_and_confirm(target)
             self.say("snapshot")
+            self.manifest["window"]["snapshot_started_at"] = utc_now()
             with self.clock.phase("snapshot"):
                 disks = await target.snapshot()
-            # From here the images are in the VM's chains: whatever happens next, the
-            # record keeps them, so they can be found and merged back.
+            # From here the copies exist: whatever happens next, the record keeps them,
+            # so they can be found and removed.
             self.snap.disks = disks
         finally:
-            if held:
-                self.say("thaw")
-                thawed = await self._thaw_and_confirm(target)
+            try:
+                if held:
+                    self.say("thaw")
+                    thawed = await self._thaw_and_confirm(target)
+            finally:
+                self.say("writers thaw")
+                with self.clock.phase("writers_thaw"):
+                    await self.quiesce.thaw()
         if frozen > 0 and thawed == 0:
-            # Someone thawed the guest while we held the freeze: the snapshot may have
-            # caught the file systems mid-write.
-            try:
-                self.ladder.step_down(
-                    Level.CRASH,
-                    f"the file systems were thawed under us before the snapshot completed "
-                    f"({frozen} frozen, the thaw found none frozen)",
-                )
-            except _StepDownRefused:
-                await self._undo(target, disks)
-                raise
-
-    async def _preflight_agent(self, target: QemuTarget) -> None:
-        policy = self.policy
-        try:
-            await target.connect_agent(policy.agent_timeout, policy.command_timeout)
-            # First the freeze state: while frozen, qemu-ga reports most commands disabled,
-            # so what it allows can only be judged once it is thawed.
-            if await target.freeze_state() is FreezeState.FROZEN:
-                thawed = await target.thaw(policy.command_timeout)
-                self.event(f"the guest was found frozen before the snapshot (a previous run died?); "
-                           f"thawed {thawed} file systems")
-                if await target.freeze_state() is FreezeState.FROZEN:
-                    raise HypervisorError("the guest was found frozen and stays frozen after a thaw",
-                                          hint="check qemu-ga in the guest")
-            info = await target.agent_info()
-        except AgentError as err:
-            self.ladder.step_down(Level.CRASH, f"no usable guest agent: {err}")
-            return
-        self.manifest["agent"] = {"version": info.version}
-        blocked = [c for c in FREEZE_COMMANDS if not info.allows(c)]
-        if blocked:
+            # Someone thawed the file systems while we held the freeze: the snapshot may
+            # have caught them mid-write.
             self.ladder.step_down(
-                Level.CRASH, f"the guest agent does not allow {', '.join(blocked)} (blocked by its configuration)"
+                Level.CRASH,
+                f"the file systems were thawed under us before the snapshot completed "
+                f"({frozen} frozen, the thaw found none frozen)",
             )
-            return
-        if info.allows("guest-get-fsinfo"):
-            try:
-                self.manifest["filesystems"] = [
-                    {"mountpoint": fs.mountpoint, "type": fs.type, "name": fs.name,
-                     "devices": [d.dev for d in fs.disks if d.dev]}
-                    for fs in await target.filesystems()
-                ]
-            except AgentError as err:
-                self.ladder.step_down(Level.CRASH, f"the guest agent failed in preflight: {err}")
 
-    async def _freeze(self, target: QemuTarget) -> int:
+    async def _freeze(self, target: Target) -> int:
+        self.manifest["window"]["freeze_started_at"] = utc_now()
         self._window_start = self.clock.now()
         try:
             frozen = await target.freeze(self.policy.freeze_timeout)
-        except AgentError as err:
-            self.ladder.step_down(Level.CRASH, f"freezing the guest file systems failed: {err}")
+        except (AgentError, HypervisorError) as err:
+            self.ladder.step_down(Level.CRASH, f"freezing the file systems failed: {err}")
             return 0
         self.manifest["frozen_filesystems"] = frozen
         if frozen == 0:
-            self.ladder.step_down(Level.CRASH, "the guest agent froze no file system (nothing mounted to freeze?)")
+            self.ladder.step_down(Level.CRASH, "no file system was frozen (nothing mounted to freeze?)")
         return frozen
 
-    async def _thaw_and_confirm(self, target: QemuTarget) -> int:
-        """Thaw, then confirm with fsfreeze-status; two tries. Ends the freeze window at the
-        first successful thaw. Raises only if the guest cannot be confirmed thawed."""
+    async def _thaw_and_confirm(self, target: Target) -> int:
+        """Thaw, then confirm; two tries. Ends the freeze window at the first successful
+        thaw. Raises only if the file systems cannot be confirmed thawed."""
         timeout = self.policy.command_timeout
         last: Exception | None = None
         with self.clock.phase("thaw"):
             for attempt in (1, 2):
                 try:
                     thawed = await target.thaw(timeout)
+                    self.manifest["window"]["thawed_at"] = utc_now()
                     if self.freeze_window_ms is None:
                         self.freeze_window_ms = round((self.clock.now() - self._window_start) / 1e6, 3)
-                    state = await target.freeze_state(timeout)
-                except AgentError as err:
+                    still_frozen = await target.is_frozen(timeout)
+                except (AgentError, HypervisorError) as err:
                     last = err
                     self.event(f"thaw attempt {attempt} failed: {err}")
                     continue
                 self.manifest["thawed_filesystems"] = thawed
-                if state is FreezeState.THAWED:
+                if not still_frozen:
                     return thawed
                 last = None
-                self.event(f"thaw attempt {attempt}: the guest still reports frozen")
+                self.event(f"thaw attempt {attempt}: still frozen")
         raise HypervisorError(
-            "the guest could not be confirmed thawed" + (f": {last}" if last else ""),
-            hint="check the guest now; freezeframe snapshot create thaws a frozen guest first",
+            "the file systems could not be confirmed thawed" + (f": {last}" if last else ""),
+            hint="check the instance now; the next freezeframe snapshot create thaws it first",
         )
 
-    async def _undo(self, target: QemuTarget, disks: list[SnapshotDisk]) -> None:
-        """Merge a snapshot we must not keep back into the running disks."""
-        for disk in disks:
+    async def _undo(self, target: Target) -> None:
+        """Remove a snapshot we must not keep."""
+        if self.snap.disks:
             with contextlib.suppress(FreezeframeError):
-                await target.merge_down(disk.image)
+                await target.remove(self.snap.disks)
         self.snap.disks = []
 
 
 async def delete_snapshot(catalog: Catalog, ref: str, *, lock_dir: Path,
-                          progress: Progress | None = None) -> Snapshot:
-    """Delete a snapshot: merge its images out of the running VM's chains, then mark it deleted."""
+                          progress: Progress | None = None,
+                          target_factory: TargetFactory | None = None) -> Snapshot:
+    """Delete a snapshot: remove its copies (merging VM images back into the running
+    chains), then mark it deleted."""
     say = progress or (lambda phase: None)
     snap = catalog.snapshot(ref)
     if snap.state is SnapshotState.DELETED:
         raise InvalidInput(f"snapshot {snap.name} ({snap.id}) is deleted already")
     with instance_lock(lock_dir, snap.instance):
-        # A failed record may hold disks too, when the snapshot was taken but a later step failed.
+        # A failed record may hold copies too, when the snapshot was taken but a later step failed.
         if snap.disks:
-            target = qemu_target(catalog.instance(snap.instance))
+            target = (target_factory or _default_factory(catalog))(catalog.instance(snap.instance))
             snap.state = SnapshotState.DELETING
             catalog.save_snapshot(snap)
-            say("merge")
-            async with target:
-                for disk in snap.disks:
-                    merged = await target.merge_down(disk.image)
-                    if merged is not None:
-                        # The layer above now lives in this disk's image file.
-                        catalog.repoint_image(merged, disk.image)
+            say("remove")
+            await target.connect()
+            try:
+                for old, new in await target.remove(snap.disks):
+                    # The copy of another snapshot now lives in this file.
+                    catalog.repoint_image(old, new)
+            finally:
+                await target.close()
         snap.state = SnapshotState.DELETED
         catalog.save_snapshot(snap)
         return snap
+
+
+__all__ = ["Progress", "TargetFactory", "delete_snapshot", "instance_lock", "make_target", "take_snapshot"]

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freezeframe.agent.qga import AgentInfo, FreezeState, GuestAgent, GuestFilesystem
+from freezeframe.agent.qga import FreezeState, GuestAgent
 from freezeframe.agent.qmp import Monitor
-from freezeframe.errors import AgentUnavailable, HypervisorError, MonitorCommandError
+from freezeframe.errors import AgentError, AgentUnavailable, HypervisorError, MonitorCommandError
 from freezeframe.model import SnapshotDisk
+from freezeframe.targets.base import FreezeProbe
 
 _OVERLAY_SUFFIX = re.compile(r"\.ff-[0-9a-f]{8}$")
 _JOB_TIMEOUT = 600.0
@@ -113,27 +114,58 @@ class QemuTarget:
 
     # -- guest agent -------------------------------------------------------------------
 
-    async def connect_agent(self, timeout: float, command_timeout: float) -> None:
+    #: Commands the agent must allow for a filesystem-consistent snapshot.
+    FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
+
+    async def connect_agent(self, timeout: float, command_timeout: float) -> GuestAgent:
         """Connect to qemu-ga within ``timeout``; raises AgentError when there is no usable agent."""
         if self.qga_socket is None:
             raise AgentUnavailable("the instance has no guest-agent socket configured",
                                    hint="set one with: freezeframe instance update NAME --qga SOCKET")
         self.agent = GuestAgent(self.qga_socket, timeout=command_timeout)
         await self.agent.connect(timeout)
-
-    async def agent_info(self) -> AgentInfo:
-        return await self._agent().info()
+        return self.agent
 
     def _agent(self) -> GuestAgent:
         if self.agent is None:
             raise AgentUnavailable("the guest agent is not connected")
         return self.agent
 
-    async def freeze_state(self, timeout: float | None = None) -> FreezeState:
-        return await self._agent().fsfreeze_status(timeout=timeout)
+    async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
+        probe = FreezeProbe()
+        try:
+            agent = await self.connect_agent(agent_timeout, command_timeout)
+            # First the freeze state: while frozen, qemu-ga reports most commands disabled,
+            # so what it allows can only be judged once it is thawed.
+            if await agent.fsfreeze_status() is FreezeState.FROZEN:
+                thawed = await agent.fsfreeze_thaw()
+                probe.events.append(f"the guest was found frozen before the snapshot (a previous run died?); "
+                                    f"thawed {thawed} file systems")
+                if await agent.fsfreeze_status() is FreezeState.FROZEN:
+                    raise HypervisorError("the guest was found frozen and stays frozen after a thaw",
+                                          hint="check qemu-ga in the guest")
+            info = await agent.info()
+        except AgentError as err:
+            probe.unusable = f"no usable guest agent: {err}"
+            return probe
+        probe.details["agent"] = {"version": info.version}
+        blocked = [c for c in self.FREEZE_COMMANDS if not info.allows(c)]
+        if blocked:
+            probe.unusable = f"the guest agent does not allow {', '.join(blocked)} (blocked by its configuration)"
+            return probe
+        if info.allows("guest-get-fsinfo"):
+            try:
+                probe.details["filesystems"] = [
+                    {"mountpoint": fs.mountpoint, "type": fs.type, "name": fs.name,
+                     "devices": [d.dev for d in fs.disks if d.dev]}
+                    for fs in await agent.get_fsinfo()
+                ]
+            except AgentError as err:
+                probe.unusable = f"the guest agent failed in preflight: {err}"
+        return probe
 
-    async def filesystems(self) -> list[GuestFilesystem]:
-        return await self._agent().get_fsinfo()
+    async def is_frozen(self, timeout: float) -> bool:
+        return await self._agent().fsfreeze_status(timeout=timeout) is FreezeState.FROZEN
 
     async def freeze(self, timeout: float) -> int:
         return await self._agent().fsfreeze_freeze(timeout=timeout)
@@ -143,7 +175,7 @@ class QemuTarget:
 
     # -- snapshot ----------------------------------------------------------------------
 
-    async def prepare(self, snapshot_id: str) -> list[BlockDisk]:
+    async def prepare(self, snapshot_id: str) -> None:
         """Create and attach one overlay per disk, ready for the transaction."""
         disks = await self.disks()
         tag = snapshot_id.replace("-", "")[:8]
@@ -165,7 +197,6 @@ class QemuTarget:
         except BaseException:
             await self.discard()
             raise
-        return disks
 
     async def snapshot(self) -> list[SnapshotDisk]:
         """Switch every disk to its overlay in one atomic transaction."""
@@ -201,6 +232,16 @@ class QemuTarget:
                 os.unlink(overlay.filename)
 
     # -- deletion ----------------------------------------------------------------------
+
+    async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
+        moved = []
+        for disk in disks:
+            if disk.image is None:
+                continue
+            merged = await self.merge_down(disk.image)
+            if merged is not None:
+                moved.append((merged, disk.image))
+        return moved
 
     async def merge_down(self, image: str) -> str | None:
         """Remove ``image`` from its disk's chain by committing the layer above into it.

@@ -1,0 +1,89 @@
+"""``freezeframe writer ...``: the applications an instance quiesces for application-consistent snapshots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from freezeframe.cli.main import App, pass_app
+from freezeframe.cli.output import emit_json, output_option, records_table, stdout
+from freezeframe.model import WriterFailure, WriterSpec
+from freezeframe.writers import KINDS, validate_options, writer_class
+
+
+def _kinds_help() -> str:
+    lines = ["\b", "Kinds and their options:"]
+    for kind, cls in sorted(KINDS.items()):
+        lines.append(f"  {kind}: {cls.summary}")
+        lines.append("    options: " + ", ".join(
+            f"{k}{'*' if o.required else ''}" for k, o in cls.options.items()))
+    lines.append("  (* required)")
+    return "\n".join(lines)
+
+
+@click.group("writer")
+def group() -> None:
+    """Configure the writers an instance quiesces for application-consistent snapshots."""
+
+
+def _spec_json(spec: WriterSpec) -> dict[str, Any]:
+    return {"name": spec.name, "kind": spec.kind, "options": spec.options, "timeout": spec.timeout,
+            "retries": spec.retries, "on_failure": spec.on_failure.value}
+
+
+@group.command("add", epilog=_kinds_help())
+@click.argument("instance")
+@click.argument("kind", type=click.Choice(sorted(KINDS)))
+@click.option("--name", help="Writer name (default: the kind). Unique per instance.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="A kind's option (repeatable). Passwords: password_env=VAR or password_file=PATH only.")
+@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
+              help="Seconds each of prepare, freeze and thaw may take.")
+@click.option("--retries", type=click.IntRange(0, 10), default=0, show_default=True,
+              help="Extra attempts at prepare and freeze before the writer counts as failed.")
+@click.option("--on-failure", type=click.Choice([f.value for f in WriterFailure]), default="fallback",
+              show_default=True,
+              help="fail: no snapshot; continue: the others go on, this one is marked failed, the level steps "
+                   "down; fallback: release every writer and step down to filesystem.")
+@output_option
+@pass_app
+def add(app: App, instance: str, kind: str, name: str | None, options: tuple[str, ...], timeout: float,
+        retries: int, on_failure: str, fmt: str) -> None:
+    """Add a KIND writer to INSTANCE. Writers quiesce in the order they were added."""
+    parsed: dict[str, str] = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--option")
+        parsed[key.strip()] = value
+    spec = WriterSpec(name=name or kind, kind=kind, options=validate_options(writer_class(kind), parsed),
+                      timeout=timeout, retries=retries, on_failure=WriterFailure(on_failure))
+    app.catalog.add_writer(instance, spec)
+    if fmt == "json":
+        emit_json(_spec_json(spec))
+    else:
+        click.echo(f"added {kind} writer {spec.name} to {instance}")
+
+
+@group.command("list")
+@click.argument("instance")
+@output_option
+@pass_app
+def list_(app: App, instance: str, fmt: str) -> None:
+    """List INSTANCE's writers in the order they quiesce."""
+    records = [_spec_json(s) for s in app.catalog.writers(instance)]
+    if fmt == "json":
+        emit_json(records)
+    else:
+        stdout.print(records_table(records, ["name", "kind", "options", "timeout", "retries", "on_failure"]))
+
+
+@group.command("remove")
+@click.argument("instance")
+@click.argument("name")
+@pass_app
+def remove(app: App, instance: str, name: str) -> None:
+    """Remove writer NAME from INSTANCE."""
+    app.catalog.remove_writer(instance, name)
+    click.echo(f"removed writer {name} from {instance}")

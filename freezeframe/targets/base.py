@@ -1,0 +1,54 @@
+"""The one interface every kind of instance offers the engine.
+
+A target knows the mechanics (how to freeze its file systems, how to take and remove a
+copy); the engine decides the policy (what a failure means for the level).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from freezeframe.model import SnapshotDisk
+
+
+@dataclass(slots=True)
+class FreezeProbe:
+    """What preflight learnt about freezing this instance's file systems."""
+
+    #: None when the file systems can be frozen; else why not, for the fallback reasons.
+    unusable: str | None = None
+    #: Things worth recording that happened (a guest found frozen and thawed, ...).
+    events: list[str] = field(default_factory=list)
+    #: Material for the manifest: agent version, file systems and how each is copied.
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Target(Protocol):
+    kind: str
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None:
+        """Release everything, including copies prepared but not taken."""
+
+    async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
+        """Find out whether the file systems can be frozen; thaw any left frozen."""
+
+    async def prepare(self, snapshot_id: str) -> None:
+        """Everything slow that can happen before the freeze."""
+
+    async def freeze(self, timeout: float) -> int:
+        """Freeze the file systems; returns how many were frozen."""
+
+    async def thaw(self, timeout: float) -> int:
+        """Thaw them; returns how many were frozen until now (0: none was)."""
+
+    async def is_frozen(self, timeout: float) -> bool: ...
+
+    async def snapshot(self) -> list[SnapshotDisk]:
+        """Take the copy of every disk or file system at one instant."""
+
+    async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
+        """Delete a snapshot's copies. Returns (old, new) image paths for copies of other
+        snapshots that now live in another file (a merge moved them)."""
