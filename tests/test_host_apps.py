@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -13,10 +14,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+import pymysql
 import pytest
+import redis
 from conftest import run_cli, unique
-from hostfs import data_fs, mounted_copy
-from oracles import ext4_needs_recovery
+from hostfs import btrfs_fs, data_fs, mounted_copy
+from oracles import ext4_needs_recovery, xfs_log_quiesced
+from servers import PG_BIN, mariadb, mariadb_init, open_base, pg_init, postgres, redis_server
 
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
@@ -121,3 +126,153 @@ def test_sqlite_on_ext4_over_xfs(home: Home, catalog: Catalog, tmp_path: Path) -
         assert must_have, "the load committed nothing before the freeze"
         assert must_have <= present, f"lost {len(must_have - present)} acknowledged commits"
         assert len(present) < len(load.acked), "the copy should not hold commits made after the thaw"
+
+
+def check_copy_rows(present: set[int], load: Load, manifest: dict[str, Any]) -> None:
+    must_have = load.acked_before(manifest["window"]["writers_freeze_started_at"])
+    assert must_have, "the load committed nothing before the freeze"
+    missing = must_have - present
+    assert not missing, f"lost {len(missing)} acknowledged commits, e.g. {sorted(missing)[:5]}"
+
+
+def test_postgresql_on_ext4_over_xfs(home: Home) -> None:
+    with open_base() as base, data_fs(base, inner="ext4", outer="xfs") as fs:
+        datadir = fs.mountpoint / "pgdata"
+        pg_init(datadir)
+        name = unique("host-pg")
+        with postgres(datadir, base / "run") as pg:
+            dsn = {"host": str(pg.sockdir), "port": pg.port, "user": "postgres", "dbname": "postgres"}
+            with psycopg.connect(**dsn, autocommit=True) as setup:
+                setup.execute("CREATE TABLE t (n int PRIMARY KEY, payload text)")
+            conn = psycopg.connect(**dsn, autocommit=True)
+
+            def commit(n: int) -> None:
+                conn.execute("INSERT INTO t VALUES (%s, %s)", (n, "x" * 200))
+
+            add_host(home, name, fs.mountpoint)
+            add_writer(home, name, "postgresql", f"host={pg.sockdir}", f"port={pg.port}")
+            load = Load(commit)
+            load.start()
+            try:
+                time.sleep(1)
+                snap, manifest = snapshot_app(home, name)
+                time.sleep(0.3)
+            finally:
+                try:
+                    load.stop()
+                finally:
+                    conn.close()
+        assert not load.errors, load.errors
+        assert snap["consistency"] == "application", snap["fallback_reasons"]
+        record = manifest["writers"][0]["manifest"]
+        assert record["server_version"].startswith("15")
+        assert record["checkpoint"]["lsn"]
+        assert record["wal_flushed_at_freeze"]["lsn"]
+
+        image = Path(snap["disks"][0]["image"])
+        assert not ext4_needs_recovery(image)
+        with mounted_copy(image, base / "restore") as restored:
+            copy_dir = restored / "pgdata"
+            # The copy was taken from a running server; a restore drops its stale lock file.
+            (copy_dir / "postmaster.pid").unlink(missing_ok=True)
+            with postgres(copy_dir, base / "run-copy") as copy:
+                check = subprocess.run(
+                    ["runuser", "-u", "postgres", "--", str(PG_BIN / "pg_amcheck"), "-h", str(copy.sockdir),
+                     "-p", str(copy.port), "--all", "--install-missing", "--heapallindexed"],
+                    capture_output=True, text=True, check=False,
+                )
+                assert check.returncode == 0, check.stdout + check.stderr
+                with psycopg.connect(host=str(copy.sockdir), port=copy.port, user="postgres",
+                                     dbname="postgres") as reader:
+                    present = {row[0] for row in reader.execute("SELECT n FROM t")}
+        check_copy_rows(present, load, manifest)
+
+
+def test_mariadb_on_xfs_over_xfs(home: Home) -> None:
+    with open_base() as base, data_fs(base, inner="xfs", outer="xfs") as fs:
+        datadir = fs.mountpoint / "mysql"
+        mariadb_init(datadir)
+        name = unique("host-maria")
+        with mariadb(datadir, base / "run") as db:
+            conn = pymysql.connect(unix_socket=str(db.socket), user="root", autocommit=True)
+            with conn.cursor() as cursor:
+                cursor.execute("CREATE DATABASE app")
+                cursor.execute("CREATE TABLE app.t (n INT PRIMARY KEY, payload TEXT) ENGINE=InnoDB")
+
+            def commit(n: int) -> None:
+                with conn.cursor() as cursor:
+                    cursor.execute("INSERT INTO app.t VALUES (%s, %s)", (n, "x" * 200))
+
+            add_host(home, name, fs.mountpoint)
+            add_writer(home, name, "mysql", f"unix_socket={db.socket}")
+            load = Load(commit)
+            load.start()
+            try:
+                time.sleep(1)
+                snap, manifest = snapshot_app(home, name)
+                time.sleep(0.3)
+            finally:
+                try:
+                    load.stop()
+                finally:
+                    conn.close()
+        assert not load.errors, load.errors
+        assert snap["consistency"] == "application", snap["fallback_reasons"]
+        record = manifest["writers"][0]["manifest"]
+        assert record["binlog"]["file"].startswith("binlog.")
+        assert record["binlog"]["position"] > 0
+        assert record["gtid"]
+
+        image = Path(snap["disks"][0]["image"])
+        assert xfs_log_quiesced(image)  # frozen: nothing to replay
+        with mounted_copy(image, base / "restore") as restored, mariadb(restored / "mysql", base / "run-copy") as copy:
+            check = subprocess.run(["mariadb-check", f"--socket={copy.socket}", "-uroot", "--all-databases",
+                                    "--extended"], capture_output=True, text=True, check=False)
+            assert check.returncode == 0, check.stdout + check.stderr
+            assert "error" not in check.stdout.lower(), check.stdout
+            reader = pymysql.connect(unix_socket=str(copy.socket), user="root")
+            with reader.cursor() as cursor:
+                cursor.execute("SELECT n FROM app.t")
+                present = {row[0] for row in cursor.fetchall()}
+            reader.close()
+        check_copy_rows(present, load, manifest)
+
+
+def test_redis_on_a_btrfs_subvolume(home: Home) -> None:
+    with open_base() as base, btrfs_fs(base) as mnt:
+        directory = mnt / "redis"
+        directory.mkdir()
+        name = unique("host-redis")
+        with redis_server(directory) as server:
+            client = redis.Redis(port=server.port)
+
+            def commit(n: int) -> None:
+                client.set(f"k{n}", "x" * 100)
+
+            add_host(home, name, mnt)
+            add_writer(home, name, "redis", f"port={server.port}")
+            load = Load(commit)
+            load.start()
+            try:
+                time.sleep(1)
+                snap, manifest = snapshot_app(home, name)
+                time.sleep(0.3)
+            finally:
+                try:
+                    load.stop()
+                finally:
+                    client.close()
+        assert not load.errors, load.errors
+        assert snap["consistency"] == "application", snap["fallback_reasons"]
+        disk = snap["disks"][0]
+        assert disk["node"] == "btrfs"
+        assert disk["image"] is None
+        copy_dir = Path(disk["path"]) / "redis"
+        check = subprocess.run(["redis-check-rdb", str(copy_dir / "dump.rdb")], capture_output=True, text=True,
+                               check=False)
+        assert check.returncode == 0, check.stdout
+        with redis_server(copy_dir) as copy:
+            reader = redis.Redis(port=copy.port)
+            present = {int(key.decode()[1:]) for key in reader.scan_iter(count=1000)}
+            reader.close()
+        check_copy_rows(present, load, manifest)

@@ -92,6 +92,7 @@ class HostTarget:
         self.protect = [Path("/"), *protect]
         self._plans: list[_Plan] = []
         self._frozen: list[str] = []
+        self._held_btrfs = 0
 
     async def connect(self) -> None:
         self._plans = [self._plan(m) for m in self.mounts]
@@ -176,6 +177,10 @@ class HostTarget:
                 raise HypervisorError(f"{plan.dest} exists already")
 
     async def freeze(self, timeout: float) -> int:
+        """Freeze the reflink mounts. Returns how many file systems are now held consistent
+        for the snapshot: those frozen, and btrfs subvolumes, which their own snapshot makes
+        consistent (so they are counted without being frozen)."""
+        self._held_btrfs = sum(p.provider == "btrfs" for p in self._plans)
         for plan in self._plans:
             if plan.provider != "reflink":
                 continue
@@ -184,10 +189,10 @@ class HostTarget:
             except (OSError, TimeoutError) as err:
                 raise HypervisorError(f"cannot freeze {plan.mount.mountpoint}: {err}") from err
             self._frozen.append(plan.mount.mountpoint)
-        return len(self._frozen)
+        return len(self._frozen) + self._held_btrfs
 
     async def thaw(self, timeout: float) -> int:
-        thawed = 0
+        thawed, self._held_btrfs = self._held_btrfs, 0
         errors = []
         for mountpoint in reversed(list(self._frozen)):
             try:

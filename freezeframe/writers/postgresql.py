@@ -56,7 +56,7 @@ class PostgresWriter(Writer):
         conn = await self._connect()
         try:
             cursor = await conn.execute(query)
-            row = await cursor.fetchone()
+            row = await cursor.fetchone() if cursor.description is not None else None
         except psycopg.Error as err:
             raise WriterError(f"PostgreSQL: {query.split()[0]} failed: {_first_line(err)}") from err
         return tuple(row) if row is not None else ()
