@@ -131,7 +131,7 @@ class Quiesce:
         try:
             await asyncio.wait_for(entry.writer.abort(), ABORT_TIMEOUT)
         except (TimeoutError, WriterError, OSError) as err:
-            entry.error = (entry.error + "; " if entry.error else "") + f"abort: {err or 'timed out'}"
+            entry.error = (entry.error + "; " if entry.error else "") + f"abort: {str(err) or 'timed out'}"
 
     def manifests(self) -> list[dict[str, Any]]:
         return [

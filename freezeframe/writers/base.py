@@ -15,15 +15,20 @@ stores it as the writer's manifest. Nothing secret ever goes there.
 from __future__ import annotations
 
 import abc
+import asyncio
 import os
+import queue
 import stat
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from freezeframe.errors import InvalidInput
 from freezeframe.model import WriterSpec
+
+T = TypeVar("T")
 
 
 class WriterError(Exception):
@@ -136,3 +141,43 @@ def password(writer: Writer) -> str | None:
 def bounded(text: str, limit: int = 4096) -> str:
     """Output worth keeping, cut to its last ``limit`` characters."""
     return text if len(text) <= limit else "..." + text[-limit:]
+
+
+class WorkerThread:
+    """One daemon thread that runs a writer's blocking calls in order (a database
+    connection stays on one thread). Daemon, so a call stuck in a driver can never keep
+    the process from exiting; ``abort`` paths must still unblock it properly."""
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future[Any]]
+                                      | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, loop, future = job
+            try:
+                result = fn()
+            except BaseException as err:
+                loop.call_soon_threadsafe(_settle, future, None, err)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, loop, future))
+        return await future
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

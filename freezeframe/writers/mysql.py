@@ -14,7 +14,6 @@ if the first is stuck.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -22,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import pymysql
 import pymysql.cursors
 
-from freezeframe.writers.base import CREDENTIAL_OPTIONS, Option, Writer, WriterError, password
+from freezeframe.writers.base import CREDENTIAL_OPTIONS, Option, WorkerThread, Writer, WriterError, password
 
 T = TypeVar("T")
 
@@ -42,7 +41,8 @@ class MySQLWriter(Writer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"mysql-{self.name}")
+        self._worker = WorkerThread(f"mysql-{self.name}")
+        self._closed = False
         self._conn: pymysql.connections.Connection[Any] | None = None
         self._session_id: int | None = None
 
@@ -73,7 +73,7 @@ class MySQLWriter(Writer):
             raise WriterError(f"MySQL/MariaDB: {sql.split()[0]} failed: {err.args[-1]}") from err
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+        return await self._worker.call(fn)
 
     async def prepare(self) -> None:
         def work() -> None:
@@ -122,8 +122,11 @@ class MySQLWriter(Writer):
         await self._close()
 
     async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         conn, self._conn, self._session_id = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(pymysql.MySQLError, TimeoutError, RuntimeError):
                 await asyncio.wait_for(self._call(conn.close), 5)
-        self._thread.shutdown(wait=False)
+        self._worker.stop()
