@@ -60,7 +60,7 @@ def lab(home: Home, catalog: Catalog) -> Iterator[LabFactory]:
         started.append(name)
         vm = lab_vm.up(home.lab, home.images, name, **options)
         catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
-                             qga_socket=vm.qga_socket, lab=True)
+                             qga_socket=vm.qga_socket if vm.agent else None, lab=True)
         return vm
 
     yield start

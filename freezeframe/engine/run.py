@@ -53,6 +53,8 @@ Progress = Callable[[str], None]
 TargetFactory = Callable[[Instance], Target]
 
 MANIFEST_FORMAT = "freezeframe-manifest/1"
+NO_WRITER = ("application level needs every selected writer to report itself quiesced, "
+             "and no writer is configured (or selected) for this instance")
 
 
 def make_target(instance: Instance, *, protect: Sequence[Path] = ()) -> Target:
@@ -205,6 +207,8 @@ class _Run:
             lambda reason: self.ladder.step_down(Level.FILESYSTEM, reason),
         )
         self.clock = _Clock()
+        self.inner_writers: list[dict[str, Any]] = []
+        self.inner_problem: str | None = None
         self._window_start = 0
         self.freeze_window_ms: float | None = None
         self.manifest: dict[str, Any] = {
@@ -245,7 +249,7 @@ class _Run:
                 "fallback_reasons": snap.fallback_reasons,
                 "timings_ms": snap.timings_ms,
                 "freeze_window_ms": snap.freeze_window_ms,
-                "writers": self.quiesce.manifests(),
+                "writers": self.quiesce.manifests() + self.inner_writers,
                 "disks": [asdict(d) for d in snap.disks],
                 "error": snap.error,
             }
@@ -266,6 +270,7 @@ class _Run:
                 await target.close()
 
     async def _with_target(self, target: Target) -> None:
+        inner_expected = False
         with self.clock.phase("preflight"):
             if self.ladder.level >= Level.FILESYSTEM:
                 probe = await target.probe_freeze(agent_timeout=self.policy.agent_timeout,
@@ -273,14 +278,13 @@ class _Run:
                 for text in probe.events:
                     self.event(text)
                 self.manifest.update(probe.details)
+                inner_expected = probe.inner_writers
                 if probe.unusable:
                     self.ladder.step_down(Level.CRASH, probe.unusable)
-            if self.ladder.level is Level.APPLICATION and not self.plan.writers:
-                self.ladder.step_down(
-                    Level.FILESYSTEM,
-                    "application level needs every selected writer to report itself quiesced, "
-                    "and no writer is configured (or selected) for this instance",
-                )
+            # Writers inside the guest (its freeze hooks) only report after the thaw; without
+            # them or host writers there is nothing that could make the level application.
+            if self.ladder.level is Level.APPLICATION and not self.plan.writers and not inner_expected:
+                self.ladder.step_down(Level.FILESYSTEM, NO_WRITER)
 
         if self.ladder.level is Level.APPLICATION:
             self.say("writers prepare")
@@ -292,12 +296,42 @@ class _Run:
             await target.prepare(self.snap.id)
 
         try:
-            await self._hold_and_snapshot(target)
-            if self.plan.writers and self.snap.requested_level is Level.APPLICATION and not self.quiesce.all_held:
-                self.ladder.step_down(Level.FILESYSTEM, "not every selected writer held until the thaw")
+            try:
+                await self._hold_and_snapshot(target)
+            finally:
+                if inner_expected:
+                    await self._collect_inner(target)
+            self._judge_writers()
         except (_StepDownRefused, WritersFailed):
             await self._undo(target)
             raise
+
+    async def _collect_inner(self, target: Target) -> None:
+        """Read what the guest's hooks reported. Evidence, even when the freeze failed."""
+        try:
+            report = await target.inner_writers()
+        except AgentError as err:
+            self.inner_problem = f"the guest hook report could not be read: {err}"
+            self.event(self.inner_problem)
+            return
+        if report is not None:
+            self.inner_writers = report["writers"]
+            self.manifest["guest_hooks"] = {**self.manifest.get("guest_hooks", {}), **report["summary"]}
+
+    def _judge_writers(self) -> None:
+        """Application level holds only if every selected writer, host or guest, held."""
+        if self.ladder.level is not Level.APPLICATION:
+            return
+        if self.plan.writers and not self.quiesce.all_held:
+            self.ladder.step_down(Level.FILESYSTEM, "not every selected writer held until the thaw")
+        failed = [w for w in self.inner_writers if w["status"] != "ok"]
+        if failed:
+            self.ladder.step_down(Level.FILESYSTEM, "; ".join(
+                f"guest hook {w['name']} {w['status']}: {w['error']}" for w in failed))
+        elif self.inner_problem:
+            self.ladder.step_down(Level.FILESYSTEM, self.inner_problem)
+        elif not self.plan.writers and not self.inner_writers:
+            self.ladder.step_down(Level.FILESYSTEM, NO_WRITER + " (the guest hook runner ran no hook)")
 
     async def _hold_and_snapshot(self, target: Target) -> None:
         frozen = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import json
 import re
 import shutil
 import stat
@@ -23,7 +24,7 @@ from pathlib import Path
 from freezeframe.errors import LabError
 
 #: Bump when the image layout or /init changes, so cached images are rebuilt.
-IMAGE_FORMAT = 4
+IMAGE_FORMAT = 5
 
 #: Modules the guest needs; their dependencies are added from modules.dep.
 #: crc32c_generic comes first: ext4 (metadata_csum) and xfs ask the crypto API for
@@ -39,7 +40,7 @@ WANTED_MODULES = (
 
 GUEST_AGENT = Path("/usr/sbin/qemu-ga")
 BUSYBOX = Path("/bin/busybox")
-HOST_BINARIES = (GUEST_AGENT, BUSYBOX)
+HOST_BINARIES = (GUEST_AGENT, BUSYBOX, Path("/usr/bin/python3.11"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +52,7 @@ class GuestImage:
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # freezeframe lab guest init. Everything here runs as PID 1; see freezeframe/lab/image.py.
 /bin/busybox --install -s /bin
-export PATH=/bin:/usr/sbin:/usr/local/bin
+export PATH=/bin:/usr/bin:/usr/sbin:/usr/local/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -84,10 +85,38 @@ for b in /sys/block/vd*; do
     fi
 done
 
+# Freeze hooks (ff.hooks=sqlite,ok,fail,hang,badowner) run by freezeframe's hook runner.
+hook_flag=""
+hooks="$(arg ff.hooks | tr ',' ' ')"
+if [ -n "$hooks" ]; then
+    mkdir -p /etc/qemu/fsfreeze-hook.d /etc/freezeframe
+    chmod 755 /etc/qemu/fsfreeze-hook.d
+    i=10
+    for h in $hooks; do
+        cp /usr/share/freezeframe/hooks/$h /etc/qemu/fsfreeze-hook.d/$i-$h
+        chmod 755 /etc/qemu/fsfreeze-hook.d/$i-$h
+        [ "$h" = badowner ] && chmod 777 /etc/qemu/fsfreeze-hook.d/$i-$h
+        i=$((i + 10))
+    done
+    policy="$(arg ff.hook_policy)"; timeout="$(arg ff.hook_timeout)"
+    echo "{\"on_failure\": \"${policy:-fail}\", \"timeout\": ${timeout:-10}}" > /etc/freezeframe/guest-hooks.json
+    hook_flag="-F/usr/local/bin/freezeframe-guest-hook"
+fi
+
+# The SQLite application (ff.app=sqlite) on the first data disk.
+if [ "$(arg ff.app)" = sqlite ] && [ -d /mnt/ffdata0 ]; then
+    mkdir -p /etc/freezeframe
+    echo '{"databases": ["/mnt/ffdata0/app.db"], "hold_timeout": 60}' > /etc/freezeframe/sqlite-hold.json
+    python3 /usr/local/lib/freezeframe/sqlite_app.py /mnt/ffdata0/app.db /run/ff-sqlite-app.acked &
+    n=0
+    while [ ! -s /run/ff-sqlite-app.acked ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
+    [ -s /run/ff-sqlite-app.acked ] || echo "ff-lab: the sqlite application did not start"
+fi
+
 if [ "$(arg ff.agent)" != 0 ]; then
     # qemu-ga never thaws by itself, and tests kill it on purpose: keep it running.
     ( while :; do
-        qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run \
+        qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run $hook_flag \
             $(arg ff.agent_args | tr '+' ' ')
         sleep 0.2
     done ) &
@@ -177,6 +206,8 @@ def _image_key(kernel: Path) -> str:
     digest = hashlib.sha256()
     digest.update(f"{IMAGE_FORMAT}\n{INIT_SCRIPT}".encode())
     digest.update(resources.files("freezeframe.lab").joinpath("workload.c").read_bytes())
+    for program in ("hook.py", "sqlite_hold.py", "sqlite_app.py"):
+        digest.update(resources.files("freezeframe.guest").joinpath(program).read_bytes())
     for path in (kernel, *HOST_BINARIES):
         st = path.stat()
         digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
@@ -231,12 +262,8 @@ def _write_initrd(dest: Path, modules_dir: Path, work: Path) -> None:
     seen: set[str] = set()
     for lib in shared_libraries(GUEST_AGENT):
         # Keep the path the binary asks for (/lib64/ld-linux..., /lib/x86_64-linux-gnu/...).
-        name = str(lib).lstrip("/")
-        if name not in seen:
-            seen.add(name)
-            parent = str(Path(name).parent)
-            archive.directory(parent)
-            archive.file(name, lib.resolve().read_bytes(), 0o755)
+        _add_file(archive, seen, lib, 0o755)
+    _guest_python(archive, seen)
     order = []
     for module in module_order(modules_dir, WANTED_MODULES):
         name = _module_name(module.name)
@@ -248,6 +275,76 @@ def _write_initrd(dest: Path, modules_dir: Path, work: Path) -> None:
     archive.file("usr/local/bin/ff-workload", workload.read_bytes(), 0o755)
     with gzip.open(dest, "wb", compresslevel=6) as out:
         out.write(archive.finish())
+
+
+#: What the guest's Python programs import, found by importing them on the host (with
+#: site, as a script run by its shebang would) and listing every module that got loaded.
+_LIST_MODULES = r"""
+import json, sys, importlib.util
+sys.path.insert(0, sys.argv[1])
+import hook, sqlite_hold, sqlite_app
+import encodings.utf_8, encodings.latin_1, encodings.ascii, encodings.aliases
+files = set()
+for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None)
+    if path and path.startswith(sys.argv[2]):
+        files.add(path)
+        if path.endswith(".py"):
+            cached = importlib.util.cache_from_source(path)
+            files.add(cached)
+print(json.dumps(sorted(files)))
+"""
+
+GUEST_PYTHON = Path("/usr/bin/python3.11")
+GUEST_STDLIB = "/usr/lib/python3.11"
+GUEST_PROGRAMS = ("hook.py", "sqlite_hold.py", "sqlite_app.py")
+
+#: Sample hooks the lab can install (ff.hooks=ok,fail,...): names and /bin/sh bodies.
+SAMPLE_HOOKS = {
+    "ok": "#!/bin/sh\necho \"$1: nothing to do\"\n",
+    "fail": "#!/bin/sh\nif [ \"$1\" = freeze ]; then echo 'refusing to quiesce' >&2; exit 3; fi\n",
+    "hang": "#!/bin/sh\nif [ \"$1\" = freeze ]; then sleep 600; fi\n",
+    "badowner": "#!/bin/sh\necho \"$1: should never run\"\n",
+    "sqlite": "#!/bin/sh\nexec /usr/bin/python3 /usr/local/lib/freezeframe/sqlite_hold.py \"$@\"\n",
+}
+
+
+def _guest_python(archive: _Cpio, seen: set[str]) -> None:
+    """Python for the guest: the interpreter, its libraries, and just the stdlib modules
+    the guest programs load (the whole stdlib would triple the image)."""
+    guest_dir = resources.files("freezeframe.guest")
+    with resources.as_file(guest_dir) as directory:
+        listing = _run([str(GUEST_PYTHON), "-I", "-c", _LIST_MODULES, str(directory), GUEST_STDLIB],
+                       "list the modules the guest programs need")
+    files = json.loads(listing)
+    for binary in [GUEST_PYTHON, *(Path(f) for f in files if f.endswith(".so"))]:
+        for lib in shared_libraries(binary):
+            _add_file(archive, seen, lib, 0o755)
+    _add_file(archive, seen, GUEST_PYTHON, 0o755)
+    archive.symlink("usr/bin/python3", GUEST_PYTHON.name)
+    for name in files:
+        path = Path(name)
+        if path.exists():
+            _add_file(archive, seen, path, 0o644)
+    # The interpreter finds its prefix by this landmark, and wants lib-dynload to exist.
+    _add_file(archive, seen, Path(GUEST_STDLIB) / "os.py", 0o644)
+    archive.directory(f"{GUEST_STDLIB.lstrip('/')}/lib-dynload")
+    for folder in ("usr/local/lib/freezeframe", "usr/share/freezeframe/hooks"):
+        archive.directory(folder)
+    archive.file("usr/local/bin/freezeframe-guest-hook", guest_dir.joinpath("hook.py").read_bytes(), 0o755)
+    for program in ("sqlite_hold.py", "sqlite_app.py"):
+        archive.file(f"usr/local/lib/freezeframe/{program}", guest_dir.joinpath(program).read_bytes(), 0o755)
+    for name, body in SAMPLE_HOOKS.items():
+        archive.file(f"usr/share/freezeframe/hooks/{name}", body.encode(), 0o755)
+
+
+def _add_file(archive: _Cpio, seen: set[str], path: Path, mode: int) -> None:
+    name = str(path).lstrip("/")
+    if name in seen:
+        return
+    seen.add(name)
+    archive.directory(str(Path(name).parent))
+    archive.file(name, path.resolve().read_bytes(), mode)
 
 
 def _module_bytes(module: Path) -> bytes:
@@ -298,6 +395,9 @@ class _Cpio:
 
     def file(self, name: str, data: bytes, mode: int) -> None:
         self._entry(name, stat.S_IFREG | mode, data)
+
+    def symlink(self, name: str, target: str) -> None:
+        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
 
     def finish(self) -> bytes:
         self._entry("TRAILER!!!", 0, b"")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from freezeframe.errors import Conflict, LabError, NotFound
-from freezeframe.lab.image import GuestImage, ensure_image
+from freezeframe.lab.image import SAMPLE_HOOKS, GuestImage, ensure_image
 
 READY_MARKER = b"ff-lab: ready"
 FILESYSTEMS = ("ext4", "xfs")
@@ -204,6 +204,10 @@ def up(
     workload_sync: bool = False,
     workload_interval_us: int = 2000,
     agent_args: tuple[str, ...] = (),
+    hooks: tuple[str, ...] = (),
+    hook_policy: str = "fail",
+    hook_timeout: float = 10.0,
+    app: str | None = None,
     disk_mib: int = DEFAULT_DISK_MIB,
     memory_mib: int = 256,
     boot_timeout: float = 90.0,
@@ -214,6 +218,13 @@ def up(
         raise LabError(f"unknown file system {fs!r}", hint=f"use one of: {', '.join(FILESYSTEMS)}")
     if not 1 <= disks <= 8:
         raise LabError(f"a lab VM has 1 to 8 data disks, not {disks}")
+    unknown = [h for h in hooks if h not in SAMPLE_HOOKS]
+    if unknown:
+        raise LabError(f"no sample hook named {', '.join(unknown)}", hint=f"hooks: {', '.join(SAMPLE_HOOKS)}")
+    if hook_policy not in ("fail", "continue"):
+        raise LabError(f"hook policy is fail or continue, not {hook_policy!r}")
+    if app not in (None, "sqlite"):
+        raise LabError(f"unknown lab application {app!r}", hint="the lab has: sqlite")
     if any(c in arg for arg in agent_args for c in " +"):
         raise LabError("guest-agent arguments cannot contain spaces or '+' (they travel on the kernel command line)")
     vm_dir = (lab_root / name).resolve()
@@ -233,6 +244,9 @@ def up(
             f"ff.workload_sync={int(workload_sync)}", f"ff.workload_interval_us={workload_interval_us}",
             # The kernel splits its command line at spaces, so the guest's init turns '+' back into them.
             f"ff.agent_args={'+'.join(agent_args)}" if agent_args else "",
+            f"ff.hooks={','.join(hooks)} ff.hook_policy={hook_policy} ff.hook_timeout={hook_timeout:g}"
+            if hooks else "",
+            f"ff.app={app}" if app else "",
         ]).strip()
         pid = _boot(vm_dir, image, disk_paths, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
                     timeout=boot_timeout)

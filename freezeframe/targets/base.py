@@ -22,6 +22,8 @@ class FreezeProbe:
     events: list[str] = field(default_factory=list)
     #: Material for the manifest: agent version, file systems and how each is copied.
     details: dict[str, Any] = field(default_factory=dict)
+    #: Writers run inside the instance (guest freeze hooks) and will report after the thaw.
+    inner_writers: bool = False
 
 
 class Target(Protocol):
@@ -48,6 +50,10 @@ class Target(Protocol):
 
     async def snapshot(self) -> list[SnapshotDisk]:
         """Take the copy of every disk or file system at one instant."""
+
+    async def inner_writers(self) -> dict[str, Any] | None:
+        """After the thaw: what the writers inside the instance reported (``{"writers": [...],
+        "summary": {...}}``), or None when it has none. Raises AgentError on a bad report."""
 
     async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
         """Delete a snapshot's copies. Returns (old, new) image paths for copies of other

@@ -29,6 +29,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from freezeframe.errors import HypervisorError, InvalidInput
 from freezeframe.model import SnapshotDisk
@@ -227,6 +228,9 @@ class HostTarget:
                                           virtual_size=vfs.f_blocks * vfs.f_frsize,
                                           allocated_size=(vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize))
         return disks
+
+    async def inner_writers(self) -> dict[str, Any] | None:
+        return None  # on a host, every writer runs in freezeframe itself
 
     async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
         for disk in disks:

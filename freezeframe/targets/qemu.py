@@ -22,14 +22,23 @@ import contextlib
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from freezeframe.agent.qga import FreezeState, GuestAgent
 from freezeframe.agent.qmp import Monitor
-from freezeframe.errors import AgentError, AgentUnavailable, HypervisorError, MonitorCommandError
+from freezeframe.errors import (
+    AgentCommandError,
+    AgentError,
+    AgentProtocolError,
+    AgentUnavailable,
+    HypervisorError,
+    MonitorCommandError,
+)
 from freezeframe.model import SnapshotDisk
+from freezeframe.targets import guest_hooks
 from freezeframe.targets.base import FreezeProbe
 
 _OVERLAY_SUFFIX = re.compile(r"\.ff-[0-9a-f]{8}$")
@@ -64,6 +73,7 @@ class QemuTarget:
         self.qga_socket = qga_socket
         self.agent: GuestAgent | None = None
         self._prepared: list[_Overlay] = []
+        self._hooks = False
 
     async def __aenter__(self) -> QemuTarget:
         await self.connect()
@@ -153,6 +163,7 @@ class QemuTarget:
         if blocked:
             probe.unusable = f"the guest agent does not allow {', '.join(blocked)} (blocked by its configuration)"
             return probe
+        await self._probe_hooks(agent, info.allows, probe)
         if info.allows("guest-get-fsinfo"):
             try:
                 probe.details["filesystems"] = [
@@ -163,6 +174,34 @@ class QemuTarget:
             except AgentError as err:
                 probe.unusable = f"the guest agent failed in preflight: {err}"
         return probe
+
+    async def _probe_hooks(self, agent: GuestAgent, allows: Callable[[str], bool], probe: FreezeProbe) -> None:
+        """Does the guest run freezeframe's hook runner? Its config file says so. If it does,
+        clear the last report, so the one read after the thaw is this snapshot's."""
+        if not all(allows(c) for c in ("guest-file-open", "guest-file-read", "guest-file-write",
+                                       "guest-file-close")):
+            probe.events.append("the guest agent blocks guest-file-*: guest hook reports cannot be read")
+            return
+        try:
+            await agent.read_file(guest_hooks.CONFIG_PATH, max_bytes=64 * 1024)
+        except AgentCommandError:
+            return  # no hook runner configured in this guest
+        self._hooks = True
+        probe.inner_writers = True
+        probe.details["guest_hooks"] = {"config": guest_hooks.CONFIG_PATH, "report": guest_hooks.RESULT_PATH}
+        with contextlib.suppress(AgentCommandError):  # no report yet: the runner never ran
+            await agent.file_close(await agent.file_open(guest_hooks.RESULT_PATH, "w"))  # truncate
+
+    async def inner_writers(self) -> dict[str, Any] | None:
+        if not self._hooks:
+            return None
+        data = await self._agent().read_file(guest_hooks.RESULT_PATH, max_bytes=guest_hooks.MAX_BYTES)
+        if not data.strip():
+            raise AgentProtocolError(
+                "the guest hook runner left no report",
+                hint="is qemu-ga started with -F pointing at freezeframe's guest hook runner?",
+            )
+        return guest_hooks.parse_hook_result(data)
 
     async def is_frozen(self, timeout: float) -> bool:
         return await self._agent().fsfreeze_status(timeout=timeout) is FreezeState.FROZEN
