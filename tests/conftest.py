@@ -71,9 +71,10 @@ def lab(home: Home, catalog: Catalog) -> Iterator[LabFactory]:
             print(f"could not stop lab VM {name}: {err}", file=sys.stderr)
 
 
-def run_cli(home: Home, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(home: Home, *args: str, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real command line, as a user would."""
-    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root))
+    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root), **(env or {}))
     return subprocess.run([sys.executable, "-m", "freezeframe", *args], capture_output=True, text=True,
                           env=env, timeout=timeout, check=False)
 

@@ -107,3 +107,33 @@ def test_bad_timeouts_are_refused_before_anything_runs(cli_home: Home, tmp_path:
     assert done.returncode == 2
     assert "agent-timeout must be between 0 and 3600 seconds" in done.stderr
     assert json.loads(run_cli(cli_home, "snapshot", "list", "-o", "json").stdout) == []
+
+
+def test_writers_from_the_config_file_are_listed_checked_and_protected(cli_home: Home, tmp_path: Path) -> None:
+    run_cli(cli_home, "instance", "add", "db1", "--qmp", str(tmp_path / "q.sock"))
+    assert run_cli(cli_home, "writer", "add", "db1", "sqlite", "--option", "path=/srv/a.db").returncode == 0
+    config = cli_home.root / "config.toml"
+    config.write_text('[instances.db1.writers.pg]\nkind = "postgresql"\ntimeout = 12\n'
+                      'on_failure = "continue"\noptions = { port = "5433" }\n')
+    listed = json.loads(run_cli(cli_home, "writer", "list", "db1", "-o", "json").stdout)
+    assert [(w["name"], w["kind"], w["source"]) for w in listed] == [
+        ("sqlite", "sqlite", "catalog"), ("pg", "postgresql", str(config))]
+    assert listed[1]["timeout"] == 12.0
+    assert listed[1]["on_failure"] == "continue"
+
+    refused = run_cli(cli_home, "writer", "remove", "db1", "pg")
+    assert refused.returncode == 2
+    assert "declared in" in refused.stderr
+
+    config.write_text('[instances.db1.writers.pg]\nkind = "postgresql"\noptions = { password = "x" }\n')
+    bad = run_cli(cli_home, "writer", "list", "db1")
+    assert bad.returncode == 2
+    assert "passwords are never stored" in bad.stderr
+    config.write_text('[instances.db1.writers.pg]\nkind = "oracle"\n')
+    bad = run_cli(cli_home, "writer", "list", "db1")
+    assert bad.returncode == 2
+    assert "unknown writer kind 'oracle'" in bad.stderr
+    config.write_text("[instances.db1.writers.pg\n")
+    bad = run_cli(cli_home, "writer", "list", "db1")
+    assert bad.returncode == 2
+    assert "cannot read the config file" in bad.stderr

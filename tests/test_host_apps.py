@@ -127,6 +127,31 @@ def test_sqlite_on_ext4_over_xfs(home: Home, catalog: Catalog, tmp_path: Path) -
         assert must_have <= present, f"lost {len(must_have - present)} acknowledged commits"
         assert len(present) < len(load.acked), "the copy should not hold commits made after the thaw"
 
+        assert_mounts_read_only(home, snap["id"], tmp_path / "look", "app.db")
+        delete_and_check_gone(home, snap["id"], image)
+
+
+def assert_mounts_read_only(home: Home, snapshot_id: str, where: Path, expected: str) -> None:
+    """snapshot mount exposes the copy read-only; snapshot unmount takes it away."""
+    where.mkdir()
+    mounted = run_cli(home, "snapshot", "mount", snapshot_id, str(where))
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        assert (where / expected).exists()
+        with pytest.raises(OSError, match="Read-only file system"):
+            (where / "new-file").write_text("no")
+    finally:
+        unmounted = run_cli(home, "snapshot", "unmount", str(where))
+    assert unmounted.returncode == 0, unmounted.stderr
+    assert not (where / expected).exists()
+
+
+def delete_and_check_gone(home: Home, snapshot_id: str, copy: Path) -> None:
+    deleted = run_cli(home, "snapshot", "delete", snapshot_id, "-o", "json")
+    assert deleted.returncode == 0, deleted.stderr
+    assert json.loads(deleted.stdout)["state"] == "deleted"
+    assert not copy.exists()
+
 
 def check_copy_rows(present: set[int], load: Load, manifest: dict[str, Any]) -> None:
     must_have = load.acked_before(manifest["window"]["writers_freeze_started_at"])
@@ -276,3 +301,24 @@ def test_redis_on_a_btrfs_subvolume(home: Home) -> None:
             present = {int(key.decode()[1:]) for key in reader.scan_iter(count=1000)}
             reader.close()
         check_copy_rows(present, load, manifest)
+        assert_mounts_read_only(home, snap["id"], base / "look", "redis/dump.rdb")
+        delete_and_check_gone(home, snap["id"], Path(disk["path"]))
+
+
+def test_a_writer_declared_in_the_config_file_quiesces_too(home: Home, tmp_path: Path) -> None:
+    with data_fs(tmp_path) as fs:
+        db_path = fs.mountpoint / "app.db"
+        setup = sqlite3.connect(db_path)
+        setup.execute("CREATE TABLE t (n INTEGER)")
+        setup.close()
+        name = unique("host-config")
+        add_host(home, name, fs.mountpoint)
+        config = tmp_path / "freezeframe.toml"
+        config.write_text(f'[instances.{name}.writers.app]\nkind = "sqlite"\noptions = {{ path = "{db_path}" }}\n')
+        env_config = {"FREEZEFRAME_CONFIG": str(config)}
+        done = run_cli(home, "snapshot", "create", name, "--consistency", "application", "-o", "json",
+                       env=env_config)
+        assert done.returncode == 0, done.stderr
+        snap = json.loads(done.stdout)
+        assert snap["consistency"] == "application"
+        assert [(w["name"], w["status"]) for w in snap["writers"]] == [("app", "ok")]

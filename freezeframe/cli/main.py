@@ -10,8 +10,10 @@ from rich.text import Text
 
 from freezeframe.catalog import Catalog
 from freezeframe.cli.output import stderr
-from freezeframe.config import Home
-from freezeframe.errors import FreezeframeError
+from freezeframe.config import Home, config_path, load_config_writers
+from freezeframe.errors import FreezeframeError, InvalidInput
+from freezeframe.model import WriterSpec
+from freezeframe.writers import validate_options, writer_class
 
 EXIT_CODES = """\b
 Exit codes:
@@ -40,6 +42,18 @@ class App:
         if self._catalog is None:
             self._catalog = Catalog.open(self.home.catalog)
         return self._catalog
+
+    def writers(self, instance: str) -> list[WriterSpec]:
+        """The instance's writers: those added with ``writer add``, then those of the config file."""
+        added = self.catalog.writers(instance)
+        declared = load_config_writers(config_path(self.home)).get(instance, [])
+        clash = {w.name for w in added} & {w.name for w in declared}
+        if clash:
+            raise InvalidInput(f"writer {', '.join(sorted(clash))} of {instance} is both in the catalog and in "
+                               f"{config_path(self.home)}", hint="remove one of them")
+        for spec in declared:
+            validate_options(writer_class(spec.kind), spec.options)
+        return added + declared
 
     def close(self) -> None:
         if self._catalog is not None:

@@ -74,7 +74,7 @@ def create(app: App, instance: str, name: str | None, consistency: str | None, o
         on_failure=OnFailure(on_failure),
         agent_timeout=agent_timeout,
         freeze_timeout=freeze_timeout,
-        writers=app.catalog.writers(inst.name),
+        writers=app.writers(inst.name),
         include=include,
         exclude=exclude,
     )

@@ -8,6 +8,8 @@ import click
 
 from freezeframe.cli.main import App, pass_app
 from freezeframe.cli.output import emit_json, output_option, records_table, stdout
+from freezeframe.config import config_path
+from freezeframe.errors import InvalidInput
 from freezeframe.model import WriterFailure, WriterSpec
 from freezeframe.writers import KINDS, validate_options, writer_class
 
@@ -71,12 +73,15 @@ def add(app: App, instance: str, kind: str, name: str | None, options: tuple[str
 @output_option
 @pass_app
 def list_(app: App, instance: str, fmt: str) -> None:
-    """List INSTANCE's writers in the order they quiesce."""
-    records = [_spec_json(s) for s in app.catalog.writers(instance)]
+    """List INSTANCE's writers in the order they quiesce (the config file's come last)."""
+    added = {w.name for w in app.catalog.writers(instance)}
+    records = [{**_spec_json(s), "source": "catalog" if s.name in added else str(config_path(app.home))}
+               for s in app.writers(instance)]
     if fmt == "json":
         emit_json(records)
     else:
-        stdout.print(records_table(records, ["name", "kind", "options", "timeout", "retries", "on_failure"]))
+        stdout.print(records_table(records, ["name", "kind", "options", "timeout", "retries", "on_failure",
+                                             "source"]))
 
 
 @group.command("remove")
@@ -84,6 +89,8 @@ def list_(app: App, instance: str, fmt: str) -> None:
 @click.argument("name")
 @pass_app
 def remove(app: App, instance: str, name: str) -> None:
-    """Remove writer NAME from INSTANCE."""
+    """Remove writer NAME from INSTANCE (one added with writer add; edit the config file for the others)."""
+    if name not in {w.name for w in app.catalog.writers(instance)} and name in {w.name for w in app.writers(instance)}:
+        raise InvalidInput(f"writer {name} is declared in {config_path(app.home)}", hint="remove it there")
     app.catalog.remove_writer(instance, name)
     click.echo(f"removed writer {name} from {instance}")
