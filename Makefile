@@ -38,6 +38,7 @@ pytest:
 
 bench: setup
 	$(BIN)/python bench/freeze_window.py
+	$(BIN)/python bench/app_stall.py
 
 clean:
 	rm -rf $(VENV) $(FREEZEFRAME_TEST_HOME) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -8,11 +8,16 @@ vm=demo
 "$ff" lab down "$vm" >/dev/null 2>&1 || true   # left over from an interrupted demo
 trap '"$ff" lab down "$vm" >/dev/null 2>&1 || true' EXIT
 
-echo "== starting lab VM '$vm' (2 ext4 data disks, qemu-ga, a writer appending to both)"
-"$ff" lab up "$vm" --disks 2 --workload
+echo "== starting lab VM '$vm': 2 ext4 data disks, qemu-ga with freezeframe's hook runner,"
+echo "   a writer appending to both disks, and a SQLite application with its freeze hook"
+"$ff" lab up "$vm" --disks 2 --workload --app sqlite --hook sqlite
 echo
-echo "== snapshot of every disk at one instant, file systems frozen by the guest agent"
-"$ff" snapshot create "$vm" --consistency filesystem
+echo "== application-consistent snapshot: SQLite held by its hook, file systems frozen by qemu-ga,"
+echo "   every disk switched to a new overlay in one QMP transaction"
+"$ff" snapshot create "$vm" --consistency application --freeze-timeout 60
+echo
+echo "== a crash-consistent one, for comparison"
+"$ff" snapshot create "$vm" --consistency crash -o json | grep -E '"(name|consistency)"' 
 echo
 echo "== snapshots of '$vm'"
 "$ff" snapshot list --instance "$vm"

@@ -13,6 +13,7 @@ from freezeframe.cli.output import emit_json, output_option, progress, record_ta
 from freezeframe.errors import NotFound
 from freezeframe.lab import image as lab_image
 from freezeframe.lab import vm as lab_vm
+from freezeframe.lab.image import SAMPLE_HOOKS
 
 
 @click.group("lab")
@@ -42,10 +43,20 @@ def build(app: App) -> None:
 @click.option("--no-agent", is_flag=True, help="Do not run qemu-ga in the guest.")
 @click.option("--workload", is_flag=True, help="Keep appending sequence numbers to every data disk.")
 @click.option("--workload-sync", is_flag=True, help="With --workload: fdatasync after every write.")
+@click.option("--app", "application", type=click.Choice(["sqlite"]),
+              help="Run an application in the guest: sqlite commits rows to /mnt/ffdata0/app.db.")
+@click.option("--hook", "hooks", multiple=True, type=click.Choice(sorted(SAMPLE_HOOKS)),
+              help="Install a sample freeze hook, run by freezeframe's guest hook runner (repeatable, in order): "
+                   "sqlite holds the app's write lock; ok, fail, hang and badowner show the failure policies.")
+@click.option("--hook-policy", type=click.Choice(["fail", "continue"]), default="fail", show_default=True,
+              help="What a failing hook does: fail the freeze, or continue and report it.")
+@click.option("--hook-timeout", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
+              help="Seconds each hook may take before its process group is killed.")
 @click.option("--template", help="Template the new instance inherits from.")
 @output_option
 @pass_app
 def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool, workload_sync: bool,
+       application: str | None, hooks: tuple[str, ...], hook_policy: str, hook_timeout: float,
        template: str | None, fmt: str) -> None:
     """Start lab VM NAME and register it as instance NAME."""
     # Check names before the slow part, so a clash is reported at once.
@@ -60,7 +71,8 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
     with progress(f"lab VM {name}") as say:
         say("booting")
         vm = lab_vm.up(app.home.lab, app.home.images, name, disks=disks, fs=fs, agent=not no_agent,
-                       workload=workload, workload_sync=workload_sync)
+                       workload=workload, workload_sync=workload_sync, app=application, hooks=hooks,
+                       hook_policy=hook_policy, hook_timeout=hook_timeout)
     try:
         app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
                                  qga_socket=vm.qga_socket if vm.agent else None, template=template, lab=True)

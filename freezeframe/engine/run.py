@@ -286,7 +286,7 @@ class _Run:
             if self.ladder.level is Level.APPLICATION and not self.plan.writers and not inner_expected:
                 self.ladder.step_down(Level.FILESYSTEM, NO_WRITER)
 
-        if self.ladder.level is Level.APPLICATION:
+        if self.ladder.level is Level.APPLICATION and self.plan.writers:
             self.say("writers prepare")
             with self.clock.phase("writers_prepare"):
                 await self.quiesce.prepare()
@@ -340,10 +340,11 @@ class _Run:
         # way out of this block goes through a thaw.
         held = False
         try:
-            self.say("writers freeze")
             self.manifest["window"]["writers_freeze_started_at"] = utc_now()
-            with self.clock.phase("writers_freeze"):
-                await self.quiesce.freeze()
+            if self.plan.writers:
+                self.say("writers freeze")
+                with self.clock.phase("writers_freeze"):
+                    await self.quiesce.freeze()
             if self.ladder.level >= Level.FILESYSTEM:
                 self.say("freeze")
                 held = True
@@ -367,9 +368,10 @@ class _Run:
                     self.say("thaw")
                     thawed = await self._thaw_and_confirm(target)
             finally:
-                self.say("writers thaw")
-                with self.clock.phase("writers_thaw"):
-                    await self.quiesce.thaw()
+                if self.plan.writers:
+                    self.say("writers thaw")
+                    with self.clock.phase("writers_thaw"):
+                        await self.quiesce.thaw()
         if frozen > 0 and thawed == 0:
             # Someone thawed the file systems while we held the freeze: the snapshot may
             # have caught them mid-write.
