@@ -24,7 +24,7 @@ from pathlib import Path
 from freezeframe.errors import LabError
 
 #: Bump when the image layout or /init changes, so cached images are rebuilt.
-IMAGE_FORMAT = 5
+IMAGE_FORMAT = 6
 
 #: Modules the guest needs; their dependencies are added from modules.dep.
 #: crc32c_generic comes first: ext4 (metadata_csum) and xfs ask the crypto API for
@@ -36,11 +36,12 @@ WANTED_MODULES = (
     "virtio_console",
     "ext4",
     "xfs",
+    "dm_snapshot",  # LVM snapshots, tested in the guest since some hosts have no device-mapper
 )
 
 GUEST_AGENT = Path("/usr/sbin/qemu-ga")
 BUSYBOX = Path("/bin/busybox")
-HOST_BINARIES = (GUEST_AGENT, BUSYBOX, Path("/usr/bin/python3.11"))
+HOST_BINARIES = (GUEST_AGENT, BUSYBOX, Path("/usr/bin/python3.11"), Path("/sbin/lvm"), Path("/sbin/mke2fs"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,7 @@ class GuestImage:
 INIT_SCRIPT = r"""#!/bin/busybox sh
 # freezeframe lab guest init. Everything here runs as PID 1; see freezeframe/lab/image.py.
 /bin/busybox --install -s /bin
-export PATH=/bin:/usr/bin:/usr/sbin:/usr/local/bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin:/usr/local/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -204,11 +205,12 @@ def shared_libraries(binary: Path) -> list[Path]:
 
 def _image_key(kernel: Path) -> str:
     digest = hashlib.sha256()
-    digest.update(f"{IMAGE_FORMAT}\n{INIT_SCRIPT}".encode())
+    # Everything that goes into the image: a change to any of it makes a new one.
+    digest.update(f"{IMAGE_FORMAT}\n{INIT_SCRIPT}\n{_LIST_MODULES}\n{SAMPLE_HOOKS!r}\n{WANTED_MODULES!r}".encode())
     digest.update(resources.files("freezeframe.lab").joinpath("workload.c").read_bytes())
     for program in ("hook.py", "sqlite_hold.py", "sqlite_app.py"):
         digest.update(resources.files("freezeframe.guest").joinpath(program).read_bytes())
-    for path in (kernel, *HOST_BINARIES):
+    for path in (kernel, *HOST_BINARIES, *GUEST_TOOLS):
         st = path.stat()
         digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -264,6 +266,10 @@ def _write_initrd(dest: Path, modules_dir: Path, work: Path) -> None:
         # Keep the path the binary asks for (/lib64/ld-linux..., /lib/x86_64-linux-gnu/...).
         _add_file(archive, seen, lib, 0o755)
     _guest_python(archive, seen)
+    for tool in GUEST_TOOLS:
+        for lib in shared_libraries(tool):
+            _add_file(archive, seen, lib, 0o755)
+        _add_file(archive, seen, tool, 0o755)
     order = []
     for module in module_order(modules_dir, WANTED_MODULES):
         name = _module_name(module.name)
@@ -283,6 +289,8 @@ _LIST_MODULES = r"""
 import json, sys, importlib.util
 sys.path.insert(0, sys.argv[1])
 import hook, sqlite_hold, sqlite_app
+# What freezeframe's host target needs, so its LVM provider can be tried in a guest.
+import asyncio, asyncio.subprocess, dataclasses, enum, fcntl, errno, contextlib, typing, uuid, pathlib, collections.abc
 import encodings.utf_8, encodings.latin_1, encodings.ascii, encodings.aliases
 files = set()
 for module in list(sys.modules.values()):
@@ -298,6 +306,8 @@ print(json.dumps(sorted(files)))
 GUEST_PYTHON = Path("/usr/bin/python3.11")
 GUEST_STDLIB = "/usr/lib/python3.11"
 GUEST_PROGRAMS = ("hook.py", "sqlite_hold.py", "sqlite_app.py")
+#: Storage tools in the guest: LVM (lvm pvcreate, lvcreate, ...) and mke2fs to format its volumes.
+GUEST_TOOLS = (Path("/sbin/lvm"), Path("/sbin/mke2fs"))
 
 #: Sample hooks the lab can install (ff.hooks=ok,fail,...): names and /bin/sh bodies.
 SAMPLE_HOOKS = {

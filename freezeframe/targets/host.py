@@ -12,6 +12,9 @@ Providers, chosen per mount point:
 ``btrfs``    a btrfs subvolume: ``btrfs subvolume snapshot -r``, which is itself a
              consistent point of the file system. btrfs is *not* frozen first: the
              snapshot commits a transaction, which would block on a frozen file system.
+``lvm``      a logical volume: ``lvcreate --snapshot`` (copy-on-write). Not frozen first
+             either: device-mapper freezes the file system itself while it suspends the
+             volume, and would fail (EBUSY) on one we had frozen. The copy is a block device.
 
 Safety: a mount is refused if it is ``/`` or holds a protected path (the catalog, the
 project), since freezing that would hang this very process; and a loop image whose backing
@@ -25,6 +28,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import stat
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,9 +65,14 @@ def mount_table() -> list[MountInfo]:
         fields = left.split()
         major, minor = (int(n) for n in fields[2].split(":"))
         fstype, source = right.split()[:2]
-        mountpoint = fields[4].encode().decode("unicode_escape")  # \040 for spaces
+        mountpoint = _unescape(fields[4])
         table.append(MountInfo(mountpoint, fstype, source, os.makedev(major, minor)))
     return table
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as \\ooo octal; the rest is as is."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def mount_of(path: str, table: list[MountInfo]) -> MountInfo | None:
@@ -77,12 +87,21 @@ def fs_type_of(path: Path, table: list[MountInfo]) -> str:
     return types[-1] if types else "unknown"
 
 
+@dataclass(frozen=True, slots=True)
+class LogicalVolume:
+    vg: str
+    lv: str
+    size: int
+
+
 @dataclass(slots=True)
 class _Plan:
     mount: MountInfo
     provider: str
     backing: str | None = None  # reflink: the image file behind the loop device
+    volume: LogicalVolume | None = None  # lvm
     dest: str | None = None
+    cow_size: int = 0
 
 
 class HostTarget:
@@ -123,6 +142,11 @@ class HostTarget:
             if os.stat(mountpoint).st_ino != SUBVOLUME_ROOT_INODE:
                 raise InvalidInput(f"{mountpoint} is btrfs but not the root of a subvolume")
             return _Plan(mount, "btrfs")
+        dm = Path(f"/sys/dev/block/{os.major(mount.device)}:{os.minor(mount.device)}/dm")
+        if dm.exists():  # a device-mapper device, whatever path it was mounted by
+            volume = logical_volume(mount.source)
+            if volume is not None:
+                return _Plan(mount, "lvm", volume=volume)
         loop = Path(mount.source).name
         backing_file = Path(f"/sys/block/{loop}/loop/backing_file")
         if mount.source.startswith("/dev/loop") and backing_file.exists():
@@ -135,8 +159,8 @@ class HostTarget:
             reason = f"{mount.fstype} on {mount.source}"
         raise InvalidInput(
             f"no constant-time snapshot provider for {mountpoint} ({reason})",
-            hint="supported: btrfs subvolumes, and file systems on loop-mounted images kept on XFS or btrfs "
-                 "(reflinks); a byte-by-byte copy inside the freeze window is never made",
+            hint="supported: btrfs subvolumes, LVM logical volumes, and file systems on loop-mounted images "
+                 "kept on XFS or btrfs (reflinks); a byte-by-byte copy inside the freeze window is never made",
         )
 
     async def close(self) -> None:
@@ -170,6 +194,10 @@ class HostTarget:
                 assert plan.backing is not None
                 backing = Path(plan.backing)
                 plan.dest = str(backing.with_name(f"{backing.stem}.ff-{tag}{backing.suffix or '.img'}"))
+            elif plan.provider == "lvm":
+                assert plan.volume is not None
+                plan.cow_size = await _cow_size(plan.volume)
+                plan.dest = f"/dev/{plan.volume.vg}/ff-{tag}"
             else:
                 directory = Path(plan.mount.mountpoint) / ".freezeframe-snapshots"
                 directory.mkdir(exist_ok=True)
@@ -181,7 +209,7 @@ class HostTarget:
         """Freeze the reflink mounts. Returns how many file systems are now held consistent
         for the snapshot: those frozen, and btrfs subvolumes, which their own snapshot makes
         consistent (so they are counted without being frozen)."""
-        self._held_btrfs = sum(p.provider == "btrfs" for p in self._plans)
+        self._held_btrfs = sum(p.provider in ("btrfs", "lvm") for p in self._plans)
         for plan in self._plans:
             if plan.provider != "reflink":
                 continue
@@ -220,6 +248,13 @@ class HostTarget:
                 st = os.stat(plan.dest)
                 disks.append(SnapshotDisk(device=plan.mount.mountpoint, node="reflink", image=plan.dest,
                                           virtual_size=st.st_size, allocated_size=st.st_blocks * 512))
+            elif plan.provider == "lvm":
+                assert plan.volume is not None
+                await _run(["lvm", "lvcreate", "--snapshot", "--name", Path(plan.dest).name,
+                            "--size", f"{plan.cow_size}b", f"{plan.volume.vg}/{plan.volume.lv}"],
+                           f"snapshot {plan.volume.vg}/{plan.volume.lv}")
+                disks.append(SnapshotDisk(device=plan.mount.mountpoint, node="lvm", image=plan.dest,
+                                          virtual_size=plan.volume.size, allocated_size=plan.cow_size))
             else:
                 await _run(["btrfs", "subvolume", "snapshot", "-r", plan.mount.mountpoint, plan.dest],
                            f"snapshot {plan.mount.mountpoint}")
@@ -234,12 +269,49 @@ class HostTarget:
 
     async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
         for disk in disks:
-            if disk.image:
+            if disk.node == "lvm" and disk.image:
+                if os.path.exists(disk.image):
+                    volume = Path(disk.image)
+                    await _run(["lvm", "lvremove", "-f", f"{volume.parent.name}/{volume.name}"],
+                               f"remove {disk.image}")
+            elif disk.image:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(disk.image)
             elif disk.path and os.path.exists(disk.path):
                 await _run(["btrfs", "subvolume", "delete", disk.path], f"delete {disk.path}")
         return []
+
+
+def logical_volume(device: str) -> LogicalVolume | None:
+    """The LVM logical volume behind ``device``, or None if it is not one (or LVM is absent)."""
+    try:
+        done = subprocess.run(["lvm", "lvs", "--noheadings", "--separator", ",", "--units", "b", "--nosuffix",
+                               "-o", "vg_name,lv_name,lv_size", device], capture_output=True, text=True,
+                              check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = done.stdout.strip().split(",")
+    if done.returncode != 0 or len(fields) != 3:
+        return None
+    return LogicalVolume(fields[0].strip(), fields[1].strip(), int(fields[2]))
+
+
+async def _cow_size(volume: LogicalVolume) -> int:
+    """Room for the copy-on-write of a snapshot: a fifth of the volume (at least 32 MiB),
+    which must be free in its volume group."""
+    wanted = max(volume.size // 5, 32 << 20) // (1 << 20) * (1 << 20)
+    process = await asyncio.create_subprocess_exec(
+        "lvm", "vgs", "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_free", volume.vg,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, _ = await process.communicate()
+    free = int(out.decode().strip() or 0) if process.returncode == 0 else 0
+    if free < wanted:
+        raise InvalidInput(
+            f"volume group {volume.vg} has {free >> 20} MiB free; a snapshot of {volume.vg}/{volume.lv} "
+            f"needs {wanted >> 20} MiB for its changes",
+            hint=f"extend {volume.vg} (vgextend) or free some space",
+        )
+    return wanted
 
 
 def _ioctl_dir(path: str, request: int) -> bool:
@@ -316,7 +388,8 @@ def mount_copies(disks: Sequence[SnapshotDisk], directory: Path) -> list[tuple[s
                 fstype = subprocess.run(["blkid", "-o", "value", "-s", "TYPE", disk.image], capture_output=True,
                                         text=True, check=False).stdout.strip()
                 # A copy of XFS has its original's UUID, which XFS refuses twice unless told.
-                options = "ro,loop" + (",nouuid" if fstype == "xfs" else "")
+                device = stat.S_ISBLK(os.stat(disk.image).st_mode)
+                options = ("ro" if device else "ro,loop") + (",nouuid" if fstype == "xfs" else "")
                 _mount(["mount", "-o", options, disk.image, str(where)])
             elif disk.path:
                 _mount(["mount", "--bind", disk.path, str(where)])
