@@ -216,3 +216,46 @@ def test_credentials_come_only_from_the_environment_or_owner_only_files(home: Ho
         for text in (done.stdout, done.stderr, manifest, listing, (home.root / "catalog.sqlite").read_bytes().decode(
                 errors="replace")):
             assert "s3cret-value" not in text
+
+
+def test_retries_give_a_flaky_writer_another_attempt(home: Home, tmp_path: Path) -> None:
+    with data_fs(tmp_path) as fs:
+        marker = tmp_path / "tried-once"
+        name = unique("retry")
+        add_host(home, name, fs.mountpoint)
+        add_writer(home, name, "script",
+                   f"pre_freeze=sh -c 'if [ -e {marker} ]; then exit 0; fi; touch {marker}; exit 1'",
+                   extra=("--retries", "1"))
+        snap, done = create(home, name)
+        assert done.returncode == 0, done.stderr
+        assert snap["consistency"] == "application"
+        manifest = json.loads(run_cli(home, "snapshot", "manifest", snap["id"]).stdout)
+        assert manifest["writers"][0]["attempts"]["freeze"] == 2
+
+
+def test_file_systems_that_cannot_be_copied_in_constant_time_are_refused(home: Home, tmp_path: Path) -> None:
+    # An ext4 image kept on ext4: no reflinks, so no constant-time copy; nothing is frozen.
+    image = tmp_path / "plain.img"
+    mnt = tmp_path / "plain"
+    mnt.mkdir()
+    with open(image, "wb") as handle:
+        handle.truncate(64 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    try:
+        name = unique("plain")
+        add_host(home, name, mnt)
+        snap, done = create(home, name, "--consistency", "filesystem")
+        assert done.returncode == 7
+        assert "no constant-time snapshot provider" in done.stderr
+        assert "cannot clone files" in done.stderr
+        assert snap["state"] == "failed"
+        assert_writable(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+    root = unique("root")
+    add_host(home, root, Path("/"))
+    snap, done = create(home, root, "--consistency", "filesystem")
+    assert done.returncode == 7
+    assert "refusing to snapshot /" in done.stderr
