@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 # Tests keep their state (catalog, lab VMs, image cache) here, never in the user's home.
 export FREEZEFRAME_TEST_HOME ?= $(CURDIR)/.test-home
 
-.PHONY: setup system demo test lint typecheck pytest bench clean
+.PHONY: setup system demo test lint typecheck pytest bench fuzz clean
 
 setup: system $(STAMP)
 
@@ -28,7 +28,7 @@ test: setup
 	$(MAKE) --no-print-directory lint typecheck pytest
 
 lint:
-	$(BIN)/ruff check freezeframe tests bench
+	$(BIN)/ruff check freezeframe tests bench fuzz
 
 typecheck:
 	$(BIN)/mypy
@@ -39,6 +39,10 @@ pytest:
 bench: setup
 	$(BIN)/python bench/freeze_window.py
 	$(BIN)/python bench/app_stall.py
+
+fuzz: setup
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[fuzz]'
+	$(BIN)/python fuzz/fuzz_guest_input.py -max_total_time=60
 
 clean:
 	rm -rf $(VENV) $(FREEZEFRAME_TEST_HOME) .mypy_cache .ruff_cache .pytest_cache .hypothesis

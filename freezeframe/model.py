@@ -83,9 +83,13 @@ class Policy:
     freeze_timeout: float = 10.0
     #: Any other guest-agent command, thaw included.
     command_timeout: float = 10.0
+    #: The longest the instance may stay frozen (VSS holds writes for 10 s at most). When it
+    #: runs out the instance is thawed at once, and a snapshot that completes later does not
+    #: count as filesystem-consistent.
+    freeze_budget: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("agent_timeout", "freeze_timeout", "command_timeout"):
+        for name in ("agent_timeout", "freeze_timeout", "command_timeout", "freeze_budget"):
             value = getattr(self, name)
             if not 0 < value <= 3600:
                 raise InvalidInput(f"{name.replace('_', '-')} must be between 0 and 3600 seconds, not {value}")

@@ -66,6 +66,7 @@ class DataFs:
 @contextlib.contextmanager
 def data_fs(base: Path, *, inner: str = "ext4", outer: str = "xfs", size_mib: int = 512) -> Iterator[DataFs]:
     outer_img = base / f"outer-{outer}.img"
+    base.mkdir(parents=True, exist_ok=True)
     outer_mnt = base / "outer"
     inner_mnt = base / "data"
     outer_mnt.mkdir(exist_ok=True)

@@ -95,6 +95,9 @@ class GuestAgent:
         self._buffer = bytearray()
         self._serial = 0
         self._tag = secrets.token_hex(4)
+        # One command at a time on the channel: a thaw from a watchdog waits for the call
+        # in flight instead of interleaving with it.
+        self._lock = asyncio.Lock()
 
     async def __aenter__(self) -> GuestAgent:
         await self.connect()
@@ -219,6 +222,10 @@ class GuestAgent:
         Raises AgentCommandError when the agent answers with an error, AgentTimeout when
         no reply comes within ``timeout``; either way the connection is then reset.
         """
+        async with self._lock:
+            return await self._execute(command, arguments, timeout)
+
+    async def _execute(self, command: str, arguments: dict[str, Any] | None, timeout: float | None) -> Any:
         limit = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit

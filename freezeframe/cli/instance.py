@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from freezeframe.cli.output import (
     stdout,
     template_json,
 )
+from freezeframe.engine.check import check_instance
 
 _APP_CONSISTENT = "--application-consistent-snapshot-enabled/--no-application-consistent-snapshot-enabled"
 _APP_HELP = ("Ask for application-consistent snapshots by default (else crash). "
@@ -128,6 +131,26 @@ def instance_update(app: App, name: str, qmp: str | None, qga: str | None, templ
     if not changes:
         raise click.UsageError("nothing to change: give at least one option (see --help)")
     _show(instance_json(app.catalog.update_instance(name, **changes)), fmt)
+
+
+@instance_group.command("check")
+@click.argument("name")
+@click.option("--agent-timeout", type=float, default=3.0, show_default=True,
+              help="Seconds the guest agent gets to answer.")
+@output_option
+@pass_app
+def instance_check(app: App, name: str, agent_timeout: float, fmt: str) -> None:
+    """Check, without freezing anything, what a snapshot of NAME could achieve now: QMP,
+    the guest agent and what it allows, the freeze state, file systems, hooks and writers."""
+    report = asyncio.run(check_instance(app.catalog.instance(name), app.writers(name), agent_timeout=agent_timeout))
+    if fmt == "json":
+        emit_json(report.as_json())
+    else:
+        stdout.print(records_table([asdict(f) for f in report.findings], ["check", "status", "detail"]))
+        verdict = report.verdict.value if report.verdict else "none: no snapshot can be taken"
+        click.echo(f"verdict: a snapshot of {name} can be {verdict}")
+    if report.verdict is None:
+        raise click.exceptions.Exit(6)
 
 
 @instance_group.command("remove")

@@ -95,7 +95,10 @@ _register()
 
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        # Without standalone mode, click returns (not raises) the code of an Exit.
+        code = cli.main(standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except FreezeframeError as err:
         # Text, not markup: messages quote guest data and paths, which may hold brackets.
         stderr.print(Text.assemble(("error: ", "bold red"), err.message), highlight=False)

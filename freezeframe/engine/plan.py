@@ -36,6 +36,7 @@ def plan_snapshot(
     on_failure: OnFailure = OnFailure.FALLBACK,
     agent_timeout: float | None = None,
     freeze_timeout: float | None = None,
+    freeze_budget: float | None = None,
     writers: Sequence[WriterSpec] = (),
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -69,6 +70,8 @@ def plan_snapshot(
         timeouts["agent_timeout"] = agent_timeout
     if freeze_timeout is not None:
         timeouts["freeze_timeout"] = freeze_timeout
+    if freeze_budget is not None:
+        timeouts["freeze_budget"] = freeze_budget
     return SnapshotPlan(
         snapshot_id=snapshot_id or str(uuid.uuid4()),
         name=name,

@@ -21,9 +21,11 @@ The order, so that nothing slow happens while anything is held::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from freezeframe.catalog.store import Catalog, utc_now
+from freezeframe.engine.guard import Arming, Guard, start_time
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.quiesce import Quiesce, WritersFailed
 from freezeframe.errors import (
@@ -53,6 +56,10 @@ Progress = Callable[[str], None]
 TargetFactory = Callable[[Instance], Target]
 
 MANIFEST_FORMAT = "freezeframe-manifest/1"
+#: The guard acts this long after the freeze budget, if the run has not thawed by then.
+GUARD_GRACE = 10.0
+#: How long a thaw keeps trying to confirm (a freeze that timed out may still complete).
+THAW_PATIENCE = 60.0
 NO_WRITER = ("application level needs every selected writer to report itself quiesced, "
              "and no writer is configured (or selected) for this instance")
 
@@ -156,8 +163,9 @@ async def take_snapshot(
         requested_level=plan.level,
     )
     with instance_lock(lock_dir, plan.instance.name):
+        _close_stale_records(catalog, plan.instance.name)  # before this run's own record exists
         catalog.save_snapshot(snap)
-        run = _Run(plan, snap, say, factory)
+        run = _Run(plan, snap, say, factory, catalog.path)
         try:
             await run.execute()
         except (_StepDownRefused, WritersFailed) as refused:
@@ -178,6 +186,29 @@ async def take_snapshot(
         return snap
 
 
+def _close_stale_records(catalog: Catalog, instance: str) -> None:
+    """Holding the instance lock, any record still 'creating' is from a run that died."""
+    for stale in catalog.snapshots(instance=instance):
+        if stale.state is SnapshotState.CREATING:
+            stale.state = SnapshotState.FAILED
+            stale.error = stale.error or "interrupted: the run that took it ended without recording an outcome"
+            catalog.save_snapshot(stale)
+
+
+async def fault(point: str) -> None:
+    """Fault injection for the tests: ``FREEZEFRAME_FAULT=after-freeze`` kills this process
+    (SIGKILL, no clean-up) when the run reaches that point; ``slow-snapshot:SECONDS`` at
+    ``before-snapshot`` stalls it the way a stuck QMP call would (awaiting, so the rest of
+    the run, its budget watchdog included, goes on). Nothing happens without the variable."""
+    wanted = os.environ.get("FREEZEFRAME_FAULT")
+    if not wanted:
+        return
+    if wanted == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point == "before-snapshot" and wanted.startswith("slow-snapshot:"):
+        await asyncio.sleep(float(wanted.split(":", 1)[1]))
+
+
 def _fail(catalog: Catalog, run: _Run, message: str, cause: Exception | None = None) -> NoReturn:
     snap = run.snap
     snap.state = SnapshotState.FAILED
@@ -195,7 +226,8 @@ def _fail(catalog: Catalog, run: _Run, message: str, cause: Exception | None = N
 class _Run:
     """The state of one snapshot attempt, so that every exit path can record what happened."""
 
-    def __init__(self, plan: SnapshotPlan, snap: Snapshot, say: Progress, target_factory: TargetFactory) -> None:
+    def __init__(self, plan: SnapshotPlan, snap: Snapshot, say: Progress, target_factory: TargetFactory,
+                 catalog_path: Path) -> None:
         self.plan = plan
         self.snap = snap
         self.say = say
@@ -207,6 +239,9 @@ class _Run:
             lambda reason: self.ladder.step_down(Level.FILESYSTEM, reason),
         )
         self.clock = _Clock()
+        self.catalog_path = catalog_path
+        self.guard: Guard | None = None
+        self.budget_cut: str | None = None
         self.inner_writers: list[dict[str, Any]] = []
         self.inner_problem: str | None = None
         self._window_start = 0
@@ -339,17 +374,24 @@ class _Run:
         # Set from the first freeze call until the thaw has run: while it is set, every
         # way out of this block goes through a thaw.
         held = False
+        freezing = self.ladder.level >= Level.FILESYSTEM
+        if freezing or self.plan.writers:
+            await self._arm_guard()
+        watchdog: asyncio.Task[None] | None = None
         try:
             self.manifest["window"]["writers_freeze_started_at"] = utc_now()
             if self.plan.writers:
                 self.say("writers freeze")
                 with self.clock.phase("writers_freeze"):
                     await self.quiesce.freeze()
+                await fault("after-writers-freeze")
             if self.ladder.level >= Level.FILESYSTEM:
                 self.say("freeze")
                 held = True
+                watchdog = asyncio.create_task(self._budget_watchdog(target))
                 with self.clock.phase("freeze"):
                     frozen = await self._freeze(target)
+                await fault("after-freeze")
                 if self.ladder.level < Level.FILESYSTEM:
                     # The freeze failed and the policy falls back: release the file systems
                     # before taking the crash-consistent snapshot, not after.
@@ -357,22 +399,33 @@ class _Run:
                     thawed = await self._thaw_and_confirm(target)
             self.say("snapshot")
             self.manifest["window"]["snapshot_started_at"] = utc_now()
+            await fault("before-snapshot")
             with self.clock.phase("snapshot"):
                 disks = await target.snapshot()
             # From here the copies exist: whatever happens next, the record keeps them,
             # so they can be found and removed.
             self.snap.disks = disks
+            await fault("after-snapshot")
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+            released = not held
             try:
                 if held:
                     self.say("thaw")
                     thawed = await self._thaw_and_confirm(target)
+                    released = True
             finally:
                 if self.plan.writers:
                     self.say("writers thaw")
                     with self.clock.phase("writers_thaw"):
                         await self.quiesce.thaw()
-        if frozen > 0 and thawed == 0:
+                self._disarm_guard(confirmed=released)
+        if self.budget_cut is not None:
+            self.ladder.step_down(Level.CRASH, self.budget_cut)
+        elif frozen > 0 and thawed == 0:
             # Someone thawed the file systems while we held the freeze: the snapshot may
             # have caught them mid-write.
             self.ladder.step_down(
@@ -381,12 +434,47 @@ class _Run:
                 f"({frozen} frozen, the thaw found none frozen)",
             )
 
+    async def _arm_guard(self) -> None:
+        instance = self.plan.instance
+        arming = Arming(
+            snapshot_id=self.snap.id, catalog=str(self.catalog_path), owner_pid=os.getpid(),
+            owner_start=start_time(os.getpid()), deadline_s=self.policy.freeze_budget + GUARD_GRACE,
+            kind=instance.kind, qga_socket=instance.qga_socket, mounts=instance.mounts,
+        )
+        self.guard = await asyncio.to_thread(Guard.arm, arming)
+        self.event(f"guard armed: it thaws the instance if this process dies, or after "
+                   f"{arming.deadline_s:g}s")
+
+    def _disarm_guard(self, *, confirmed: bool) -> None:
+        guard, self.guard = self.guard, None
+        if guard is None:
+            return
+        if confirmed:
+            guard.disarm()
+        else:
+            # Not confirmed thawed: hand the instance to the guard, which thaws it now.
+            guard.release()
+            self.event("the thaw was not confirmed: the guard took over")
+
+    async def _budget_watchdog(self, target: Target) -> None:
+        """Thaw when the freeze budget runs out, whatever the run is stuck on."""
+        await asyncio.sleep(self.policy.freeze_budget)
+        self.budget_cut = (f"the freeze was cut at its budget of {self.policy.freeze_budget:g}s "
+                           "before the snapshot completed")
+        self.event(f"freeze budget of {self.policy.freeze_budget:g}s ran out: thawing now")
+        try:
+            await target.thaw(self.policy.command_timeout)
+        except (AgentError, HypervisorError) as err:
+            self.event(f"the budget thaw failed: {err}")
+
     async def _freeze(self, target: Target) -> int:
         self.manifest["window"]["freeze_started_at"] = utc_now()
         self._window_start = self.clock.now()
         try:
             frozen = await target.freeze(self.policy.freeze_timeout)
         except (AgentError, HypervisorError) as err:
+            # A freeze that timed out may still complete in the guest later (a slow hook):
+            # the thaw that follows waits for it (see _thaw_and_confirm).
             self.ladder.step_down(Level.CRASH, f"freezing the file systems failed: {err}")
             return 0
         self.manifest["frozen_filesystems"] = frozen
@@ -395,30 +483,39 @@ class _Run:
         return frozen
 
     async def _thaw_and_confirm(self, target: Target) -> int:
-        """Thaw, then confirm; two tries. Ends the freeze window at the first successful
-        thaw. Raises only if the file systems cannot be confirmed thawed."""
+        """Thaw, then confirm; again and again until confirmed or ``THAW_PATIENCE`` runs
+        out, so that a freeze still running in the guest (it timed out here) is thawed
+        once it completes. Ends the freeze window at the first successful thaw. Raises only
+        if the file systems cannot be confirmed thawed."""
         timeout = self.policy.command_timeout
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + max(THAW_PATIENCE, self.policy.freeze_timeout + 2 * timeout)
         last: Exception | None = None
+        attempt = 0
+        total = 0
         with self.clock.phase("thaw"):
-            for attempt in (1, 2):
+            while attempt == 0 or loop.time() < give_up:
+                attempt += 1
                 try:
                     thawed = await target.thaw(timeout)
-                    self.manifest["window"]["thawed_at"] = utc_now()
+                    total += thawed
+                    self.manifest["window"].setdefault("thawed_at", utc_now())
                     if self.freeze_window_ms is None:
                         self.freeze_window_ms = round((self.clock.now() - self._window_start) / 1e6, 3)
                     still_frozen = await target.is_frozen(timeout)
                 except (AgentError, HypervisorError) as err:
                     last = err
                     self.event(f"thaw attempt {attempt} failed: {err}")
+                    await asyncio.sleep(0.5)
                     continue
-                self.manifest["thawed_filesystems"] = thawed
+                self.manifest["thawed_filesystems"] = total
                 if not still_frozen:
-                    return thawed
+                    return total
                 last = None
                 self.event(f"thaw attempt {attempt}: still frozen")
         raise HypervisorError(
             "the file systems could not be confirmed thawed" + (f": {last}" if last else ""),
-            hint="check the instance now; the next freezeframe snapshot create thaws it first",
+            hint="the freeze guard keeps trying; check the instance now",
         )
 
     async def _undo(self, target: Target) -> None:

@@ -314,6 +314,9 @@ SAMPLE_HOOKS = {
     "ok": "#!/bin/sh\necho \"$1: nothing to do\"\n",
     "fail": "#!/bin/sh\nif [ \"$1\" = freeze ]; then echo 'refusing to quiesce' >&2; exit 3; fi\n",
     "hang": "#!/bin/sh\nif [ \"$1\" = freeze ]; then sleep 600; fi\n",
+    "slow": "#!/bin/sh\nif [ \"$1\" = freeze ]; then sleep 6; fi\necho \"$1: done\"\n",
+    # Kills qemu-ga a second after the freeze, as a crash would; the lab's init restarts it.
+    "killagent": "#!/bin/sh\nif [ \"$1\" = freeze ]; then (sleep 1; killall qemu-ga) </dev/null >/dev/null 2>&1 & fi\n",
     "badowner": "#!/bin/sh\necho \"$1: should never run\"\n",
     "sqlite": "#!/bin/sh\nexec /usr/bin/python3 /usr/local/lib/freezeframe/sqlite_hold.py \"$@\"\n",
 }

@@ -115,7 +115,7 @@ class HostTarget:
         self._held_btrfs = 0
 
     async def connect(self) -> None:
-        self._plans = [self._plan(m) for m in self.mounts]
+        self._plans = [self.plan_for(m) for m in self.mounts]
         backing_devices = {Path(p.backing).stat().st_dev: p.backing for p in self._plans if p.backing}
         for plan in self._plans:
             if plan.mount.device in backing_devices:
@@ -125,7 +125,7 @@ class HostTarget:
                     hint="choose the inner file system only",
                 )
 
-    def _plan(self, mountpoint: str) -> _Plan:
+    def plan_for(self, mountpoint: str) -> _Plan:
         table = mount_table()
         mount = mount_of(mountpoint, table)
         if mount is None:
@@ -171,7 +171,7 @@ class HostTarget:
     async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
         probe = FreezeProbe()
         for plan in self._plans:
-            if plan.provider == "reflink" and await asyncio.to_thread(_ioctl_dir, plan.mount.mountpoint, FITHAW):
+            if plan.provider == "reflink" and await asyncio.to_thread(fs_ioctl, plan.mount.mountpoint, FITHAW):
                 probe.events.append(f"{plan.mount.mountpoint} was found frozen before the snapshot "
                                     "(a previous run died?); thawed it")
         probe.details["filesystems"] = [
@@ -214,7 +214,7 @@ class HostTarget:
             if plan.provider != "reflink":
                 continue
             try:
-                await asyncio.wait_for(asyncio.to_thread(_ioctl_dir, plan.mount.mountpoint, FIFREEZE), timeout)
+                await asyncio.wait_for(asyncio.to_thread(fs_ioctl, plan.mount.mountpoint, FIFREEZE), timeout)
             except (OSError, TimeoutError) as err:
                 raise HypervisorError(f"cannot freeze {plan.mount.mountpoint}: {err}") from err
             self._frozen.append(plan.mount.mountpoint)
@@ -225,7 +225,7 @@ class HostTarget:
         errors = []
         for mountpoint in reversed(list(self._frozen)):
             try:
-                if await asyncio.wait_for(asyncio.to_thread(_ioctl_dir, mountpoint, FITHAW), timeout):
+                if await asyncio.wait_for(asyncio.to_thread(fs_ioctl, mountpoint, FITHAW), timeout):
                     thawed += 1
                 self._frozen.remove(mountpoint)
             except (OSError, TimeoutError) as err:
@@ -314,7 +314,7 @@ async def _cow_size(volume: LogicalVolume) -> int:
     return wanted
 
 
-def _ioctl_dir(path: str, request: int) -> bool:
+def fs_ioctl(path: str, request: int) -> bool:
     """Run a freeze or thaw ioctl on a mount point. Returns False when the file system was
     already in the asked state (EBUSY for freeze, EINVAL for thaw)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -74,6 +74,11 @@ class Writer(abc.ABC):
     async def prepare(self) -> None:  # noqa: B027 - optional: not every application has slow work
         """Slow work while the application still runs. Optional."""
 
+    async def check(self) -> str:
+        """Is the application reachable? Returns what was found; changes nothing. Raises
+        WriterError when it is not reachable."""
+        return "nothing to check"
+
     @abc.abstractmethod
     async def freeze(self) -> None: ...
 

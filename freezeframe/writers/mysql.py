@@ -75,6 +75,13 @@ class MySQLWriter(Writer):
     async def _call(self, fn: Callable[[], T]) -> T:
         return await self._worker.call(fn)
 
+    async def check(self) -> str:
+        try:
+            row = (await self._call(lambda: self._query("SELECT @@version AS v, @@datadir AS d")))[0]
+        finally:
+            await self._close()
+        return f"{row['v']}, data in {row['d']}"
+
     async def prepare(self) -> None:
         def work() -> None:
             row = self._query("SELECT @@version AS version, @@version_comment AS comment")[0]

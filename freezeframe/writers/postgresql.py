@@ -61,6 +61,14 @@ class PostgresWriter(Writer):
             raise WriterError(f"PostgreSQL: {query.split()[0]} failed: {_first_line(err)}") from err
         return tuple(row) if row is not None else ()
 
+    async def check(self) -> str:
+        try:
+            (version,) = await self._one("SHOW server_version")
+            (data_directory,) = await self._one("SHOW data_directory")
+        finally:
+            await self._close()
+        return f"PostgreSQL {version}, data in {data_directory}"
+
     async def prepare(self) -> None:
         (version,) = await self._one("SHOW server_version")
         (data_directory,) = await self._one("SHOW data_directory")

@@ -59,6 +59,14 @@ class RedisWriter(Writer):
         except redis.exceptions.RedisError as err:
             raise WriterError(f"Redis: INFO failed: {err}") from err
 
+    async def check(self) -> str:
+        try:
+            await self._run("PING")
+            info = await self._persistence()
+        finally:
+            await self._close()
+        return f"Redis answers; last background save: {info.get('rdb_last_bgsave_status')}"
+
     async def prepare(self) -> None:
         info = await self._persistence()
         directory = (await self._run("CONFIG", "GET", "dir"))

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import shlex
+import shutil
 import signal
 import time
 from collections.abc import Mapping
@@ -31,6 +32,18 @@ class ScriptWriter(Writer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._process: asyncio.subprocess.Process | None = None
+
+    async def check(self) -> str:
+        found = []
+        for key in ("pre_freeze", "post_thaw"):
+            command = self.option(key)
+            if command:
+                program = shlex.split(command)[0]
+                path = shutil.which(program, path=None if "/" not in program else "")
+                if path is None and not (os.path.isfile(program) and os.access(program, os.X_OK)):
+                    raise WriterError(f"{key}: {program} is not an executable program")
+                found.append(f"{key}: {program}")
+        return ", ".join(found) or "no commands set"
 
     async def freeze(self) -> None:
         command = self.option("pre_freeze")

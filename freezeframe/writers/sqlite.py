@@ -69,6 +69,18 @@ class SqliteWriter(Writer):
                 raise WriterError(f"{what}: the database stayed locked by another connection")
         raise WriterError(f"{what}: aborted")
 
+    async def check(self) -> str:
+        def work() -> str:
+            mode = self._connect().execute("PRAGMA journal_mode").fetchone()[0]
+            return f"{self.option('path')} opens, journal mode {mode}"
+
+        try:
+            return await self._worker.call(work)
+        except sqlite3.Error as err:
+            raise WriterError(f"sqlite {self.option('path')}: {err}") from err
+        finally:
+            await self._close()
+
     async def prepare(self) -> None:
         def work() -> None:
             db = self._connect()

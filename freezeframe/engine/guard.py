@@ -1,0 +1,210 @@
+"""The freeze guard: a process of its own that makes sure an instance is thawed even when
+the process taking the snapshot dies (SIGKILL included) or hangs.
+
+The engine arms it before the first freeze, with the snapshot, the instance's target and a
+deadline, over a pipe to the guard's stdin, and disarms it after a confirmed thaw. The
+guard acts when:
+
+* its stdin reaches EOF without a disarm: the snapshot process is gone (the kernel closed
+  the pipe). It thaws at once; the dead process has let go of the guest-agent channel.
+* the deadline passes: the snapshot process is alive but stuck, and still holds the
+  guest-agent channel (qemu-ga serves one client). The guard kills it, then thaws.
+
+Either way it confirms the thaw, retrying until it can, and records in the catalog what
+it did, so ``snapshot show`` tells the story. It runs in its own session, so a signal to
+the snapshot process's group does not reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from freezeframe.errors import FreezeframeError, HypervisorError
+
+#: How long the guard keeps trying to thaw once it acts.
+THAW_PATIENCE = 60.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Arming:
+    snapshot_id: str
+    catalog: str
+    owner_pid: int
+    #: The owner's start time (/proc/PID/stat), so a reused pid is never killed.
+    owner_start: int
+    deadline_s: float  # seconds from arming
+    kind: str  # "qemu" or "host"
+    qga_socket: str | None = None
+    mounts: tuple[str, ...] = ()
+
+
+class Guard:
+    """The engine's handle on a running guard process."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self._process = process
+
+    @classmethod
+    def arm(cls, arming: Arming) -> Guard:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "freezeframe.engine.guard"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True,
+        )
+        assert process.stdin is not None
+        assert process.stdout is not None
+        process.stdin.write(json.dumps(asdict(arming)).encode() + b"\n")
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        if not ready or process.stdout.readline().strip() != b"armed":
+            process.kill()
+            raise HypervisorError("the freeze guard did not start; not freezing without it")
+        return cls(process)
+
+    def release(self) -> None:
+        """Hand over: close the pipe without disarming, and the guard thaws now."""
+        with contextlib.suppress(OSError):
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+
+    def disarm(self) -> None:
+        """Call only after a confirmed thaw."""
+        process = self._process
+        assert process.stdin is not None
+        with contextlib.suppress(BrokenPipeError, OSError):
+            process.stdin.write(b"disarm\n")
+            process.stdin.flush()
+            process.stdin.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+# -- the guard process ---------------------------------------------------------------------
+
+
+def _wait(deadline: float) -> str:
+    """'disarm', 'eof' or 'deadline'."""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "deadline"
+        ready, _, _ = select.select([sys.stdin], [], [], remaining)
+        if ready:
+            line = sys.stdin.readline()
+            if not line:
+                return "eof"
+            if line.strip() == "disarm":
+                return "disarm"
+
+
+def start_time(pid: int) -> int:
+    """When ``pid`` started (clock ticks since boot), or -1 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    # Field 22; the command name (field 2) may hold spaces, so count from its closing ')'.
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _kill_owner(pid: int, started: int) -> bool:
+    """Kill the stuck snapshot process, if it still is that process (not a reused pid)."""
+    if start_time(pid) != started:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if start_time(pid) != started:
+            break
+        time.sleep(0.05)
+    return True
+
+
+async def _thaw_guest(socket: str) -> int:
+    from freezeframe.agent.qga import FreezeState, GuestAgent
+
+    last: Exception | None = None
+    end = time.monotonic() + THAW_PATIENCE
+    while time.monotonic() < end:
+        try:
+            async with GuestAgent(socket, timeout=10) as agent:
+                thawed = 0
+                if await agent.fsfreeze_status() is FreezeState.FROZEN:
+                    thawed = await agent.fsfreeze_thaw()
+                if await agent.fsfreeze_status() is FreezeState.THAWED:
+                    return thawed
+        except FreezeframeError as err:
+            last = err
+        await asyncio.sleep(0.5)
+    raise HypervisorError(f"could not thaw the guest: {last}")
+
+
+def _thaw_host(mounts: tuple[str, ...]) -> int:
+    from freezeframe.targets.host import FITHAW, fs_ioctl
+
+    thawed = 0
+    for mountpoint in reversed(mounts):
+        with contextlib.suppress(OSError):
+            if fs_ioctl(mountpoint, FITHAW):
+                thawed += 1
+    return thawed
+
+
+def _record(arming: Arming, text: str, failed: bool) -> None:
+    from freezeframe.catalog.store import Catalog, utc_now
+    from freezeframe.model import SnapshotState
+
+    with Catalog.open(Path(arming.catalog)) as catalog:
+        snap = catalog.snapshot(arming.snapshot_id)
+        snap.manifest.setdefault("events", []).append({"at": utc_now(), "event": f"guard: {text}"})
+        if snap.state is SnapshotState.CREATING:
+            snap.state = SnapshotState.FAILED
+            snap.achieved_level = None
+            snap.error = text
+        elif failed and snap.error is None:
+            snap.error = text
+        catalog.save_snapshot(snap)
+
+
+def main() -> int:
+    data = json.loads(sys.stdin.readline())
+    arming = Arming(**{**data, "mounts": tuple(data.get("mounts", ()))})
+    print("armed", flush=True)
+    started = time.monotonic()
+    why = _wait(started + arming.deadline_s)
+    if why == "disarm":
+        return 0
+    if why == "deadline":
+        killed = _kill_owner(arming.owner_pid, arming.owner_start)
+        cause = (f"the freeze outlived its deadline of {arming.deadline_s:g}s"
+                 + ("; the stuck snapshot process was killed" if killed else ""))
+    else:
+        cause = "the snapshot process died while the instance was frozen"
+    try:
+        if arming.kind == "host":
+            thawed = _thaw_host(arming.mounts)
+        else:
+            assert arming.qga_socket is not None
+            thawed = asyncio.run(_thaw_guest(arming.qga_socket))
+    except FreezeframeError as err:
+        _record(arming, f"{cause}; the guard could not thaw it: {err}", True)
+        return 1
+    after = time.monotonic() - started
+    _record(arming, f"{cause}; the guard thawed {thawed} file systems {after:.1f}s after arming", True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""instance check: a report of what a snapshot could achieve, made without freezing anything."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import agent_call, run_cli, unique
+from hostfs import data_fs
+from test_host_apps import add_host, add_writer
+
+from freezeframe.agent.qga import FreezeState, GuestAgent
+from freezeframe.config import Home
+from freezeframe.lab.vm import LabVM
+
+
+def check(home: Home, name: str, *args: str) -> tuple[dict[str, Any], int]:
+    done = run_cli(home, "instance", "check", name, "-o", "json", *args)
+    return json.loads(done.stdout), done.returncode
+
+
+@pytest.mark.vm
+def test_a_vm_with_an_agent_can_be_filesystem_consistent(home: Home, shared_vm: LabVM) -> None:
+    report, code = check(home, shared_vm.name)
+    assert code == 0
+    assert report["verdict"] == "filesystem"
+    status = {c["check"]: (c["status"], c["detail"]) for c in report["checks"]}
+    assert status["qmp"][0] == status["agent"][0] == status["commands"][0] == "ok"
+    assert "/mnt/ffdata0 (ext4)" in status["file systems"][1]
+    assert "/mnt/ffdata1 (ext4)" in status["file systems"][1]
+    assert status["guest hooks"][0] == "info"
+    table = run_cli(home, "instance", "check", shared_vm.name)
+    assert "verdict: a snapshot of" in table.stdout
+
+
+@pytest.mark.vm
+def test_a_frozen_guest_is_reported_and_left_alone(home: Home, shared_vm: LabVM) -> None:
+    async def freeze(agent: GuestAgent) -> None:
+        await agent.fsfreeze_freeze()
+
+    agent_call(shared_vm.qga_socket, freeze)
+    try:
+        report, _ = check(home, shared_vm.name)
+        status = {c["check"]: c["status"] for c in report["checks"]}
+        assert status["freeze state"] == "warn"
+        # Checking changes nothing: still frozen.
+        assert agent_call(shared_vm.qga_socket, lambda a: a.fsfreeze_status()) is FreezeState.FROZEN
+    finally:
+        agent_call(shared_vm.qga_socket, lambda a: a.fsfreeze_thaw())
+
+
+@pytest.mark.vm
+def test_without_an_agent_the_verdict_is_crash_and_costs_only_the_probe(home: Home, shared_vm: LabVM,
+                                                                      tmp_path: Path) -> None:
+    name = unique("noagent")
+    run_cli(home, "instance", "add", name, "--qmp", shared_vm.qmp_socket, "--qga", str(tmp_path / "none.sock"))
+    start = time.monotonic()
+    report, code = check(home, name, "--agent-timeout", "1")
+    assert time.monotonic() - start < 1 + 5
+    assert code == 0
+    assert report["verdict"] == "crash"
+    assert any(c["check"] == "agent" and c["status"] == "fail" for c in report["checks"])
+    run_cli(home, "instance", "remove", name)
+
+
+@pytest.mark.host
+def test_host_mounts_and_writers_are_checked(home: Home, tmp_path: Path) -> None:
+    with data_fs(tmp_path) as fs:
+        db = fs.mountpoint / "app.db"
+        sqlite3.connect(db).close()
+        name = unique("check-host")
+        add_host(home, name, fs.mountpoint)
+        add_writer(home, name, "sqlite", f"path={db}")
+        report, code = check(home, name)
+        assert (code, report["verdict"]) == (0, "application")
+        assert "copied by reflink" in {c["check"]: c["detail"] for c in report["checks"]}[f"mount {fs.mountpoint}"]
+
+        add_writer(home, name, "sqlite", f"path={fs.mountpoint}/missing.db", extra=("--name", "gone"))
+        report, code = check(home, name)
+        assert report["verdict"] == "filesystem"
+        assert {c["check"]: c["status"] for c in report["checks"]}["writer gone"] == "fail"
+
+    root = unique("check-root")
+    add_host(home, root, Path("/"))
+    report, code = check(home, root)
+    assert (code, report["verdict"]) == (6, None)
