@@ -130,6 +130,8 @@ class Instance:
     lab: bool = False
     #: Host instances: the mount points snapshotted together.
     mounts: tuple[str, ...] = ()
+    #: The longest this instance may stay frozen, when a snapshot does not say.
+    freeze_budget: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

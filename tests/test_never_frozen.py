@@ -49,7 +49,7 @@ def wait_for_record(home: Home, instance: str, within: float) -> dict[str, Any]:
 
 
 @pytest.mark.vm
-@pytest.mark.parametrize("point", ["after-freeze", "before-snapshot", "after-snapshot"])
+@pytest.mark.parametrize("point", ["after-freeze", "before-snapshot", "during-snapshot", "after-snapshot"])
 def test_a_killed_snapshot_process_never_leaves_the_guest_frozen(home: Home, shared_vm: LabVM, point: str) -> None:
     start = time.monotonic()
     killed_run(home, shared_vm.name, point, "--consistency", "filesystem")
@@ -103,13 +103,13 @@ def test_a_freeze_held_past_its_budget_is_cut(home: Home, tmp_path: Path) -> Non
     with data_fs(tmp_path) as fs:
         name = unique("budget")
         add_host(home, name, fs.mountpoint)
+        assert run_cli(home, "instance", "update", name, "--freeze-budget", "1").returncode == 0
         result: dict[str, subprocess.CompletedProcess[str]] = {}
 
         def run() -> None:
             # The snapshot step stalls for 6 s, like a stuck QMP call; the budget is 1 s.
             result["done"] = run_cli(home, "snapshot", "create", name, "--consistency", "filesystem",
-                                     "--freeze-budget", "1", "-o", "json",
-                                     env={"FREEZEFRAME_FAULT": "slow-snapshot:6"})
+                                     "-o", "json", env={"FREEZEFRAME_FAULT": "slow-snapshot:6"})
 
         thread = threading.Thread(target=run)
         started = time.monotonic()

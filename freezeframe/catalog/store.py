@@ -100,6 +100,10 @@ MIGRATIONS: tuple[str, ...] = (
     DROP TABLE snapshot_disks;
     ALTER TABLE snapshot_disks_v2 RENAME TO snapshot_disks
     """,
+    # 3: a freeze budget per instance.
+    """
+    ALTER TABLE instances ADD COLUMN freeze_budget REAL
+    """,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -233,6 +237,7 @@ class Catalog:
         application_consistent: bool | None = None,
         lab: bool = False,
         mounts: tuple[str, ...] = (),
+        freeze_budget: float | None = None,
     ) -> Instance:
         validate_name("instance", name)
         with self._tx() as db:
@@ -242,10 +247,11 @@ class Catalog:
                 self.template(template)
             db.execute(
                 """INSERT INTO instances (name, kind, qmp_socket, qga_socket, template,
-                   application_consistent, lab, created_at, mounts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   application_consistent, lab, created_at, mounts, freeze_budget)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (name, kind, qmp_socket, qga_socket, template,
                  None if application_consistent is None else int(application_consistent),
-                 int(lab), utc_now(), json.dumps(list(mounts))),
+                 int(lab), utc_now(), json.dumps(list(mounts)), freeze_budget),
             )
         return self.instance(name)
 
@@ -267,7 +273,7 @@ class Catalog:
         return [_instance(r) for r in rows]
 
     def update_instance(self, name: str, **changes: Any) -> Instance:
-        allowed = {"qmp_socket", "qga_socket", "template", "application_consistent"}
+        allowed = {"qmp_socket", "qga_socket", "template", "application_consistent", "freeze_budget"}
         unknown = set(changes) - allowed
         if unknown:
             raise InvalidInput(f"cannot change {', '.join(sorted(unknown))} of an instance")
@@ -457,4 +463,5 @@ def _instance(row: sqlite3.Row) -> Instance:
         created_at=row["created_at"],
         lab=bool(row["lab"]),
         mounts=tuple(json.loads(row["mounts"])),
+        freeze_budget=row["freeze_budget"],
     )

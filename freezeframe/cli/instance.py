@@ -22,6 +22,7 @@ from freezeframe.cli.output import (
 from freezeframe.engine.check import check_instance
 
 _APP_CONSISTENT = "--application-consistent-snapshot-enabled/--no-application-consistent-snapshot-enabled"
+_BUDGET_HELP = "Seconds this instance may stay frozen at most (default 10, the VSS hold limit)."
 _APP_HELP = ("Ask for application-consistent snapshots by default (else crash). "
              "Unset: inherit from the template.")
 
@@ -53,10 +54,11 @@ def instance_group() -> None:
 @click.option("--mount", "mounts", multiple=True, help="With --host: a mount point to snapshot (repeatable).")
 @click.option("--template", help="Template whose defaults the instance inherits.")
 @click.option(_APP_CONSISTENT, "app_consistent", default=None, help=_APP_HELP)
+@click.option("--freeze-budget", type=click.FloatRange(0.1, 3600), help=_BUDGET_HELP)
 @output_option
 @pass_app
 def instance_add(app: App, name: str, qmp: str | None, qga: str | None, host: bool, mounts: tuple[str, ...],
-                 template: str | None, app_consistent: bool | None, fmt: str) -> None:
+                 template: str | None, app_consistent: bool | None, freeze_budget: float | None, fmt: str) -> None:
     """Register instance NAME: a running QEMU VM (--qmp, --qga) or this host (--host --mount ...)."""
     if host:
         if qmp or qga:
@@ -64,7 +66,7 @@ def instance_add(app: App, name: str, qmp: str | None, qga: str | None, host: bo
         if not mounts:
             raise click.UsageError("--host needs at least one --mount PATH")
         inst = app.catalog.add_instance(name, kind="host", qmp_socket=None, qga_socket=None, template=template,
-                                        application_consistent=app_consistent,
+                                        application_consistent=app_consistent, freeze_budget=freeze_budget,
                                         mounts=tuple(str(Path(m).absolute()) for m in mounts))
     else:
         if not qmp:
@@ -72,7 +74,8 @@ def instance_add(app: App, name: str, qmp: str | None, qga: str | None, host: bo
         if mounts:
             raise click.UsageError("--mount goes with --host")
         inst = app.catalog.add_instance(name, kind="qemu", qmp_socket=_socket(qmp), qga_socket=_socket(qga),
-                                        template=template, application_consistent=app_consistent)
+                                        template=template, application_consistent=app_consistent,
+                                        freeze_budget=freeze_budget)
     _show(instance_json(inst), fmt)
 
 
@@ -108,11 +111,12 @@ def instance_show(app: App, name: str, fmt: str) -> None:
 @click.option(_APP_CONSISTENT, "app_consistent", default=None, help=_APP_HELP)
 @click.option("--inherit-application-consistent", is_flag=True,
               help="Drop the instance's own setting and follow its template again.")
+@click.option("--freeze-budget", type=click.FloatRange(0.1, 3600), help=_BUDGET_HELP)
 @output_option
 @pass_app
 def instance_update(app: App, name: str, qmp: str | None, qga: str | None, template: str | None,
                     no_template: bool, app_consistent: bool | None, inherit_application_consistent: bool,
-                    fmt: str) -> None:
+                    freeze_budget: float | None, fmt: str) -> None:
     """Change an instance's sockets, template or default consistency."""
     changes: dict[str, Any] = {}
     if qmp is not None:
@@ -128,6 +132,8 @@ def instance_update(app: App, name: str, qmp: str | None, qga: str | None, templ
                                "--inherit-application-consistent, not both")
     if app_consistent is not None or inherit_application_consistent:
         changes["application_consistent"] = app_consistent
+    if freeze_budget is not None:
+        changes["freeze_budget"] = freeze_budget
     if not changes:
         raise click.UsageError("nothing to change: give at least one option (see --help)")
     _show(instance_json(app.catalog.update_instance(name, **changes)), fmt)

@@ -142,6 +142,7 @@ def instance_json(inst: Instance) -> dict[str, Any]:
         ),
         "lab": inst.lab,
         "mounts": list(inst.mounts),
+        "freeze_budget": inst.freeze_budget,
         "created_at": inst.created_at,
     }
 

@@ -52,16 +52,16 @@ def _show(snap: Snapshot, fmt: str) -> None:
               help="Seconds the guest agent gets to answer the first probe (an absent agent costs this).")
 @click.option("--freeze-timeout", type=float, default=10.0, show_default=True,
               help="Seconds the file-system freeze may take (in a VM it runs the guest's freeze hooks).")
-@click.option("--freeze-budget", type=click.FloatRange(0.1, 3600), default=10.0, show_default=True,
+@click.option("--freeze-budget", type=click.FloatRange(0.1, 3600),
               help="The longest the instance may stay frozen: past it, it is thawed at once and the snapshot "
-                   "steps down (or fails, with --on-failure fail).")
+                   "steps down (or fails, with --on-failure fail). Default: the instance's, else 10 s.")
 @click.option("--writer", "include", multiple=True, metavar="NAME",
               help="Quiesce only these writers (repeatable). Default: all of the instance's writers.")
 @click.option("--exclude-writer", "exclude", multiple=True, metavar="NAME", help="Leave this writer out (repeatable).")
 @output_option
 @pass_app
 def create(app: App, instance: str, name: str | None, consistency: str | None, on_failure: str,
-           agent_timeout: float, freeze_timeout: float, freeze_budget: float, include: tuple[str, ...],
+           agent_timeout: float, freeze_timeout: float, freeze_budget: float | None, include: tuple[str, ...],
            exclude: tuple[str, ...], fmt: str) -> None:
     """Snapshot every disk of INSTANCE at one instant, as consistent as it allows.
 

@@ -70,8 +70,9 @@ def plan_snapshot(
         timeouts["agent_timeout"] = agent_timeout
     if freeze_timeout is not None:
         timeouts["freeze_timeout"] = freeze_timeout
-    if freeze_budget is not None:
-        timeouts["freeze_budget"] = freeze_budget
+    budget = freeze_budget if freeze_budget is not None else instance.freeze_budget
+    if budget is not None:
+        timeouts["freeze_budget"] = budget
     return SnapshotPlan(
         snapshot_id=snapshot_id or str(uuid.uuid4()),
         name=name,

@@ -205,6 +205,9 @@ async def fault(point: str) -> None:
         return
     if wanted == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "before-snapshot" and wanted == "during-snapshot":
+        # Die a moment after the QMP transaction has been sent, while its reply is awaited.
+        asyncio.get_running_loop().call_later(0.003, os.kill, os.getpid(), signal.SIGKILL)
     if point == "before-snapshot" and wanted.startswith("slow-snapshot:"):
         await asyncio.sleep(float(wanted.split(":", 1)[1]))
 
