@@ -67,6 +67,25 @@ def snapshot_app(home: Home, instance: str, *args: str) -> tuple[dict[str, Any],
     return snap, manifest
 
 
+def snapshot_under_load(home: Home, instance: str, commit: Callable[[int], None], close: Callable[[], None],
+                        *args: str) -> tuple[dict[str, Any], dict[str, Any], Load]:
+    """Commit rows while an application-consistent snapshot is taken; the client is stopped
+    and closed whatever happens."""
+    load = Load(commit)
+    load.start()
+    try:
+        time.sleep(1)
+        snap, manifest = snapshot_app(home, instance, *args)
+        time.sleep(0.3)
+    finally:
+        try:
+            load.stop()
+        finally:
+            close()
+    assert not load.errors, load.errors
+    return snap, manifest, load
+
+
 def add_host(home: Home, name: str, mount: Path) -> None:
     done = run_cli(home, "instance", "add", name, "--host", "--mount", str(mount))
     assert done.returncode == 0, done.stderr
@@ -93,18 +112,7 @@ def test_sqlite_on_ext4_over_xfs(home: Home, catalog: Catalog, tmp_path: Path) -
         name = unique("host-sqlite")
         add_host(home, name, fs.mountpoint)
         add_writer(home, name, "sqlite", f"path={db_path}")
-        load = Load(commit)
-        load.start()
-        try:
-            time.sleep(0.5)
-            snap, manifest = snapshot_app(home, name)
-            time.sleep(0.3)
-        finally:
-            try:
-                load.stop()
-            finally:
-                conn.close()
-        assert not load.errors, load.errors
+        snap, manifest, load = snapshot_under_load(home, name, commit, conn.close)
 
         assert snap["consistency"] == "application", snap["fallback_reasons"]
         assert snap["application_consistent"] is True
@@ -176,18 +184,7 @@ def test_postgresql_on_ext4_over_xfs(home: Home) -> None:
 
             add_host(home, name, fs.mountpoint)
             add_writer(home, name, "postgresql", f"host={pg.sockdir}", f"port={pg.port}")
-            load = Load(commit)
-            load.start()
-            try:
-                time.sleep(1)
-                snap, manifest = snapshot_app(home, name)
-                time.sleep(0.3)
-            finally:
-                try:
-                    load.stop()
-                finally:
-                    conn.close()
-        assert not load.errors, load.errors
+            snap, manifest, load = snapshot_under_load(home, name, commit, conn.close)
         assert snap["consistency"] == "application", snap["fallback_reasons"]
         record = manifest["writers"][0]["manifest"]
         assert record["server_version"].startswith("15")
@@ -230,18 +227,7 @@ def test_mariadb_on_xfs_over_xfs(home: Home) -> None:
 
             add_host(home, name, fs.mountpoint)
             add_writer(home, name, "mysql", f"unix_socket={db.socket}")
-            load = Load(commit)
-            load.start()
-            try:
-                time.sleep(1)
-                snap, manifest = snapshot_app(home, name)
-                time.sleep(0.3)
-            finally:
-                try:
-                    load.stop()
-                finally:
-                    conn.close()
-        assert not load.errors, load.errors
+            snap, manifest, load = snapshot_under_load(home, name, commit, conn.close)
         assert snap["consistency"] == "application", snap["fallback_reasons"]
         record = manifest["writers"][0]["manifest"]
         assert record["binlog"]["file"].startswith("binlog.")
@@ -276,18 +262,7 @@ def test_redis_on_a_btrfs_subvolume(home: Home) -> None:
 
             add_host(home, name, mnt)
             add_writer(home, name, "redis", f"port={server.port}")
-            load = Load(commit)
-            load.start()
-            try:
-                time.sleep(1)
-                snap, manifest = snapshot_app(home, name)
-                time.sleep(0.3)
-            finally:
-                try:
-                    load.stop()
-                finally:
-                    client.close()
-        assert not load.errors, load.errors
+            snap, manifest, load = snapshot_under_load(home, name, commit, client.close)
         assert snap["consistency"] == "application", snap["fallback_reasons"]
         disk = snap["disks"][0]
         assert disk["node"] == "btrfs"
