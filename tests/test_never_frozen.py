@@ -4,6 +4,7 @@ the kills come from the engine's own fault points (FREEZEFRAME_FAULT)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -17,11 +18,13 @@ from typing import Any
 import pytest
 from conftest import LabFactory, agent_call, run_cli, unique
 from hostfs import data_fs
+from oracles import backing_chain
 from test_host_apps import add_host, add_writer
 from test_snapshot_vm import assert_guest_writable, created
 from test_writer_failures import assert_writable
 
 from freezeframe.agent.qga import FreezeState
+from freezeframe.agent.qmp import Monitor
 from freezeframe.config import Home
 from freezeframe.lab.vm import LabVM
 
@@ -31,6 +34,17 @@ def killed_run(home: Home, instance: str, point: str, *args: str) -> subprocess.
                    env={"FREEZEFRAME_FAULT": point})
     assert done.returncode == -signal.SIGKILL, (done.returncode, done.stderr)
     return done
+
+
+def assert_no_orphan_images(vm: LabVM) -> None:
+    async def chains() -> set[str]:
+        async with Monitor(vm.qmp_socket) as monitor:
+            tops = [b["inserted"]["file"] for b in await monitor.execute("query-block")]
+        return {image for top in tops for image in backing_chain(top)}
+
+    in_use = asyncio.run(chains())
+    on_disk = {str(p) for p in Path(vm.directory).glob("*.qcow2")}
+    assert on_disk == in_use, f"files no chain uses: {sorted(on_disk - in_use)}"
 
 
 def record_of_last(home: Home, instance: str) -> dict[str, Any]:
@@ -70,6 +84,15 @@ def test_a_killed_snapshot_process_never_leaves_the_guest_frozen(home: Home, sha
     assert "the snapshot process died" in record["error"], record["error"]
     assert "the guard thawed" in record["error"]
     print(f"{point}: guest thawed {took:.1f}s after the run started", file=sys.stderr)
+    # Nothing the dead run made is lost track of: every image file is in the VM's chains...
+    assert_no_orphan_images(shared_vm)
+    if point == "after-snapshot":
+        # ...and a snapshot it had taken is in the record, so deleting merges it back.
+        assert len(record["disks"]) == 2, record
+    if record["disks"]:
+        deleted = run_cli(home, "snapshot", "delete", record["id"])
+        assert deleted.returncode == 0, deleted.stderr
+        assert_no_orphan_images(shared_vm)
 
     snap = created(home, shared_vm.name, "--consistency", "filesystem")  # the next one just works
     assert snap["consistency"] == "filesystem"

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from freezeframe.errors import FreezeframeError, HypervisorError
 
@@ -45,6 +46,7 @@ class Arming:
     deadline_s: float  # seconds from arming
     kind: str  # "qemu" or "host"
     qga_socket: str | None = None
+    qmp_socket: str | None = None
     mounts: tuple[str, ...] = ()
 
 
@@ -162,13 +164,22 @@ def _thaw_host(mounts: tuple[str, ...]) -> int:
     return thawed
 
 
-def _record(arming: Arming, text: str, failed: bool) -> None:
+async def _adopt(qmp_socket: str, snapshot_id: str) -> tuple[list[Any], list[str]]:
+    from freezeframe.targets.qemu import QemuTarget
+
+    async with QemuTarget(qmp_socket=qmp_socket, qga_socket=None) as target:
+        return await target.adopt(snapshot_id)
+
+
+def _record(arming: Arming, text: str, failed: bool, disks: list[Any] | None = None) -> None:
     from freezeframe.catalog.store import Catalog, utc_now
     from freezeframe.model import SnapshotState
 
     with Catalog.open(Path(arming.catalog)) as catalog:
         snap = catalog.snapshot(arming.snapshot_id)
         snap.manifest.setdefault("events", []).append({"at": utc_now(), "event": f"guard: {text}"})
+        if disks:
+            snap.disks = disks
         if snap.state is SnapshotState.CREATING:
             snap.state = SnapshotState.FAILED
             snap.achieved_level = None
@@ -202,7 +213,21 @@ def main() -> int:
         _record(arming, f"{cause}; the guard could not thaw it: {err}", True)
         return 1
     after = time.monotonic() - started
-    _record(arming, f"{cause}; the guard thawed {thawed} file systems {after:.1f}s after arming", True)
+    text = f"{cause}; the guard thawed {thawed} file systems {after:.1f}s after arming"
+    disks: list[Any] = []
+    if arming.kind == "qemu" and arming.qmp_socket:
+        # Only now: the thaw comes first, then the bookkeeping.
+        try:
+            disks, removed = asyncio.run(_adopt(arming.qmp_socket, arming.snapshot_id))
+        except FreezeframeError as err:
+            text += f"; what the run left in the VM could not be checked: {err}"
+        else:
+            if disks:
+                text += (f"; the snapshot had been taken ({len(disks)} disks): its copies are kept in this record "
+                         "(delete it to merge them back)")
+            if removed:
+                text += f"; removed {len(removed)} overlays that were prepared but never used"
+    _record(arming, text, True, disks)
     return 0
 
 

@@ -442,7 +442,8 @@ class _Run:
         arming = Arming(
             snapshot_id=self.snap.id, catalog=str(self.catalog_path), owner_pid=os.getpid(),
             owner_start=start_time(os.getpid()), deadline_s=self.policy.freeze_budget + GUARD_GRACE,
-            kind=instance.kind, qga_socket=instance.qga_socket, mounts=instance.mounts,
+            kind=instance.kind, qga_socket=instance.qga_socket, qmp_socket=instance.qmp_socket,
+            mounts=instance.mounts,
         )
         self.guard = await asyncio.to_thread(Guard.arm, arming)
         self.event(f"guard armed: it thaws the instance if this process dies, or after "

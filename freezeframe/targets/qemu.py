@@ -217,7 +217,7 @@ class QemuTarget:
     async def prepare(self, snapshot_id: str) -> None:
         """Create and attach one overlay per disk, ready for the transaction."""
         disks = await self.disks()
-        tag = snapshot_id.replace("-", "")[:8]
+        tag = _tag(snapshot_id)
         try:
             for index, disk in enumerate(disks):
                 overlay = _overlay_path(disk.filename, tag)
@@ -269,6 +269,43 @@ class QemuTarget:
                 await self.monitor.execute("blockdev-del", {"node-name": overlay.node})
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(overlay.filename)
+
+    # -- after a run died -----------------------------------------------------------
+
+    async def adopt(self, snapshot_id: str) -> tuple[list[SnapshotDisk], list[str]]:
+        """What a run that died left behind: the copies its transaction made (disks whose
+        active layer is its overlay; the copy is the file below), and the overlays it
+        prepared but never switched to, which are detached and deleted here."""
+        tag = _tag(snapshot_id)
+        nodes = await self.monitor.execute("query-named-block-nodes", {"flat": True})
+        by_file = {n["file"]: n for n in nodes if n["drv"] not in ("file", "host_device", "nbd")}
+        taken = []
+        active = set()
+        for disk in await self.disks():
+            active.add(disk.node)
+            if f".ff-{tag}." not in Path(disk.filename).name:
+                continue
+            below = by_file.get(disk.filename, {}).get("backing_file")
+            if below:
+                taken.append(SnapshotDisk(device=disk.device, node=by_file.get(below, {}).get("node-name", ""),
+                                          image=below, virtual_size=disk.virtual_size,
+                                          allocated_size=_allocated(below)))
+        # The format node of an overlay attached with backing: null is named by a json:
+        # pseudo-filename; the real file is on its protocol child (drv "file").
+        in_use = {d.filename for d in await self.disks()} | {d.image for d in taken if d.image}
+        files = {n["file"] for n in nodes
+                 if n["drv"] == "file" and f".ff-{tag}." in Path(n["file"]).name and n["file"] not in in_use}
+        for node in nodes:
+            name = node["node-name"]
+            if name.startswith(f"ff{tag}-") and name not in active:
+                with contextlib.suppress(MonitorCommandError):
+                    await self.monitor.execute("blockdev-del", {"node-name": name})
+        removed = []
+        for path in sorted(files):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+                removed.append(path)
+        return taken, removed
 
     # -- deletion ----------------------------------------------------------------------
 
@@ -332,6 +369,11 @@ class QemuTarget:
                     return
                 elif name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"):
                     raise HypervisorError(f"merging the snapshot failed: {name.lower()}")
+
+
+def _tag(snapshot_id: str) -> str:
+    """The short form of a snapshot id that names its overlay files and nodes."""
+    return snapshot_id.replace("-", "")[:8]
 
 
 def _device_name(entry: dict[str, Any], node: str) -> str:
