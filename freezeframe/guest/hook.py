@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 CONFIG = os.environ.get("FREEZEFRAME_HOOK_CONFIG", "/etc/freezeframe/guest-hooks.json")
-STATE_DIR = "/run/freezeframe"
+STATE_DIR = os.environ.get("FREEZEFRAME_HOOK_STATE_DIR", "/run/freezeframe")
 RESULT = STATE_DIR + "/hook-result.json"
 STATE = STATE_DIR + "/hook-state.json"
 FORMAT = "freezeframe-guest-hooks/1"

@@ -1,0 +1,112 @@
+"""The guest hook runner itself (freezeframe/guest/hook.py), run as qemu-ga would run it:
+a separate process, ``freeze`` then ``thaw``, with real hook executables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import freezeframe.guest
+
+RUNNER = Path(freezeframe.guest.__file__).parent / "hook.py"
+
+
+class Hooks:
+    def __init__(self, root: Path, policy: str = "fail", timeout: float = 5) -> None:
+        self.dir = root / "hook.d"
+        self.dir.mkdir(mode=0o755)
+        self.state = root / "state"
+        self.log = root / "calls.log"
+        self.config = root / "config.json"
+        self.config.write_text(json.dumps({"hook_dir": str(self.dir), "on_failure": policy, "timeout": timeout}))
+
+    def add(self, name: str, body: str = "", mode: int = 0o755) -> Path:
+        path = self.dir / name
+        path.write_text(f'#!/bin/sh\necho "{name} $1" >> {self.log}\n{body}\n')
+        path.chmod(mode)
+        return path
+
+    def run(self, action: str) -> int:
+        env = dict(os.environ, FREEZEFRAME_HOOK_CONFIG=str(self.config), FREEZEFRAME_HOOK_STATE_DIR=str(self.state))
+        return subprocess.run([sys.executable, str(RUNNER), action], env=env, capture_output=True,
+                              timeout=60, check=False).returncode
+
+    def calls(self) -> list[str]:
+        return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def report(self) -> dict[str, Any]:
+        return dict(json.loads((self.state / "hook-result.json").read_text()))
+
+
+def test_freeze_in_order_thaw_in_reverse(tmp_path: Path) -> None:
+    hooks = Hooks(tmp_path)
+    for name in ("10-a", "20-b", "30-c"):
+        hooks.add(name)
+    assert hooks.run("freeze") == 0
+    assert hooks.run("thaw") == 0
+    assert hooks.calls() == ["10-a freeze", "20-b freeze", "30-c freeze", "30-c thaw", "20-b thaw", "10-a thaw"]
+    report = hooks.report()
+    assert report["status"] == "thawed"
+    assert [e["status"] for e in report["freeze"] + report["thaw"]] == ["ok"] * 6
+
+
+def test_under_continue_only_hooks_that_froze_are_thawed(tmp_path: Path) -> None:
+    hooks = Hooks(tmp_path, policy="continue")
+    hooks.add("10-a")
+    hooks.add("20-b", 'if [ "$1" = freeze ]; then exit 4; fi')
+    hooks.add("30-c")
+    assert hooks.run("freeze") == 0  # the freeze goes on; the failure is reported
+    assert hooks.run("thaw") == 0
+    assert hooks.calls() == ["10-a freeze", "20-b freeze", "30-c freeze", "30-c thaw", "10-a thaw"]
+    failed = [e for e in hooks.report()["freeze"] if e["status"] != "ok"]
+    assert [(e["name"], e["error"]) for e in failed] == [("20-b", "exited with 4")]
+
+
+def test_under_fail_a_failure_stops_the_freeze_and_releases_what_froze(tmp_path: Path) -> None:
+    hooks = Hooks(tmp_path, policy="fail")
+    hooks.add("10-a")
+    hooks.add("20-b", 'if [ "$1" = freeze ]; then exit 4; fi')
+    hooks.add("30-c")
+    assert hooks.run("freeze") == 1  # qemu-ga will not freeze
+    assert hooks.calls() == ["10-a freeze", "20-b freeze", "10-a thaw"]
+    assert hooks.report()["status"] == "failed"
+    assert hooks.run("thaw") == 0  # a thaw after that finds nothing to release
+    assert hooks.calls()[-1] == "10-a thaw"
+
+
+def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path) -> None:
+    hooks = Hooks(tmp_path, policy="fail", timeout=1)
+    marker = f"{4000 + os.getpid() % 1000}.{time.monotonic_ns() % 1000:03d}"
+    hooks.add("10-hang", f'if [ "$1" = freeze ]; then sleep {marker} & sleep {marker}; fi')
+    start = time.monotonic()
+    assert hooks.run("freeze") == 1
+    assert time.monotonic() - start < 10
+    entry = hooks.report()["freeze"][0]
+    assert entry["error"] == "no answer within 1s; killed"
+    time.sleep(0.3)
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True, check=False).stdout
+    assert left == ""
+
+
+@pytest.mark.parametrize(("owner", "mode", "reason"), [
+    (0, 0o775, "writable by group or others"),
+    (0, 0o757, "writable by group or others"),
+    (65534, 0o755, "not owned by root"),
+])
+def test_unsafe_hooks_are_refused_and_not_run(tmp_path: Path, owner: int, mode: int, reason: str) -> None:
+    hooks = Hooks(tmp_path, policy="continue")
+    hooks.add("10-ok")
+    bad = hooks.add("20-bad", mode=mode)
+    os.chown(bad, owner, 0)
+    assert hooks.run("freeze") == 0
+    assert hooks.calls() == ["10-ok freeze"]  # never ran
+    refused = hooks.report()["freeze"][1]
+    assert refused["status"] == "refused"
+    assert reason in refused["error"]
