@@ -8,7 +8,7 @@ packages=(
     linux-image-amd64 busybox-static              # the lab guest's kernel, modules and userland
     e2fsprogs xfsprogs                            # formatting lab disks; dumpe2fs / xfs_repair as oracles
     gcc libc6-dev                                 # the static guest workload
-    btrfs-progs util-linux lvm2                   # host snapshots: btrfs, loop mounts; LVM (in lab guests)
+    btrfs-progs util-linux lvm2 procps            # host snapshots: btrfs, loop mounts; LVM (in lab guests); pgrep
     postgresql mariadb-server redis-server sqlite3  # real servers the writer tests quiesce
     python3 python3-venv
 )
