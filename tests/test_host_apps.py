@@ -281,11 +281,11 @@ def test_redis_on_a_btrfs_subvolume(home: Home) -> None:
 
 
 def test_a_writer_declared_in_the_config_file_quiesces_too(home: Home, tmp_path: Path) -> None:
+    from test_writer_failures import sqlite_db  # it imports this module: import here, once both exist
+
     with data_fs(tmp_path) as fs:
         db_path = fs.mountpoint / "app.db"
-        setup = sqlite3.connect(db_path)
-        setup.execute("CREATE TABLE t (n INTEGER)")
-        setup.close()
+        sqlite_db(db_path)
         name = unique("host-config")
         add_host(home, name, fs.mountpoint)
         config = tmp_path / "freezeframe.toml"

@@ -21,7 +21,7 @@ from hostfs import data_fs
 from oracles import backing_chain
 from test_host_apps import add_host, add_writer
 from test_snapshot_vm import assert_guest_writable, created
-from test_writer_failures import assert_writable
+from test_writer_failures import assert_writable, sqlite_db
 
 from freezeframe.agent.qga import FreezeState
 from freezeframe.agent.qmp import Monitor
@@ -102,9 +102,7 @@ def test_a_killed_snapshot_process_never_leaves_the_guest_frozen(home: Home, sha
 def test_a_killed_run_on_the_host_releases_the_file_system_and_the_application(home: Home, tmp_path: Path) -> None:
     with data_fs(tmp_path) as fs:
         db_path = fs.mountpoint / "app.db"
-        setup = sqlite3.connect(db_path)
-        setup.execute("CREATE TABLE t (n INTEGER)")
-        setup.close()
+        sqlite_db(db_path)
         name = unique("host-kill")
         add_host(home, name, fs.mountpoint)
         add_writer(home, name, "sqlite", f"path={db_path}")
@@ -112,7 +110,7 @@ def test_a_killed_run_on_the_host_releases_the_file_system_and_the_application(h
             killed_run(home, name, point, "--consistency", "application")
             assert_writable(fs.mountpoint, within=5)
             app = sqlite3.connect(db_path, timeout=5, isolation_level=None)
-            app.execute("INSERT INTO t VALUES (1)")  # the write lock died with the process
+            app.execute("INSERT INTO t VALUES (NULL)")  # the write lock died with the process
             app.close()
             record = wait_for_record(home, name, 10)
             assert record["state"] == "failed"

@@ -171,7 +171,8 @@ async def _adopt(qmp_socket: str, snapshot_id: str) -> tuple[list[Any], list[str
         return await target.adopt(snapshot_id)
 
 
-def _record(arming: Arming, text: str, failed: bool, disks: list[Any] | None = None) -> None:
+def _record(arming: Arming, text: str, disks: list[Any] | None = None) -> None:
+    """Note what the guard did; a record still being created is one whose run died: failed."""
     from freezeframe.catalog.store import Catalog, utc_now
     from freezeframe.model import SnapshotState
 
@@ -184,7 +185,7 @@ def _record(arming: Arming, text: str, failed: bool, disks: list[Any] | None = N
             snap.state = SnapshotState.FAILED
             snap.achieved_level = None
             snap.error = text
-        elif failed and snap.error is None:
+        elif snap.error is None:
             snap.error = text
         catalog.save_snapshot(snap)
 
@@ -210,7 +211,7 @@ def main() -> int:
             assert arming.qga_socket is not None
             thawed = asyncio.run(_thaw_guest(arming.qga_socket))
     except FreezeframeError as err:
-        _record(arming, f"{cause}; the guard could not thaw it: {err}", True)
+        _record(arming, f"{cause}; the guard could not thaw it: {err}")
         return 1
     after = time.monotonic() - started
     text = f"{cause}; the guard thawed {thawed} file systems {after:.1f}s after arming"
@@ -227,7 +228,7 @@ def main() -> int:
                          "(delete it to merge them back)")
             if removed:
                 text += f"; removed {len(removed)} overlays that were prepared but never used"
-    _record(arming, text, True, disks)
+    _record(arming, text, disks)
     return 0
 
 
