@@ -60,6 +60,21 @@ class Home:
     def locks(self) -> Path:
         return self.root / "locks"
 
+    @property
+    def repository(self) -> Path:
+        """The default backup repository."""
+        return self.root / "repo"
+
+    @property
+    def fleecing(self) -> Path:
+        """Temporary snapshot data of running backups (the fleecing images)."""
+        return self.root / "fleecing"
+
+    @property
+    def run(self) -> Path:
+        """Sockets of running backups (NBD exports)."""
+        return self.root / "run"
+
 
 def config_path(home: Home) -> Path:
     """The optional config file: ``$FREEZEFRAME_CONFIG``, else ``config.toml`` in the home."""

@@ -14,8 +14,11 @@
      +-- HypervisorError              exit 6   QEMU's monitor (QMP) and qemu-img
      |    +-- MonitorCommandError              QEMU answered a command with an error
      +-- SnapshotFailed               exit 7   the policy said fail, or the snapshot could not be taken
+     |    +-- BackupFailed                     the backup could not be completed (nothing is listed)
      +-- CatalogError                 exit 8   the catalog database
      +-- LabError                     exit 9   building or running lab VMs
+     +-- RepositoryError              exit 10  the backup repository: missing, locked, wrong passphrase
+          +-- DamagedObject           exit 11  a stored object fails its hash or authentication check
 
 Each error carries its message and its exit code; only the CLI turns them into output
 and an exit. Foreign exceptions (OSError, sqlite3, qemu.qmp) are translated once, at
@@ -103,3 +106,22 @@ class CatalogError(FreezeframeError):
 
 class LabError(FreezeframeError):
     exit_code = 9
+
+
+class BackupFailed(SnapshotFailed):
+    """The consistent point was taken (or not), but the backup was not completed: it is
+    not listed, and the changes since the last good backup stay tracked for the next."""
+
+
+class RepositoryError(FreezeframeError):
+    exit_code = 10
+
+
+class DamagedObject(RepositoryError):
+    """An object in the repository does not match its name (hash) or its authentication tag."""
+
+    exit_code = 11
+
+    def __init__(self, name: str, why: str, *, hint: str | None = None) -> None:
+        super().__init__(f"repository object {name} is damaged: {why}", hint=hint)
+        self.name = name

@@ -166,6 +166,8 @@ class Snapshot:
     error: str | None = None
     disks: list[SnapshotDisk] = field(default_factory=list)
     manifest: dict[str, Any] = field(default_factory=dict)
+    #: "snapshot", or "backup" for the consistent point of a backup (listed with backups).
+    purpose: str = "snapshot"
 
     @property
     def application_consistent(self) -> bool:
@@ -174,3 +176,64 @@ class Snapshot:
     @property
     def size(self) -> int:
         return sum(d.allocated_size for d in self.disks)
+
+
+class BackupType(enum.Enum):
+    """What a backup reads (the quiesce policy's backup types)."""
+
+    FULL = "full"  # every allocated block
+    INCREMENTAL = "incremental"  # what changed since the previous backup of each disk
+    DIFFERENTIAL = "differential"  # what changed since the last full
+    COPY = "copy"  # a full read that leaves dirty bitmaps and the backup chain untouched
+
+
+class BackupState(enum.Enum):
+    CREATING = "creating"
+    CREATED = "created"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+@dataclass(slots=True, kw_only=True)
+class BackupDisk:
+    """One disk of a backup: what was read and stored, and why it was read in full."""
+
+    device: str
+    virtual_size: int
+    #: The repository index object that lists this disk's chunks.
+    index: str | None = None
+    #: The persistent dirty bitmap started at this backup's point (None: none was started).
+    bitmap: str | None = None
+    bytes_read: int = 0
+    #: Chunks stored for the first time (uncompressed bytes).
+    bytes_new: int = 0
+    #: Chunks read and found stored already (deduplicated).
+    bytes_reused: int = 0
+    #: Chunks not read at all: unchanged since the parent, referenced from its index.
+    bytes_unchanged: int = 0
+    #: Bytes the repository holds for the new chunks (compressed, encrypted).
+    bytes_stored: int = 0
+    #: Why this disk was read in full when an incremental or differential was asked.
+    full_read_reason: str | None = None
+
+
+@dataclass(slots=True, kw_only=True)
+class Backup:
+    id: str
+    instance: str
+    type: BackupType
+    created_at: str
+    state: BackupState
+    repository: str
+    #: The backup this one is incremental (or differential) to.
+    parent: str | None = None
+    #: The consistent point: a record in the snapshots table with the same id.
+    point: Snapshot | None = None
+    disks: list[BackupDisk] = field(default_factory=list)
+    error: str | None = None
+    duration_s: float | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def level(self) -> Level | None:
+        return self.point.achieved_level if self.point else None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
 import shutil
 import subprocess
@@ -13,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from freezeframe.agent.qga import GuestAgent
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
 from freezeframe.lab import vm as lab_vm
@@ -95,12 +98,21 @@ def shared_vm(home: Home) -> Iterator[lab_vm.LabVM]:
 
 def agent_call(socket: str, fn: Callable[[Any], Any], timeout: float = 10.0) -> Any:
     """Run ``await fn(agent)`` on a fresh guest-agent connection."""
-    import asyncio
-
-    from freezeframe.agent.qga import GuestAgent
 
     async def go() -> Any:
         async with GuestAgent(socket, timeout=timeout) as agent:
             return await fn(agent)
 
     return asyncio.run(go())
+
+
+async def guest_sh(agent: GuestAgent, script: str, timeout: float = 120) -> tuple[int, str]:
+    started = await agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True})
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        status = await agent.execute("guest-exec-status", {"pid": started["pid"]})
+        if status["exited"]:
+            out = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
+            return int(status.get("exitcode", -1)), out.decode(errors="replace")
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"guest command did not finish: {script}")

@@ -59,3 +59,18 @@ def backing_chain(image: str) -> list[str]:
     out = subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "--output=json", image],
                          check=True, capture_output=True, text=True).stdout
     return [entry["filename"] for entry in json.loads(out)]
+
+
+def sequence(raw: Path) -> list[int]:
+    """The writer's sequence numbers on one disk image."""
+    text = ext4_read(raw, "/workload.log").decode()
+    return [int(line) for line in text.splitlines() if line.strip()]
+
+
+def assert_in_step(first: list[int], second: list[int]) -> None:
+    """Disk 0 holds 1, 3, 5...; disk 1 holds 2, 4, 6...; neither more than one write ahead."""
+    assert first, "the writer's log on disk 0 is empty"
+    assert first == list(range(1, 2 * len(first), 2)), "disk 0 lost or reordered writes"
+    assert second == list(range(2, 2 * len(second) + 1, 2)), "disk 1 lost or reordered writes"
+    last_first, last_second = first[-1], second[-1] if second else 0
+    assert abs(last_first - last_second) == 1, f"disks out of step: {last_first} vs {last_second}"

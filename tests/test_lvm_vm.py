@@ -5,13 +5,12 @@ the package's modules are copied into the guest and driven there with guest-exec
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LabFactory
+from conftest import LabFactory, guest_sh
 
 import freezeframe
 from freezeframe.agent.qga import GuestAgent
@@ -55,18 +54,6 @@ async def main(action, mount, image=None):
 
 print(json.dumps(asyncio.run(main(*sys.argv[1:]))))
 '''
-
-
-async def guest_sh(agent: GuestAgent, script: str, timeout: float = 120) -> tuple[int, str]:
-    started = await agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", script], "capture-output": True})
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        status = await agent.execute("guest-exec-status", {"pid": started["pid"]})
-        if status["exited"]:
-            out = base64.b64decode(status.get("out-data", "")) + base64.b64decode(status.get("err-data", ""))
-            return int(status.get("exitcode", -1)), out.decode(errors="replace")
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"guest command did not finish: {script}")
 
 
 async def put(agent: GuestAgent, path: str, data: bytes) -> None:

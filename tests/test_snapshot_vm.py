@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from conftest import LabFactory, agent_call, run_cli, unique
 from oracles import (
+    assert_in_step,
     backing_chain,
     export_raw,
     ext4_needs_recovery,
-    ext4_read,
     qemu_img_check,
+    sequence,
     xfs_log_quiesced,
 )
 
@@ -66,21 +67,6 @@ def vm_status(vm: LabVM) -> str:
             return str((await monitor.execute("query-status"))["status"])
 
     return asyncio.run(status())
-
-
-def sequence(raw: Path) -> list[int]:
-    """The writer's sequence numbers on one disk image."""
-    text = ext4_read(raw, "/workload.log").decode()
-    return [int(line) for line in text.splitlines() if line.strip()]
-
-
-def assert_in_step(first: list[int], second: list[int]) -> None:
-    """Disk 0 holds 1, 3, 5...; disk 1 holds 2, 4, 6...; neither more than one write ahead."""
-    assert first, "the writer's log on disk 0 is empty"
-    assert first == list(range(1, 2 * len(first), 2)), "disk 0 lost or reordered writes"
-    assert second == list(range(2, 2 * len(second) + 1, 2)), "disk 1 lost or reordered writes"
-    last_first, last_second = first[-1], second[-1] if second else 0
-    assert abs(last_first - last_second) == 1, f"disks out of step: {last_first} vs {last_second}"
 
 
 def test_filesystem_snapshot_has_clean_journals_and_guest_stays_writable(

@@ -11,12 +11,17 @@ import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from freezeframe.errors import CatalogError, Conflict, InvalidInput, NotFound
 from freezeframe.model import (
+    Backup,
+    BackupDisk,
+    BackupState,
+    BackupType,
     Instance,
     Level,
     Snapshot,
@@ -103,6 +108,24 @@ MIGRATIONS: tuple[str, ...] = (
     # 3: a freeze budget per instance.
     """
     ALTER TABLE instances ADD COLUMN freeze_budget REAL
+    """,
+    # 4: backups; the consistent point of a backup is a snapshot record with purpose 'backup'.
+    """
+    ALTER TABLE snapshots ADD COLUMN purpose TEXT NOT NULL DEFAULT 'snapshot';
+    CREATE TABLE backups (
+        id TEXT PRIMARY KEY,
+        instance TEXT NOT NULL,
+        type TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        state TEXT NOT NULL,
+        repository TEXT NOT NULL,
+        parent TEXT,
+        error TEXT,
+        duration_s REAL,
+        timings_s TEXT NOT NULL,
+        disks TEXT NOT NULL
+    );
+    CREATE INDEX backups_by_instance ON backups(instance, created_at)
     """,
 )
 
@@ -294,7 +317,8 @@ class Catalog:
             live = [
                 r[0]
                 for r in db.execute(
-                    "SELECT name FROM snapshots WHERE instance = ? AND state IN ('created', 'creating', 'deleting')",
+                    "SELECT name FROM snapshots WHERE instance = ? AND purpose = 'snapshot' "
+                    "AND state IN ('created', 'creating', 'deleting')",
                     (name,),
                 )
             ]
@@ -305,7 +329,7 @@ class Catalog:
                 )
             db.execute(
                 "UPDATE snapshots SET state = 'deleted', error = coalesce(error, 'instance removed') "
-                "WHERE instance = ? AND state != 'failed'",
+                "WHERE instance = ? AND state != 'failed' AND purpose = 'snapshot'",
                 (name,),
             )
             db.execute("DELETE FROM instances WHERE name = ?", (name,))
@@ -351,13 +375,13 @@ class Catalog:
         """Insert or replace the whole record, disks included."""
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     snap.id, snap.name, snap.created_at, snap.state.value, snap.instance,
                     snap.requested_level.value,
                     snap.achieved_level.value if snap.achieved_level else None,
                     json.dumps(snap.fallback_reasons), snap.freeze_window_ms,
-                    json.dumps(snap.timings_ms), snap.error, json.dumps(snap.manifest),
+                    json.dumps(snap.timings_ms), snap.error, json.dumps(snap.manifest), snap.purpose,
                 ),
             )
             db.execute("DELETE FROM snapshot_disks WHERE snapshot_id = ?", (snap.id,))
@@ -387,9 +411,14 @@ class Catalog:
             raise NotFound(f"no snapshot {ref!r}", hint="see: freezeframe snapshot list")
         return self._snapshot(rows[0])
 
-    def snapshots(self, *, instance: str | None = None, include_deleted: bool = False) -> list[Snapshot]:
+    def snapshots(self, *, instance: str | None = None, include_deleted: bool = False,
+                  purpose: str | None = "snapshot") -> list[Snapshot]:
+        """Snapshot records, oldest first; ``purpose=None`` includes the points of backups."""
         query = "SELECT * FROM snapshots WHERE 1"
         args: list[Any] = []
+        if purpose is not None:
+            query += " AND purpose = ?"
+            args.append(purpose)
         if instance is not None:
             query += " AND instance = ?"
             args.append(instance)
@@ -439,6 +468,52 @@ class Catalog:
             error=row["error"],
             disks=disks,
             manifest=json.loads(row["manifest"]),
+            purpose=row["purpose"],
+        )
+
+    # -- backups -----------------------------------------------------------------------
+
+    def save_backup(self, backup: Backup) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO backups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (backup.id, backup.instance, backup.type.value, backup.created_at, backup.state.value,
+                 backup.repository, backup.parent, backup.error, backup.duration_s,
+                 json.dumps(backup.timings_s), json.dumps([asdict(d) for d in backup.disks])),
+            )
+
+    def backup(self, ref: str) -> Backup:
+        """A backup by id or unique id prefix (4 characters or more)."""
+        rows = self._db.execute("SELECT * FROM backups WHERE id = ?", (ref,)).fetchall()
+        if not rows and len(ref) >= 4:
+            rows = self._db.execute("SELECT * FROM backups WHERE id LIKE ? || '%'", (ref,)).fetchall()
+            if len(rows) > 1:
+                raise InvalidInput(f"backup id prefix {ref!r} is ambiguous", hint="give more of the id")
+        if not rows:
+            raise NotFound(f"no backup {ref!r}", hint="see: freezeframe backup list")
+        return self._backup(rows[0])
+
+    def backups(self, *, instance: str | None = None, repository: str | None = None,
+                states: tuple[BackupState, ...] = (BackupState.CREATED,)) -> list[Backup]:
+        """Backups oldest first; by default only complete ones (a partial backup is never listed)."""
+        query = f"SELECT * FROM backups WHERE state IN ({', '.join('?' * len(states))})"
+        args: list[Any] = [s.value for s in states]
+        if instance is not None:
+            query += " AND instance = ?"
+            args.append(instance)
+        if repository is not None:
+            query += " AND repository = ?"
+            args.append(repository)
+        return [self._backup(r) for r in self._db.execute(query + " ORDER BY created_at, id", args).fetchall()]
+
+    def _backup(self, row: sqlite3.Row) -> Backup:
+        point = self._db.execute("SELECT * FROM snapshots WHERE id = ?", (row["id"],)).fetchone()
+        return Backup(
+            id=row["id"], instance=row["instance"], type=BackupType(row["type"]), created_at=row["created_at"],
+            state=BackupState(row["state"]), repository=row["repository"], parent=row["parent"],
+            point=self._snapshot(point) if point is not None else None,
+            disks=[BackupDisk(**d) for d in json.loads(row["disks"])], error=row["error"],
+            duration_s=row["duration_s"], timings_s=json.loads(row["timings_s"]),
         )
 
 

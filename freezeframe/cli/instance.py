@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from freezeframe.cli.main import App, pass_app
+from freezeframe.cli.context import App, pass_app
 from freezeframe.cli.output import (
     emit_json,
     instance_json,

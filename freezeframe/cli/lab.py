@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
 
-from freezeframe.cli.main import App, pass_app
+from freezeframe.cli.context import App, locate_backup, pass_app, passphrase_options, read_passphrase, repo_option
 from freezeframe.cli.output import emit_json, output_option, progress, record_table, records_table, stdout
+from freezeframe.engine.backup import restore_backup
 from freezeframe.errors import NotFound
 from freezeframe.lab import image as lab_image
 from freezeframe.lab import vm as lab_vm
@@ -53,11 +56,16 @@ def build(app: App) -> None:
 @click.option("--hook-timeout", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
               help="Seconds each hook may take before its process group is killed.")
 @click.option("--template", help="Template the new instance inherits from.")
+@click.option("--from-backup", "from_backup", metavar="BACKUP",
+              help="Boot on the disks of this backup (restored as qcow2 first) instead of new empty ones.")
+@repo_option
+@passphrase_options
 @output_option
 @pass_app
 def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool, workload_sync: bool,
        application: str | None, hooks: tuple[str, ...], hook_policy: str, hook_timeout: float,
-       template: str | None, fmt: str) -> None:
+       template: str | None, from_backup: str | None, repo_path: Path | None, passphrase_file: Path | None,
+       passphrase_env: str | None, fmt: str) -> None:
     """Start lab VM NAME and register it as instance NAME."""
     # Check names before the slow part, so a clash is reported at once.
     try:
@@ -68,11 +76,17 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
         raise click.UsageError(f"an instance named {name!r} exists already; choose another name")
     if template is not None:
         app.catalog.template(template)
-    with progress(f"lab VM {name}") as say:
+    images: list[Path] | None = None
+    with progress(f"lab VM {name}") as say, tempfile.TemporaryDirectory(dir=app.home.root) as scratch:
+        if from_backup is not None:
+            say(f"restoring backup {from_backup}")
+            repo, backup_id = locate_backup(app, from_backup, repo_path,
+                                            read_passphrase(passphrase_file, passphrase_env))
+            images = [path for _, path in restore_backup(repo, backup_id, Path(scratch), fmt="qcow2")]
         say("booting")
         vm = lab_vm.up(app.home.lab, app.home.images, name, disks=disks, fs=fs, agent=not no_agent,
                        workload=workload, workload_sync=workload_sync, app=application, hooks=hooks,
-                       hook_policy=hook_policy, hook_timeout=hook_timeout)
+                       hook_policy=hook_policy, hook_timeout=hook_timeout, disk_images=images)
     try:
         app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
                                  qga_socket=vm.qga_socket if vm.agent else None, template=template, lab=True)

@@ -8,12 +8,10 @@ from pathlib import Path
 import click
 from rich.text import Text
 
-from freezeframe.catalog import Catalog
+from freezeframe.cli.context import App
 from freezeframe.cli.output import stderr
-from freezeframe.config import Home, config_path, load_config_writers
-from freezeframe.errors import FreezeframeError, InvalidInput
-from freezeframe.model import WriterSpec
-from freezeframe.writers import validate_options, writer_class
+from freezeframe.config import Home
+from freezeframe.errors import FreezeframeError
 
 EXIT_CODES = """\b
 Exit codes:
@@ -27,40 +25,11 @@ Exit codes:
   7  snapshot failed, or the policy said fail (a failed record is kept)
   8  catalog error
   9  lab VM error
+  10 backup repository error (missing, wrong passphrase)
+  11 a repository object is damaged (fails its hash or authentication)
 """
 
 
-class App:
-    """What every command needs: the state directory and, on demand, the catalog."""
-
-    def __init__(self, home: Home) -> None:
-        self.home = home
-        self._catalog: Catalog | None = None
-
-    @property
-    def catalog(self) -> Catalog:
-        if self._catalog is None:
-            self._catalog = Catalog.open(self.home.catalog)
-        return self._catalog
-
-    def writers(self, instance: str) -> list[WriterSpec]:
-        """The instance's writers: those added with ``writer add``, then those of the config file."""
-        added = self.catalog.writers(instance)
-        declared = load_config_writers(config_path(self.home)).get(instance, [])
-        clash = {w.name for w in added} & {w.name for w in declared}
-        if clash:
-            raise InvalidInput(f"writer {', '.join(sorted(clash))} of {instance} is both in the catalog and in "
-                               f"{config_path(self.home)}", hint="remove one of them")
-        for spec in declared:
-            validate_options(writer_class(spec.kind), spec.options)
-        return added + declared
-
-    def close(self) -> None:
-        if self._catalog is not None:
-            self._catalog.close()
-
-
-pass_app = click.make_pass_decorator(App)
 
 
 @click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,7 +39,7 @@ pass_app = click.make_pass_decorator(App)
 @click.version_option(package_name="freezeframe")
 @click.pass_context
 def cli(ctx: click.Context, home: Path | None) -> None:
-    """Consistent snapshots of QEMU/KVM virtual machines.
+    """Consistent snapshots and backups of QEMU/KVM virtual machines.
 
     Every snapshot records the consistency level it achieved (application, filesystem or
     crash) and, when it stepped down from what was asked, why.
@@ -81,9 +50,11 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 
 def _register() -> None:
-    from freezeframe.cli import instance, lab, snapshot, writer
+    from freezeframe.cli import backup, instance, lab, repo, snapshot, writer
 
     cli.add_command(snapshot.group)
+    cli.add_command(backup.group)
+    cli.add_command(repo.group)
     cli.add_command(writer.group)
     cli.add_command(instance.instance_group)
     cli.add_command(instance.template_group)

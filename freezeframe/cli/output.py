@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
 import click
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from freezeframe.model import Instance, Snapshot, Template
+from freezeframe.model import Backup, Instance, Snapshot, Template
 
 # Piped output (logs, CI) gets full rows instead of rich's 80-column guess.
 stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 220)
@@ -186,3 +187,88 @@ def progress(label: str) -> Iterator[Any]:
         return
     with stderr.status(f"{label}: starting") as status:
         yield lambda phase: status.update(f"{label}: {phase}")
+
+
+# -- backups -------------------------------------------------------------------------------------
+
+
+def backup_json(backup: Backup) -> dict[str, Any]:
+    point = backup.point
+    return {
+        "id": backup.id,
+        "instance": backup.instance,
+        "type": backup.type.value,
+        "created_at": backup.created_at,
+        "state": backup.state.value,
+        "repository": backup.repository,
+        "parent": backup.parent,
+        "consistency": point.achieved_level.value if point and point.achieved_level else None,
+        "requested_consistency": point.requested_level.value if point else None,
+        "application_consistent": bool(point and point.application_consistent),
+        "fallback_reasons": point.fallback_reasons if point else [],
+        "freeze_window_ms": point.freeze_window_ms if point else None,
+        "duration_s": backup.duration_s,
+        "timings_s": backup.timings_s,
+        "error": backup.error,
+        "disks": [asdict(d) for d in backup.disks],
+    }
+
+
+def backup_table(backup: Backup) -> Table:
+    data = backup_json(backup)
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("Field")
+    table.add_column("Value", overflow="fold")
+    rows = [("ID", data["id"]), ("Instance", data["instance"]), ("Type", data["type"]),
+            ("Creation Date", data["created_at"]), ("State", data["state"]), ("Repository", data["repository"]),
+            ("Parent", data["parent"] or "-"), ("Consistency", data["consistency"] or "-"),
+            ("Application Consistent", _yes_no(data["application_consistent"])),
+            ("Freeze Window", _ms(data["freeze_window_ms"])),
+            ("Fallback Reason", "\n".join(data["fallback_reasons"]) or "-"),
+            ("Duration", "-" if data["duration_s"] is None else f"{data['duration_s']:.1f} s")]
+    if data["error"]:
+        rows.append(("Error", data["error"]))
+    for disk in backup.disks:
+        text = (f"{human_size(disk.virtual_size)}: read {human_size(disk.bytes_read)}, "
+                f"new {human_size(disk.bytes_new)} "
+                f"(stored as {human_size(disk.bytes_stored)}), deduplicated {human_size(disk.bytes_reused)}, "
+                f"unchanged {human_size(disk.bytes_unchanged)}")
+        if disk.full_read_reason:
+            text += f"\nread in full: {disk.full_read_reason}"
+        rows.append((f"Disk {disk.device}", text))
+    for field, value in rows:
+        table.add_row(field, value)
+    return table
+
+
+def backups_table(backups: Sequence[Backup]) -> Table:
+    table = Table(show_header=True, header_style="bold")
+    for column in ("ID", "Instance", "Type", "Creation Date", "State", "Consistency", "Read", "New", "Parent"):
+        table.add_column(column)
+    for backup in backups:
+        point = backup.point
+        table.add_row(
+            backup.id[:8], backup.instance, backup.type.value, backup.created_at[:19].replace("T", " "),
+            backup.state.value, point.achieved_level.value if point and point.achieved_level else "-",
+            human_size(sum(d.bytes_read for d in backup.disks)), human_size(sum(d.bytes_new for d in backup.disks)),
+            backup.parent[:8] if backup.parent else "-",
+        )
+    return table
+
+
+@contextmanager
+def byte_progress(label: str, enabled: bool = True) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar on stderr (only on a terminal): ``update(done, total, detail)``, where
+    detail is shown beside the rate and ETA (stored, deduplicated, ...)."""
+    if not enabled or not stderr.is_terminal:
+        yield lambda done, total, detail: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+               TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}"))
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(label, total=None, detail="")
+
+        def update(done: int, total: int, detail: str) -> None:
+            bar.update(task, completed=done, total=total, detail=detail)
+
+        yield update

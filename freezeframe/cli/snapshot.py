@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 
-from freezeframe.cli.main import App, pass_app
+from freezeframe.cli.context import App, pass_app
 from freezeframe.cli.output import (
     emit_json,
     output_option,
@@ -19,10 +19,10 @@ from freezeframe.cli.output import (
     snapshots_table,
     stdout,
 )
-from freezeframe.engine.plan import plan_snapshot
+from freezeframe.cli.point import plan_point, point_options
 from freezeframe.engine.run import delete_snapshot, take_snapshot
 from freezeframe.errors import InvalidInput, SnapshotFailed
-from freezeframe.model import Level, OnFailure, Snapshot, SnapshotState
+from freezeframe.model import Snapshot, SnapshotState
 from freezeframe.targets.host import mount_copies, unmount_copies
 
 
@@ -41,48 +41,17 @@ def _show(snap: Snapshot, fmt: str) -> None:
 @group.command("create")
 @click.argument("instance")
 @click.option("--name", help="Snapshot name. Default: <instance>-<UTC timestamp>.")
-@click.option("--consistency", type=click.Choice([lv.value for lv in Level]),
-              help="Level to ask for. Default: application if the instance has application-consistent "
-                   "snapshots enabled, else crash.")
-@click.option("--on-failure", type=click.Choice([f.value for f in OnFailure]), default="fallback",
-              show_default=True,
-              help="fallback: step down (application -> filesystem -> crash) and record why; "
-                   "fail: keep no snapshot, only a failed record with the reason.")
-@click.option("--agent-timeout", type=float, default=3.0, show_default=True,
-              help="Seconds the guest agent gets to answer the first probe (an absent agent costs this).")
-@click.option("--freeze-timeout", type=float, default=10.0, show_default=True,
-              help="Seconds the file-system freeze may take (in a VM it runs the guest's freeze hooks).")
-@click.option("--freeze-budget", type=click.FloatRange(0.1, 3600),
-              help="The longest the instance may stay frozen: past it, it is thawed at once and the snapshot "
-                   "steps down (or fails, with --on-failure fail). Default: the instance's, else 10 s.")
-@click.option("--writer", "include", multiple=True, metavar="NAME",
-              help="Quiesce only these writers (repeatable). Default: all of the instance's writers.")
-@click.option("--exclude-writer", "exclude", multiple=True, metavar="NAME", help="Leave this writer out (repeatable).")
+@point_options
 @output_option
 @pass_app
-def create(app: App, instance: str, name: str | None, consistency: str | None, on_failure: str,
-           agent_timeout: float, freeze_timeout: float, freeze_budget: float | None, include: tuple[str, ...],
-           exclude: tuple[str, ...], fmt: str) -> None:
+def create(app: App, /, instance: str, name: str | None, fmt: str, **point: Any) -> None:
     """Snapshot every disk of INSTANCE at one instant, as consistent as it allows.
 
     application: every selected writer quiesced, file systems frozen; filesystem: file
     systems frozen; crash: nothing coordinated. The record says which level held and why
     it stepped down."""
-    inst = app.catalog.instance(instance)
-    plan = plan_snapshot(
-        inst,
-        now=datetime.now(UTC),
-        name=name,
-        level=Level.parse(consistency) if consistency else None,
-        on_failure=OnFailure(on_failure),
-        agent_timeout=agent_timeout,
-        freeze_timeout=freeze_timeout,
-        freeze_budget=freeze_budget,
-        writers=app.writers(inst.name),
-        include=include,
-        exclude=exclude,
-    )
-    with progress(f"snapshot of {inst.name}") as say:
+    plan = plan_point(app, instance, name=name, **point)
+    with progress(f"snapshot of {plan.instance.name}") as say:
         try:
             snap = asyncio.run(take_snapshot(plan, app.catalog, lock_dir=app.home.locks, progress=say))
         except SnapshotFailed as failure:

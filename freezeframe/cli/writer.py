@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from freezeframe.cli.main import App, pass_app
+from freezeframe.cli.context import App, pass_app
 from freezeframe.cli.output import emit_json, output_option, records_table, stdout
 from freezeframe.config import config_path
 from freezeframe.errors import InvalidInput

@@ -58,19 +58,25 @@ class Guard:
 
     @classmethod
     def arm(cls, arming: Arming) -> Guard:
+        return cls.spawn("freezeframe.engine.guard", asdict(arming), what="the freeze guard")
+
+    @classmethod
+    def spawn(cls, module: str, payload: dict[str, Any], *, what: str) -> Guard:
+        """Start ``python -m module`` in its own session, hand it ``payload`` on stdin, and
+        wait for its 'armed'. Also the start of the backup sentinel (``sentinel.py``)."""
         process = subprocess.Popen(
-            [sys.executable, "-m", "freezeframe.engine.guard"],
+            [sys.executable, "-m", module],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
         assert process.stdin is not None
         assert process.stdout is not None
-        process.stdin.write(json.dumps(asdict(arming)).encode() + b"\n")
+        process.stdin.write(json.dumps(payload).encode() + b"\n")
         process.stdin.flush()
         ready, _, _ = select.select([process.stdout], [], [], 30)
         if not ready or process.stdout.readline().strip() != b"armed":
             process.kill()
-            raise HypervisorError("the freeze guard did not start; not freezing without it")
+            raise HypervisorError(f"{what} did not start; not going on without it")
         return cls(process)
 
     def release(self) -> None:
@@ -96,13 +102,14 @@ class Guard:
 # -- the guard process ---------------------------------------------------------------------
 
 
-def _wait(deadline: float) -> str:
-    """'disarm', 'eof' or 'deadline'."""
+def wait_for_owner(deadline: float) -> str:
+    """In the watching process: read stdin until 'disarm' or EOF (the owner died) or the
+    monotonic ``deadline``; returns 'disarm', 'eof' or 'deadline'."""
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return "deadline"
-        ready, _, _ = select.select([sys.stdin], [], [], remaining)
+        ready, _, _ = select.select([sys.stdin], [], [], None if remaining == float("inf") else remaining)
         if ready:
             line = sys.stdin.readline()
             if not line:
@@ -195,7 +202,7 @@ def main() -> int:
     arming = Arming(**{**data, "mounts": tuple(data.get("mounts", ()))})
     print("armed", flush=True)
     started = time.monotonic()
-    why = _wait(started + arming.deadline_s)
+    why = wait_for_owner(started + arming.deadline_s)
     if why == "disarm":
         return 0
     if why == "deadline":

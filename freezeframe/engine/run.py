@@ -152,6 +152,20 @@ async def take_snapshot(
 ) -> Snapshot:
     """Take the planned snapshot and record it. Raises SnapshotFailed (with the failed
     record kept in the catalog) when it cannot be taken or the policy says fail."""
+    with instance_lock(lock_dir, plan.instance.name):
+        return await take_point(plan, catalog, progress=progress, target_factory=target_factory)
+
+
+async def take_point(
+    plan: SnapshotPlan,
+    catalog: Catalog,
+    *,
+    progress: Progress | None = None,
+    target_factory: TargetFactory | None = None,
+    purpose: str = "snapshot",
+) -> Snapshot:
+    """The consistent point, for a snapshot or a backup alike: the caller holds the
+    instance lock. ``purpose`` files the record (backup points are listed with backups)."""
     say = progress or (lambda phase: None)
     factory = target_factory or _default_factory(catalog)
     snap = Snapshot(
@@ -161,34 +175,34 @@ async def take_snapshot(
         state=SnapshotState.CREATING,
         instance=plan.instance.name,
         requested_level=plan.level,
+        purpose=purpose,
     )
-    with instance_lock(lock_dir, plan.instance.name):
-        _close_stale_records(catalog, plan.instance.name)  # before this run's own record exists
-        catalog.save_snapshot(snap)
-        run = _Run(plan, snap, say, factory, catalog.path)
-        try:
-            await run.execute()
-        except (_StepDownRefused, WritersFailed) as refused:
-            _fail(catalog, run, f"{refused.reason} (the policy is fail, so no snapshot was kept)")
-        except FreezeframeError as err:
-            _fail(catalog, run, err.message, cause=err)
-        except BaseException as err:
-            # Interrupted (Ctrl-C, cancellation): keep an honest record, then let it go on.
-            snap.state = SnapshotState.FAILED
-            snap.error = f"interrupted: {type(err).__name__}"
-            run.finish_record()
-            catalog.save_snapshot(snap)
-            raise
-        say("record")
-        snap.state = SnapshotState.CREATED
+    _close_stale_records(catalog, plan.instance.name)  # before this run's own record exists
+    catalog.save_snapshot(snap)
+    run = _Run(plan, snap, say, factory, catalog.path)
+    try:
+        await run.execute()
+    except (_StepDownRefused, WritersFailed) as refused:
+        _fail(catalog, run, f"{refused.reason} (the policy is fail, so no snapshot was kept)")
+    except FreezeframeError as err:
+        _fail(catalog, run, err.message, cause=err)
+    except BaseException as err:
+        # Interrupted (Ctrl-C, cancellation): keep an honest record, then let it go on.
+        snap.state = SnapshotState.FAILED
+        snap.error = f"interrupted: {type(err).__name__}"
         run.finish_record()
         catalog.save_snapshot(snap)
-        return snap
+        raise
+    say("record")
+    snap.state = SnapshotState.CREATED
+    run.finish_record()
+    catalog.save_snapshot(snap)
+    return snap
 
 
 def _close_stale_records(catalog: Catalog, instance: str) -> None:
     """Holding the instance lock, any record still 'creating' is from a run that died."""
-    for stale in catalog.snapshots(instance=instance):
+    for stale in catalog.snapshots(instance=instance, purpose=None):
         if stale.state is SnapshotState.CREATING:
             stale.state = SnapshotState.FAILED
             stale.error = stale.error or "interrupted: the run that took it ended without recording an outcome"
@@ -539,6 +553,9 @@ async def delete_snapshot(catalog: Catalog, ref: str, *, lock_dir: Path,
     snap = catalog.snapshot(ref)
     if snap.state is SnapshotState.DELETED:
         raise InvalidInput(f"snapshot {snap.name} ({snap.id}) is deleted already")
+    if snap.purpose != "snapshot":
+        raise InvalidInput(f"{snap.id} is the consistent point of a backup, not a snapshot",
+                           hint=f"delete the backup with: freezeframe backup delete {snap.id}")
     with instance_lock(lock_dir, snap.instance):
         # A failed record may hold copies too, when the snapshot was taken but a later step failed.
         if snap.disks:
@@ -558,4 +575,5 @@ async def delete_snapshot(catalog: Catalog, ref: str, *, lock_dir: Path,
         return snap
 
 
-__all__ = ["Progress", "TargetFactory", "delete_snapshot", "instance_lock", "make_target", "take_snapshot"]
+__all__ = ["Progress", "TargetFactory", "delete_snapshot", "fault", "instance_lock", "make_target", "take_point",
+           "take_snapshot"]

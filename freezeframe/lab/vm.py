@@ -41,6 +41,9 @@ class LabVM:
     agent: bool
     workload: bool
     accel: str
+    #: What the guest was booted with, so that ``restart`` boots it the same way.
+    cmdline: str = ""
+    memory_mib: int = 256
 
     @property
     def running(self) -> bool:
@@ -211,9 +214,13 @@ def up(
     disk_mib: int = DEFAULT_DISK_MIB,
     memory_mib: int = 256,
     boot_timeout: float = 90.0,
+    disk_images: list[Path] | None = None,
 ) -> LabVM:
     """Build (or reuse) the guest image, create the disks and boot the VM; returns once the
-    guest has mounted its disks and started its agent."""
+    guest has mounted its disks and started its agent. ``disk_images``: qcow2 files to
+    boot on instead of new disks (moved into the VM's directory), such as a restored backup."""
+    if disk_images is not None:
+        disks = len(disk_images)
     if fs not in FILESYSTEMS:
         raise LabError(f"unknown file system {fs!r}", hint=f"use one of: {', '.join(FILESYSTEMS)}")
     if not 1 <= disks <= 8:
@@ -236,8 +243,11 @@ def up(
     vm_dir.mkdir(parents=True)
     try:
         disk_paths = [vm_dir / f"disk{i}.qcow2" for i in range(disks)]
-        for path in disk_paths:
-            make_disk(path, fs=fs, size_mib=disk_mib)
+        for index, path in enumerate(disk_paths):
+            if disk_images is not None:
+                shutil.move(disk_images[index], path)
+            else:
+                make_disk(path, fs=fs, size_mib=disk_mib)
         cmdline = " ".join([
             "console=ttyS0", "quiet", "panic=-1",
             f"ff.agent={int(agent)}", f"ff.workload={int(workload)}",
@@ -256,6 +266,7 @@ def up(
             name=name, directory=str(vm_dir), qmp_socket=str(vm_dir / "qmp.sock"),
             qga_socket=str(vm_dir / "qga.sock"), console=str(vm_dir / "console.log"), pid=pid,
             disks=[str(p) for p in disk_paths], fs=fs, agent=agent, workload=workload, accel=accel,
+            cmdline=cmdline, memory_mib=memory_mib,
         )
         (vm_dir / "vm.json").write_text(json.dumps(asdict(vm), indent=2))
         return vm
@@ -264,6 +275,31 @@ def up(
             _stop_pid(int((vm_dir / "qemu.pid").read_text()), str(vm_dir))
         shutil.rmtree(vm_dir, ignore_errors=True)
         raise
+
+
+def stop(lab_root: Path, name: str) -> None:
+    """Shut QEMU down cleanly (SIGTERM: it writes persistent bitmaps back), keeping the VM's files."""
+    vm = get(lab_root, name)
+    _stop_pid(vm.pid, vm.directory)
+    if vm.running:
+        raise LabError(f"lab VM {name} (pid {vm.pid}) did not stop")
+
+
+def restart(lab_root: Path, image_cache: Path, name: str, *, boot_timeout: float = 90.0) -> LabVM:
+    """Boot a lab VM whose QEMU is gone (stopped, killed, crashed) again, on the same disks."""
+    vm = get(lab_root, name)
+    if vm.running:
+        raise Conflict(f"lab VM {name} is running (pid {vm.pid})")
+    if not vm.cmdline:
+        raise LabError(f"lab VM {name} was made by an older freezeframe and cannot be restarted")
+    vm_dir = Path(vm.directory)
+    pid = _boot(vm_dir, ensure_image(image_cache), [Path(d) for d in vm.disks], accel=vm.accel,
+                cmdline=vm.cmdline, memory_mib=vm.memory_mib, timeout=boot_timeout)
+    if pid is None:
+        raise LabError(f"lab VM {name} did not boot again within {boot_timeout:g}s; console:\n{_console_tail(vm_dir)}")
+    restarted = LabVM(**{**asdict(vm), "pid": pid})
+    (vm_dir / "vm.json").write_text(json.dumps(asdict(restarted), indent=2))
+    return restarted
 
 
 def get(lab_root: Path, name: str) -> LabVM:

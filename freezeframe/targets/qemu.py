@@ -97,25 +97,7 @@ class QemuTarget:
     # -- discovery ---------------------------------------------------------------------
 
     async def disks(self) -> list[BlockDisk]:
-        """Every writable disk with a medium; read-only and empty drives are not snapshotted."""
-        found = []
-        for entry in await self.monitor.execute("query-block"):
-            inserted = entry.get("inserted")
-            if not inserted or inserted.get("ro"):
-                continue
-            image = inserted["image"]
-            found.append(
-                BlockDisk(
-                    device=_device_name(entry, inserted["node-name"]),
-                    node=inserted["node-name"],
-                    filename=inserted["file"],
-                    format=inserted["drv"],
-                    virtual_size=int(image["virtual-size"]),
-                )
-            )
-        if not found:
-            raise HypervisorError("the VM has no writable disk to snapshot")
-        return found
+        return await block_disks(self.monitor)
 
     async def _format_nodes(self) -> dict[str, dict[str, Any]]:
         """Format-layer block nodes by file name (protocol nodes like 'file' are left out)."""
@@ -217,7 +199,7 @@ class QemuTarget:
     async def prepare(self, snapshot_id: str) -> None:
         """Create and attach one overlay per disk, ready for the transaction."""
         disks = await self.disks()
-        tag = _tag(snapshot_id)
+        tag = short_tag(snapshot_id)
         try:
             for index, disk in enumerate(disks):
                 overlay = _overlay_path(disk.filename, tag)
@@ -276,7 +258,7 @@ class QemuTarget:
         """What a run that died left behind: the copies its transaction made (disks whose
         active layer is its overlay; the copy is the file below), and the overlays it
         prepared but never switched to, which are detached and deleted here."""
-        tag = _tag(snapshot_id)
+        tag = short_tag(snapshot_id)
         nodes = await self.monitor.execute("query-named-block-nodes", {"flat": True})
         by_file = {n["file"]: n for n in nodes if n["drv"] not in ("file", "host_device", "nbd")}
         taken = []
@@ -327,7 +309,7 @@ class QemuTarget:
         """
         nodes = await self._format_nodes()
         for disk in await self.disks():
-            chain = _chain(disk, nodes)
+            chain = disk_chain(disk, nodes)
             if image not in chain:
                 continue
             position = chain.index(image)
@@ -371,7 +353,29 @@ class QemuTarget:
                     raise HypervisorError(f"merging the snapshot failed: {name.lower()}")
 
 
-def _tag(snapshot_id: str) -> str:
+async def block_disks(monitor: Monitor) -> list[BlockDisk]:
+    """Every writable disk with a medium; read-only and empty drives are not snapshotted."""
+    found = []
+    for entry in await monitor.execute("query-block"):
+        inserted = entry.get("inserted")
+        if not inserted or inserted.get("ro"):
+            continue
+        image = inserted["image"]
+        found.append(
+            BlockDisk(
+                device=_device_name(entry, inserted["node-name"]),
+                node=inserted["node-name"],
+                filename=inserted["file"],
+                format=inserted["drv"],
+                virtual_size=int(image["virtual-size"]),
+            )
+        )
+    if not found:
+        raise HypervisorError("the VM has no writable disk to snapshot")
+    return found
+
+
+def short_tag(snapshot_id: str) -> str:
     """The short form of a snapshot id that names its overlay files and nodes."""
     return snapshot_id.replace("-", "")[:8]
 
@@ -384,7 +388,7 @@ def _device_name(entry: dict[str, Any], node: str) -> str:
     return match.group(1) if match else node
 
 
-def _chain(disk: BlockDisk, nodes: dict[str, dict[str, Any]]) -> list[str]:
+def disk_chain(disk: BlockDisk, nodes: dict[str, dict[str, Any]]) -> list[str]:
     """File names from the active image down to the base."""
     chain = [disk.filename]
     while True:

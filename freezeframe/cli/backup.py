@@ -1,0 +1,163 @@
+"""``freezeframe backup ...``"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from freezeframe.cli.context import (
+    App,
+    locate_backup,
+    pass_app,
+    passphrase_options,
+    read_passphrase,
+    repo_option,
+)
+from freezeframe.cli.output import (
+    backup_json,
+    backup_table,
+    backups_table,
+    byte_progress,
+    emit_json,
+    human_size,
+    output_option,
+    progress,
+    records_table,
+    stdout,
+)
+from freezeframe.cli.point import plan_point, point_options
+from freezeframe.engine.backup import BackupPlan, Transfer, restore_backup, take_backup
+from freezeframe.errors import BackupFailed
+from freezeframe.model import Backup, BackupState, BackupType
+
+
+@click.group("backup")
+def group() -> None:
+    """Back up VMs into a repository, list, restore and delete backups.
+
+    A backup takes the same consistent point as a snapshot (levels, writers, guest hooks,
+    freeze guard), but copies it into a repository instead of adding an overlay to the
+    VM's chain: the VM's disks are left as they were, and the backup outlives the host."""
+
+
+def _show(backup: Backup, fmt: str) -> None:
+    if fmt == "json":
+        emit_json(backup_json(backup))
+    else:
+        stdout.print(backup_table(backup))
+
+
+@group.command("create")
+@click.argument("instance")
+@click.option("--type", "kind", type=click.Choice([t.value for t in BackupType]),
+              help="full: every allocated block; incremental: what changed since the previous backup; "
+                   "differential: since the last full; copy: a full that leaves bitmaps and the chain alone. "
+                   "Default: incremental once a full exists, else full.")
+@point_options
+@repo_option
+@passphrase_options
+@click.option("--fleecing-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the temporary snapshot data goes (old blocks the guest overwrites during the "
+                   "backup). Default: fleecing/ in the home.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel reads. Default: cores, 2 to 8.")
+@output_option
+@pass_app
+def create(app: App, /, instance: str, kind: str | None, repo_path: Path | None, passphrase_file: Path | None,
+           passphrase_env: str | None, fleecing_dir: Path | None, workers: int | None, fmt: str,
+           **point: Any) -> None:
+    """Back up every disk of INSTANCE at one consistent instant into the repository."""
+    repo = app.repository(repo_path, read_passphrase(passphrase_file, passphrase_env))
+    backup_id = str(uuid.uuid4())
+    plan = BackupPlan(point=plan_point(app, instance, name=f"backup-{backup_id[:8]}", snapshot_id=backup_id, **point),
+                      type=BackupType(kind) if kind else None, repository=repo,
+                      fleecing_dir=(fleecing_dir or app.home.fleecing).absolute(), run_dir=app.home.run,
+                      **({"workers": workers} if workers else {}))
+    with progress(f"backup of {instance}") as say, \
+            byte_progress(f"backup of {instance}", enabled=fmt != "json") as bar:
+
+        def moved(t: Transfer) -> None:
+            c = t.counters
+            bar(t.done, t.total, f"new {human_size(c.new)}, dedup {human_size(c.reused)}")
+
+        try:
+            backup = asyncio.run(take_backup(plan, app.catalog, lock_dir=app.home.locks, progress=say,
+                                             transfer=moved))
+        except BackupFailed as failure:
+            if failure.snapshot_id is not None:
+                _show(app.catalog.backup(failure.snapshot_id), fmt)
+            raise
+    _show(backup, fmt)
+
+
+@group.command("list")
+@click.option("--instance", help="Only this instance's backups.")
+@click.option("--all", "everything", is_flag=True, help="Include failed and deleted backups.")
+@output_option
+@pass_app
+def list_(app: App, instance: str | None, everything: bool, fmt: str) -> None:
+    """List complete backups, oldest first (a partial backup is never listed)."""
+    states = tuple(BackupState) if everything else (BackupState.CREATED,)
+    backups = app.catalog.backups(instance=instance, states=states)
+    if fmt == "json":
+        emit_json([backup_json(b) for b in backups])
+    else:
+        stdout.print(backups_table(backups))
+
+
+@group.command("show")
+@click.argument("backup")
+@output_option
+@pass_app
+def show(app: App, backup: str, fmt: str) -> None:
+    """Show one backup (by id or id prefix): level, parent, and per disk what was read and stored."""
+    _show(app.catalog.backup(backup), fmt)
+
+
+@group.command("restore")
+@click.argument("backup")
+@click.option("--to", "dest", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the restored images (one per disk, named by device).")
+@click.option("--format", "image_format", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True)
+@click.option("--disk", "devices", multiple=True, metavar="DEVICE", help="Restore only this disk (repeatable).")
+@repo_option
+@passphrase_options
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel writes. Default: cores, 2 to 8.")
+@output_option
+@pass_app
+def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple[str, ...], repo_path: Path | None,
+            passphrase_file: Path | None, passphrase_env: str | None, workers: int | None, fmt: str) -> None:
+    """Restore BACKUP's disks as complete images: sparse, every chunk checked against its hash.
+
+    BACKUP is an id or id prefix from the catalog; with --repo, a backup id found only in
+    that repository (restoring without the original catalog or instance) works too."""
+    repo, backup_id = locate_backup(app, backup, repo_path, read_passphrase(passphrase_file, passphrase_env))
+    with byte_progress(f"restore of {backup_id[:8]}", enabled=fmt != "json") as bar:
+        restored = restore_backup(repo, backup_id, dest.absolute(), fmt=image_format, devices=devices,
+                                  progress=lambda done, total: bar(done, total, ""),
+                                  **({"workers": workers} if workers else {}))
+    records = [{"device": device, "image": str(path), "format": image_format} for device, path in restored]
+    if fmt == "json":
+        emit_json(records)
+    else:
+        stdout.print(records_table(records, ["device", "image", "format"]))
+
+
+@group.command("delete")
+@click.argument("backup")
+@passphrase_options
+@output_option
+@pass_app
+def delete(app: App, backup: str, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+    """Delete a backup: its manifest and indexes. Chunks other backups use stay; every other
+    backup stays restorable (each index is complete)."""
+    found = app.catalog.backup(backup)
+    if found.state is BackupState.CREATED:
+        repo = app.repository(Path(found.repository), read_passphrase(passphrase_file, passphrase_env))
+        repo.delete_backup(found.id)
+    found.state = BackupState.DELETED
+    app.catalog.save_backup(found)
+    _show(app.catalog.backup(found.id), fmt)

@@ -1,0 +1,110 @@
+"""What every command shares: the home, the catalog, the repository, and the options
+that several command groups take. Command modules import this, never ``main``."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from freezeframe.backup.repository import Repository
+from freezeframe.backup.store import LocalStore
+from freezeframe.catalog import Catalog
+from freezeframe.config import Home, config_path, load_config_writers
+from freezeframe.errors import InvalidInput, NotFound, RepositoryError
+from freezeframe.model import BackupState, WriterSpec
+from freezeframe.writers import validate_options, writer_class
+
+PASSPHRASE_ENV = "FREEZEFRAME_PASSPHRASE"
+
+
+class App:
+    """What every command needs: the state directory and, on demand, the catalog."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self._catalog: Catalog | None = None
+
+    @property
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = Catalog.open(self.home.catalog)
+        return self._catalog
+
+    def writers(self, instance: str) -> list[WriterSpec]:
+        """The instance's writers: those added with ``writer add``, then those of the config file."""
+        added = self.catalog.writers(instance)
+        declared = load_config_writers(config_path(self.home)).get(instance, [])
+        clash = {w.name for w in added} & {w.name for w in declared}
+        if clash:
+            raise InvalidInput(f"writer {', '.join(sorted(clash))} of {instance} is both in the catalog and in "
+                               f"{config_path(self.home)}", hint="remove one of them")
+        for spec in declared:
+            validate_options(writer_class(spec.kind), spec.options)
+        return added + declared
+
+    def repository_path(self, path: Path | None) -> Path:
+        return (path or self.home.repository).absolute()
+
+    def repository(self, path: Path | None, passphrase: bytes | None) -> Repository:
+        return Repository.open(LocalStore(self.repository_path(path)), passphrase=passphrase)
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+def repo_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--repo", "repo_path", type=click.Path(file_okay=False, path_type=Path),
+                        envvar="FREEZEFRAME_REPO",
+                        help="The backup repository. Default: $FREEZEFRAME_REPO, else repo/ in the home.")(f)
+
+
+def passphrase_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--passphrase-env", metavar="VAR",
+                     help=f"Read the repository passphrase from this environment variable. "
+                          f"Default: {PASSPHRASE_ENV}, when set.")(f)
+    return click.option("--passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
+                        help="Read the repository passphrase from this file (owner-only; first line).")(f)
+
+
+def read_passphrase(passphrase_file: Path | None, passphrase_env: str | None) -> bytes | None:
+    """The passphrase from a file or a variable; None when neither is given (a plain repository)."""
+    if passphrase_file is not None:
+        try:
+            info = passphrase_file.stat()
+            if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise InvalidInput(f"the passphrase file {passphrase_file} is readable by others",
+                                   hint=f"chmod 600 {passphrase_file}")
+            return passphrase_file.read_bytes().splitlines()[0] if info.st_size else b""
+        except OSError as err:
+            raise RepositoryError(f"cannot read the passphrase file {passphrase_file}: {err.strerror}") from err
+    variable = passphrase_env or PASSPHRASE_ENV
+    value = os.environ.get(variable)
+    if value is None and passphrase_env is not None:
+        raise InvalidInput(f"the variable {passphrase_env} is not set")
+    return value.encode() if value is not None else None
+
+
+def locate_backup(app: App, ref: str, repo_path: Path | None, passphrase: bytes | None) -> tuple[Repository, str]:
+    """The repository and full id of a complete backup: from the catalog, else (restoring
+    without the original catalog) from the repository's own list."""
+    try:
+        found = app.catalog.backup(ref)
+    except NotFound:
+        repo = app.repository(repo_path, passphrase)
+        matches = [b for b in repo.backup_ids() if b.startswith(ref)]
+        if len(matches) != 1:
+            raise NotFound(f"no backup {ref!r} in the catalog or in the repository {repo.location}",
+                           hint="see: freezeframe backup list") from None
+        return repo, matches[0]
+    if found.state is not BackupState.CREATED:
+        raise InvalidInput(f"backup {found.id[:8]} is {found.state.value}: only complete backups can be restored")
+    return app.repository(repo_path or Path(found.repository), passphrase), found.id

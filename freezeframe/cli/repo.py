@@ -1,0 +1,90 @@
+"""``freezeframe repo ...``: the backup repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from freezeframe.backup.repository import DEFAULT_CHUNK_SIZE, Repository
+from freezeframe.backup.store import LocalStore
+from freezeframe.cli.context import App, pass_app, passphrase_options, read_passphrase
+from freezeframe.cli.output import emit_json, human_size, output_option, record_table, stdout
+from freezeframe.errors import InvalidInput, RepositoryError
+
+
+@click.group("repo")
+def group() -> None:
+    """Create and inspect backup repositories."""
+
+
+@group.command("init")
+@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--encryption", is_flag=True,
+              help="Encrypt and authenticate every object (AES-256-GCM), with keys protected by a passphrase.")
+@click.option("--chunk-size", type=click.IntRange(64, 65536), default=DEFAULT_CHUNK_SIZE >> 10, show_default=True,
+              metavar="KIB", help="Chunk size in KiB (a power of two).")
+@passphrase_options
+@output_option
+@pass_app
+def init(app: App, path: Path | None, encryption: bool, chunk_size: int, passphrase_file: Path | None,
+         passphrase_env: str | None, fmt: str) -> None:
+    """Create a repository at PATH (default: repo/ in the home).
+
+    With --encryption the passphrase comes from --passphrase-file, --passphrase-env or
+    FREEZEFRAME_PASSPHRASE. Keep it safe: without it the backups cannot be read."""
+    where = app.repository_path(path)
+    passphrase = read_passphrase(passphrase_file, passphrase_env) if encryption else None
+    if encryption and passphrase is None:
+        raise InvalidInput("--encryption needs a passphrase",
+                           hint="give --passphrase-file PATH, --passphrase-env VAR, or set FREEZEFRAME_PASSPHRASE")
+    if where.exists() and any(where.iterdir()) and not (where / "config").exists():
+        raise RepositoryError(f"{where} is not empty and not a repository", hint="choose an empty directory")
+    repo = Repository.init(LocalStore(where), passphrase=passphrase, chunk_size=chunk_size << 10)
+    record = {"path": str(where), "encryption": repo.config["encryption"], "chunk_size": repo.chunk_size,
+              "compression": f"zstd level {repo.level}", "hash": repo.config["hash"], "id": repo.config["id"]}
+    if fmt == "json":
+        emit_json(record)
+    else:
+        stdout.print(record_table(record))
+
+
+@group.command("stats")
+@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@passphrase_options
+@output_option
+@pass_app
+def stats(app: App, path: Path | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+    """Logical and stored bytes, deduplication and compression ratios, chunk count."""
+    repo = app.repository(path, read_passphrase(passphrase_file, passphrase_env))
+    s = repo.stats()
+    record = {"path": repo.location, "backups": s.backups, "logical_bytes": s.logical_bytes,
+              "unique_bytes": s.unique_bytes, "stored_bytes": s.stored_bytes,
+              "dedup_ratio": round(s.dedup_ratio, 3), "compression_ratio": round(s.compression_ratio, 3),
+              "chunks": s.chunks, "unreferenced_chunks": s.unreferenced_chunks}
+    if fmt == "json":
+        emit_json(record)
+        return
+    shown = {**record, "logical_bytes": human_size(s.logical_bytes), "unique_bytes": human_size(s.unique_bytes),
+             "stored_bytes": human_size(s.stored_bytes)}
+    stdout.print(record_table(shown))
+
+
+@group.command("check")
+@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@passphrase_options
+@output_option
+@pass_app
+def check(app: App, path: Path | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+    """Check the repository's structure: every backup's manifest and indexes open, and every
+    chunk they name exists. Exits 11 when something is missing or damaged."""
+    repo = app.repository(path, read_passphrase(passphrase_file, passphrase_env))
+    report = repo.check()
+    record = {"path": repo.location, "backups": report.backups, "indexes": report.indexes,
+              "chunks_named": report.chunks_named, "problems": report.problems}
+    if fmt == "json":
+        emit_json(record)
+    else:
+        stdout.print(record_table({**record, "problems": "\n".join(report.problems) or "none"}))
+    if report.problems:
+        raise click.exceptions.Exit(11)

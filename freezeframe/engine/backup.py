@@ -1,0 +1,386 @@
+"""Take a backup, and restore one.
+
+A backup is a snapshot's consistent point (``take_point``: the same levels, writers,
+guard and record as ``snapshot create``) whose last step makes a fleecing view instead of
+overlays, then a read of that view into the repository::
+
+    preflight  disks and their dirty bitmaps (QMP); which bitmap each disk reads, or why
+               it is read in full; free space for the temporary snapshot data
+    sentinel   armed: if this process dies, it removes the view from the VM
+    point      take_point with FleecingTarget (freeze, one transaction, thaw)
+    read       NBD export of the view; block status; only the chunks needed, in parallel
+    publish    one index per disk, then the manifest: only now is the backup listed
+    teardown   export, job, fleecing nodes and files, superseded bitmaps removed
+
+The rules this module owns:
+
+* An incremental reads only what the previous backup's bitmap marks; differential, what
+  the last full's bitmap marks. A disk whose bitmap is missing, inconsistent, busy, on
+  another node of its chain, or whose size changed, is read in full, with the reason.
+* The bitmap a backup reads keeps recording until the backup has succeeded: a failed or
+  killed backup loses no change, and the next one reads them all.
+* A copy backup reads everything and touches no bitmap and no chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from freezeframe.agent.qmp import Monitor
+from freezeframe.backup.pipeline import DEFAULT_WORKERS, Counters, back_up_disk, restore_disk
+from freezeframe.backup.reader import ALLOCATION, NbdExport, Need, plan_chunks
+from freezeframe.backup.repository import DiskIndex, Repository, manifest_name
+from freezeframe.catalog.store import Catalog, utc_now
+from freezeframe.engine import sentinel
+from freezeframe.engine.plan import SnapshotPlan
+from freezeframe.engine.run import Progress, instance_lock, take_point
+from freezeframe.errors import BackupFailed, FreezeframeError, InvalidInput, NotFound, RepositoryError
+from freezeframe.model import Backup, BackupDisk, BackupState, BackupType
+from freezeframe.targets.fleecing import (
+    BITMAP_PREFIX,
+    DiskLayout,
+    DiskState,
+    FleecingTarget,
+    Layout,
+    check_space,
+    disk_layout,
+    exported,
+    inspect,
+    teardown,
+)
+from freezeframe.targets.qemu import short_tag
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """Progress of the read: bytes to read in all, read so far, and the counters."""
+
+    total: int
+    done: int
+    counters: Counters
+
+
+#: Called from the reading thread as chunks complete.
+TransferProgress = Callable[[Transfer], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackupPlan:
+    #: The consistent point: instance, level, policy, writers; its snapshot_id is the backup's id.
+    point: SnapshotPlan
+    #: None: incremental when an earlier backup exists in this repository, else full.
+    type: BackupType | None
+    repository: Repository
+    #: Where the temporary snapshot data (fleecing images) goes.
+    fleecing_dir: Path
+    #: Where the NBD socket goes.
+    run_dir: Path
+    workers: int = DEFAULT_WORKERS
+
+
+@dataclass(frozen=True, slots=True)
+class _Reads:
+    since: str | None
+    reason: str | None
+    parent_index: str | None
+
+
+async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, progress: Progress | None = None,
+                      transfer: TransferProgress | None = None) -> Backup:
+    """Back up every disk of the instance into the repository; returns the listed backup.
+    Raises BackupFailed (the failed record kept, nothing listed) when it cannot."""
+    instance = plan.point.instance
+    if instance.kind != "qemu" or not instance.qmp_socket:
+        raise InvalidInput(f"instance {instance.name!r} is not a QEMU VM: backups are of VMs for now",
+                           hint="snapshot a host instance with: freezeframe snapshot create")
+    repo = plan.repository
+    with instance_lock(lock_dir, instance.name):
+        _close_stale(catalog, instance.name)
+        chain = [b for b in catalog.backups(instance=instance.name, repository=repo.location)
+                 if b.type is not BackupType.COPY and repo.store.exists(manifest_name(b.id))]
+        last = chain[-1] if chain else None
+        last_full = next((b for b in reversed(chain) if b.type is BackupType.FULL), None)
+        kind = plan.type or (BackupType.INCREMENTAL if last else BackupType.FULL)
+        # Refusals come before any record: nothing is taken, nothing is left to clean.
+        async with Monitor(instance.qmp_socket) as monitor:
+            states = await inspect(monitor)
+        check_space(plan.fleecing_dir, states)
+        parent = last if kind is BackupType.INCREMENTAL else last_full if kind is BackupType.DIFFERENTIAL else None
+        backup = Backup(id=plan.point.snapshot_id, instance=instance.name, type=kind, created_at=utc_now(),
+                        state=BackupState.CREATING, repository=repo.location, parent=parent.id if parent else None)
+        catalog.save_backup(backup)
+        started = time.monotonic()
+        try:
+            await _run(plan, catalog, backup, states, (parent, last, last_full), progress, transfer)
+        except BaseException as err:
+            backup.state = BackupState.FAILED
+            backup.error = err.message if isinstance(err, FreezeframeError) else f"interrupted: {type(err).__name__}"
+            backup.duration_s = round(time.monotonic() - started, 3)
+            catalog.save_backup(backup)
+            if isinstance(err, FreezeframeError):
+                raise BackupFailed(f"backup of {instance.name} failed: {err.message}", snapshot_id=backup.id,
+                                   hint=err.hint) from err
+            raise
+        backup.state = BackupState.CREATED
+        backup.duration_s = round(time.monotonic() - started, 3)
+        catalog.save_backup(backup)
+        return catalog.backup(backup.id)
+
+
+def _close_stale(catalog: Catalog, instance: str) -> None:
+    """Holding the instance lock, a backup still 'creating' is from a run that died."""
+    for stale in catalog.backups(instance=instance, states=(BackupState.CREATING,)):
+        stale.state = BackupState.FAILED
+        stale.error = stale.error or "interrupted: the run that took it ended without recording an outcome"
+        catalog.save_backup(stale)
+
+
+def _choose_reads(state: DiskState, kind: BackupType, parent: Backup | None) -> _Reads:
+    """Which bitmap this disk's changes come from, or why it is read in full."""
+    if kind in (BackupType.FULL, BackupType.COPY):
+        return _Reads(None, None, None)
+    if parent is None:
+        what = "no earlier backup" if kind is BackupType.INCREMENTAL else "no full backup"
+        return _Reads(None, f"{what} of this instance in this repository", None)
+    short = parent.id[:8]
+    mine = next((d for d in parent.disks if d.device == state.disk.device), None)
+    if state.disk.format != "qcow2":
+        return _Reads(None, f"a {state.disk.format} image cannot keep a persistent dirty bitmap", None)
+    if mine is None or mine.index is None:
+        return _Reads(None, f"the disk is new since backup {short}", None)
+    if mine.bitmap is None:
+        return _Reads(None, f"backup {short} started no dirty bitmap on this disk", None)
+    if mine.virtual_size != state.disk.virtual_size:
+        return _Reads(None, f"the disk was resized since backup {short}", None)
+    bitmap = state.bitmaps.get(mine.bitmap)
+    if bitmap is None:
+        if mine.bitmap in state.elsewhere:
+            return _Reads(None, f"its dirty bitmap {mine.bitmap} belongs to another chain: it is on "
+                                f"{state.elsewhere[mine.bitmap]}, no longer the disk's active layer "
+                                "(a snapshot or a copy replaced it)", None)
+        return _Reads(None, f"its dirty bitmap {mine.bitmap} is missing: QEMU stopped without saving it "
+                            "(killed or crashed), or the disk image was replaced", None)
+    if bitmap.inconsistent:
+        return _Reads(None, f"its dirty bitmap {mine.bitmap} is inconsistent: QEMU stopped without saving it "
+                            "(killed or crashed)", None)
+    if bitmap.busy:
+        return _Reads(None, f"its dirty bitmap {mine.bitmap} is in use by another operation", None)
+    if not bitmap.recording:
+        return _Reads(None, f"its dirty bitmap {mine.bitmap} is disabled and did not track every write", None)
+    return _Reads(mine.bitmap, None, mine.index)
+
+
+def _layout(plan: BackupPlan, backup: Backup, states: list[DiskState], parent: Backup | None,
+            last: Backup | None, last_full: Backup | None) -> tuple[Layout, list[str | None]]:
+    """The names to create, and for each disk the parent index its unchanged chunks come from."""
+    kind = backup.type
+    parent_indexes: list[str | None] = []
+    short = short_tag(backup.id)
+    disks: list[DiskLayout] = []
+    stale: list[tuple[str, str]] = []
+    drop: list[tuple[str, str]] = []
+    for position, state in enumerate(states):
+        reads = _choose_reads(state, kind, parent)
+        parent_indexes.append(reads.parent_index)
+        start = f"{BITMAP_PREFIX}{short}" if kind is not BackupType.COPY and state.disk.format == "qcow2" else None
+        disks.append(disk_layout(backup.id, position, state.disk, plan.fleecing_dir / short,
+                                 since=reads.since, frozen=f"ffr{short}" if reads.since else None,
+                                 start=start, full_read_reason=reads.reason))
+        if kind is BackupType.COPY:
+            continue
+
+        def bitmap_of(b: Backup | None, device: str = state.disk.device) -> str | None:
+            found = next((d for d in b.disks if d.device == device), None) if b else None
+            return found.bitmap if found else None
+
+        chain = {bitmap_of(last), bitmap_of(last_full)} - {None}
+        for name, info in state.bitmaps.items():
+            if not name.startswith(BITMAP_PREFIX) or info.busy or name == reads.since:
+                continue
+            if name not in chain or info.inconsistent:
+                stale.append((state.disk.node, name))
+        full_bitmap = start if kind is BackupType.FULL else bitmap_of(last_full)
+        drop += [(state.disk.node, name) for name in chain
+                 if name in state.bitmaps and name not in (start, full_bitmap)
+                 and (state.disk.node, name) not in stale]
+    assert plan.point.instance.qmp_socket is not None
+    layout = Layout(backup_id=backup.id, qmp_socket=plan.point.instance.qmp_socket,
+                    nbd_socket=str(plan.run_dir / f"{short}.nbd"), disks=tuple(disks),
+                    drop_on_success=tuple(drop), stale=tuple(stale))
+    return layout, parent_indexes
+
+
+async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[DiskState],
+               history: tuple[Backup | None, Backup | None, Backup | None], progress: Progress | None,
+               transfer: TransferProgress | None) -> None:
+    """``history``: the parent, the last backup and the last full of this instance here."""
+    say = progress or (lambda phase: None)
+    instance = plan.point.instance
+    assert instance.qmp_socket is not None
+    timings: dict[str, float] = {}
+    clock = time.monotonic()
+    say("preflight")
+    layout, parent_indexes = _layout(plan, backup, states, *history)
+    for disk in layout.disks:
+        backup.disks.append(BackupDisk(device=disk.device, virtual_size=disk.virtual_size, bitmap=disk.start,
+                                       full_read_reason=disk.full_read_reason))
+    watcher = sentinel.arm(catalog.path, layout)
+    torn_down = False
+    target = FleecingTarget(layout=layout, qga_socket=instance.qga_socket)
+    try:
+        timings["preflight"] = round(time.monotonic() - clock, 3)
+        clock = time.monotonic()
+        point = await take_point(plan.point, catalog, progress=say, target_factory=lambda _: target,
+                                 purpose="backup")
+        timings["point"] = round(time.monotonic() - clock, 3)
+        backup.point = point
+        success = False
+        async with Monitor(instance.qmp_socket) as monitor:
+            try:
+                async with exported(monitor, layout):
+                    say("read")
+                    clock = time.monotonic()
+                    counters = await asyncio.to_thread(_read_all, plan, backup, layout, parent_indexes,
+                                                     transfer)
+                    timings["read_store"] = round(time.monotonic() - clock, 3)
+                timings.update({f"{k}_thread_s": round(sum(c.seconds[k] for c in counters), 3)
+                                for k in ("read", "hash_store")})
+                say("publish")
+                plan.repository.put_manifest(backup.id, _manifest(backup, point.manifest))
+                success = True
+            finally:
+                clock = time.monotonic()
+                say("teardown")
+                problems = await teardown(monitor, layout, success=success)
+                torn_down = not problems
+                timings["teardown"] = round(time.monotonic() - clock, 3)
+                if problems:
+                    raise RepositoryError("the backup's view could not be fully removed from the VM: "
+                                          + "; ".join(problems))
+        # The view is gone: the point's record keeps the evidence, not paths that no longer exist.
+        point.disks = []
+        catalog.save_snapshot(point)
+    except BaseException:
+        if target.taken and not torn_down:
+            with contextlib.suppress(FreezeframeError):
+                async with Monitor(instance.qmp_socket) as monitor:
+                    torn_down = not await teardown(monitor, layout, success=False)
+        raise
+    finally:
+        backup.timings_s = timings
+        if torn_down or not target.taken:
+            watcher.disarm()
+        else:
+            watcher.release()  # the sentinel takes the view down now
+
+
+def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: list[str | None],
+              transfer: TransferProgress | None) -> list[Counters]:
+    """In a thread: block status of every disk first (so the total is known), then the reads."""
+    repo = plan.repository
+    fault_after = _fault_after()
+    sources: list[NbdExport] = []
+    try:
+        plans: list[list[Need]] = []
+        parents: list[DiskIndex | None] = []
+        for disk, parent_name in zip(layout.disks, parent_indexes, strict=True):
+            source = NbdExport(layout.nbd_socket, disk.export, bitmap=disk.frozen)
+            sources.append(source)
+            allocation = source.extents(ALLOCATION)
+            dirty = source.extents(f"qemu:dirty-bitmap:{disk.frozen}") if disk.frozen else None
+            plans.append(plan_chunks(source.size, repo.chunk_size, allocation, dirty))
+            parents.append(repo.index(parent_name) if dirty is not None and parent_name else None)
+        total = sum(min(repo.chunk_size, s.size - i * repo.chunk_size)
+                    for s, p in zip(sources, plans, strict=True) for i, n in enumerate(p) if n is Need.READ)
+        done_before = 0
+        results: list[Counters] = []
+        for position, (disk, record, source) in enumerate(zip(layout.disks, backup.disks, sources, strict=True)):
+
+            def report(read: int, counters: Counters, base: int = done_before) -> None:
+                if fault_after is not None and base + read >= fault_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if transfer is not None:
+                    transfer(Transfer(total, base + read, counters))
+
+            index, counters = back_up_disk(repo, source, plans[position], backup_id=backup.id, device=disk.device,
+                                           parent=parents[position], workers=plan.workers, progress=report)
+            record.index = repo.put_index(index, position)
+            record.bytes_read, record.bytes_new, record.bytes_reused = counters.read, counters.new, counters.reused
+            record.bytes_unchanged, record.bytes_stored = counters.unchanged, counters.stored
+            done_before += counters.read
+            results.append(counters)
+        return results
+    finally:
+        for source in sources:
+            source.close()
+
+
+def _fault_after() -> int | None:
+    """Fault injection for the tests: ``FREEZEFRAME_FAULT=mid-read:BYTES`` kills this process
+    (SIGKILL) once that many bytes were read."""
+    wanted = os.environ.get("FREEZEFRAME_FAULT", "")
+    return int(wanted.split(":", 1)[1]) if wanted.startswith("mid-read:") else None
+
+
+def _manifest(backup: Backup, point: dict[str, Any]) -> dict[str, Any]:
+    level = backup.point.achieved_level if backup.point else None
+    return {
+        "id": backup.id, "instance": backup.instance, "type": backup.type.value, "created_at": backup.created_at,
+        "parent": backup.parent,
+        "consistency": level.value if level else None,
+        "fallback_reasons": backup.point.fallback_reasons if backup.point else [],
+        "disks": [asdict(d) for d in backup.disks],
+        # The evidence of the consistent point: writers, file systems, agent, timings, events.
+        "point": point,
+    }
+
+
+# -- restore -----------------------------------------------------------------------------------
+
+
+def _file_name(device: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", device) or "disk"
+
+
+def restore_backup(repo: Repository, backup_id: str, dest: Path, *, fmt: str = "qcow2",
+                   devices: tuple[str, ...] = (), workers: int = DEFAULT_WORKERS,
+                   progress: Callable[[int, int], None] | None = None) -> list[tuple[str, Path]]:
+    """Restore a backup's disks (or those named in ``devices``) as images in ``dest``,
+    read from the repository alone. Returns (device, image) pairs."""
+    manifest = repo.manifest(backup_id)
+    disks = manifest["disks"]
+    known = [d["device"] for d in disks]
+    unknown = [d for d in devices if d not in known]
+    if unknown:
+        raise NotFound(f"backup {backup_id[:8]} has no disk {', '.join(unknown)}",
+                       hint=f"its disks: {', '.join(known)}")
+    chosen = [d for d in disks if not devices or d["device"] in devices]
+    indexes = [repo.index(d["index"]) for d in chosen]
+    total = sum(ix.chunk_length(i) for ix in indexes for i, c in enumerate(ix.chunks) if c is not None)
+    done = 0
+    restored = []
+    try:
+        for disk, index in zip(chosen, indexes, strict=True):
+            path = dest / f"{_file_name(disk['device'])}.{fmt}"
+
+            def report(written: int, base: int = done) -> None:
+                if progress is not None:
+                    progress(base + written, total)
+
+            done += restore_disk(repo, index, path, fmt=fmt, workers=workers, progress=report)
+            restored.append((disk["device"], path))
+    except BaseException:
+        # All or nothing: the disks restored so far are not the backup without the others.
+        for _, path in restored:
+            path.unlink(missing_ok=True)
+        raise
+    return restored

@@ -1,0 +1,80 @@
+"""The backup sentinel: a process of its own that takes a backup's fleecing view out of
+the VM when the backup process dies (SIGKILL included) before it could.
+
+The backup arms it before it creates anything in the VM, with the ``Layout`` (every
+name the backup will create), and disarms it after its own teardown. On EOF without a
+disarm it connects to QMP (the dead process's connection is gone, so QEMU accepts a new
+one), removes the export, the job, the fleecing nodes and files and the bitmaps the
+backup started, and marks the backup failed in the catalog. The bitmap of the last good
+backup is left recording, so the next backup still sees every change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from freezeframe.engine.guard import Guard, wait_for_owner
+from freezeframe.errors import FreezeframeError
+from freezeframe.targets.fleecing import Layout
+
+#: How long the sentinel keeps trying to reach QMP (the guard may hold it for a moment).
+PATIENCE = 60.0
+
+
+def arm(catalog: Path, layout: Layout) -> Guard:
+    payload = {"catalog": str(catalog), "layout": layout.to_json()}
+    return Guard.spawn("freezeframe.engine.sentinel", payload, what="the backup sentinel")
+
+
+async def _teardown(layout: Layout) -> list[str]:
+    from freezeframe.agent.qmp import Monitor
+    from freezeframe.targets.fleecing import teardown
+
+    last: Exception | None = None
+    end = time.monotonic() + PATIENCE
+    while time.monotonic() < end:
+        try:
+            async with Monitor(layout.qmp_socket, timeout=10) as monitor:
+                return await teardown(monitor, layout, success=False)
+        except FreezeframeError as err:
+            last = err
+            await asyncio.sleep(0.5)
+    return [f"QMP could not be reached: {last}"]
+
+
+def _record(catalog: str, backup_id: str, text: str) -> None:
+    from freezeframe.catalog.store import Catalog
+    from freezeframe.model import BackupState
+
+    with Catalog.open(Path(catalog)) as cat:
+        backup = cat.backup(backup_id)
+        if backup.state is BackupState.CREATING:
+            backup.state = BackupState.FAILED
+            backup.error = text
+            cat.save_backup(backup)
+
+
+def main() -> int:
+    data: dict[str, Any] = json.loads(sys.stdin.readline())
+    layout = Layout.from_json(data["layout"])
+    print("armed", flush=True)
+    if wait_for_owner(float("inf")) == "disarm":
+        return 0
+    problems = asyncio.run(_teardown(layout))
+    text = "interrupted: the backup process died; the sentinel removed its fleecing view from the VM"
+    if problems:
+        text += f" (not all of it: {'; '.join(problems)})"
+    try:
+        _record(data["catalog"], layout.backup_id, text)
+    except FreezeframeError:
+        return 1
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

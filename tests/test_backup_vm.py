@@ -1,0 +1,318 @@
+"""Backups of real lab VMs (QEMU, qemu-ga, NBD read with libnbd) into real repositories,
+judged by restoring them: clean journals, e2fsck, the writer's sequence numbers across
+disks, file contents byte for byte, and the VM left as it was."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import LabFactory, agent_call, guest_sh, run_cli
+from oracles import assert_in_step, ext4_needs_recovery, ext4_read, sequence
+
+from freezeframe.agent.qmp import Monitor
+from freezeframe.backup.repository import Repository
+from freezeframe.backup.store import LocalStore
+from freezeframe.config import Home
+from freezeframe.engine.backup import restore_backup
+from freezeframe.lab import vm as lab_vm
+from freezeframe.lab.vm import LabVM
+
+pytestmark = pytest.mark.vm
+
+
+def cli_json(home: Home, *args: str, env: dict[str, str] | None = None) -> tuple[Any, subprocess.CompletedProcess[str]]:
+    done = run_cli(home, *args, "-o", "json", env=env)
+    return (json.loads(done.stdout) if done.stdout.strip() else None), done
+
+
+def init_repo(home: Home, repo: Path, *args: str) -> None:
+    done = run_cli(home, "repo", "init", str(repo), *args)
+    assert done.returncode == 0, done.stderr
+
+
+def backup(home: Home, vm: LabVM, repo: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    data, done = cli_json(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
+                          *args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert data["state"] == "created"
+    return dict(data)
+
+
+def restore(home: Home, backup_id: str, dest: Path, *args: str,
+            env: dict[str, str] | None = None) -> dict[str, Path]:
+    data, done = cli_json(home, "backup", "restore", backup_id, "--to", str(dest), "--format", "raw", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    return {d["device"]: Path(d["image"]) for d in data}
+
+
+def guest(vm: LabVM, script: str) -> str:
+    code, out = agent_call(vm.qga_socket, lambda agent: guest_sh(agent, script), timeout=120)
+    assert code == 0, out
+    return str(out)
+
+
+def write_random(vm: LabVM, path: str, mib: int) -> str:
+    """Write ``mib`` MiB of random bytes in the guest; returns their SHA-256."""
+    script = f"dd if=/dev/urandom of={path} bs=1M count={mib} 2>/dev/null && sync && sha256sum {path}"
+    return guest(vm, script).split()[0]
+
+
+def e2fsck_clean(raw: Path) -> bool:
+    return subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, check=False).returncode == 0
+
+
+def vm_state(vm: LabVM) -> dict[str, Any]:
+    """What a backup may leave in the VM: nodes, exports, jobs, bitmaps, and the disks' files."""
+
+    async def query() -> dict[str, Any]:
+        async with Monitor(vm.qmp_socket) as monitor:
+            nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
+            return {
+                "nodes": sorted(n["node-name"] for n in nodes),
+                "exports": await monitor.execute("query-block-exports"),
+                "jobs": await monitor.execute("query-block-jobs"),
+                "bitmaps": sorted({b["name"] for n in nodes for b in n.get("dirty-bitmaps", []) if "name" in b}),
+                "files": [b["inserted"]["file"] for b in await monitor.execute("query-block") if b.get("inserted")],
+            }
+
+    return asyncio.run(query())
+
+
+def assert_left_as_it_was(vm: LabVM) -> dict[str, Any]:
+    state = vm_state(vm)
+    assert not [n for n in state["nodes"] if n.startswith("ffl")], state
+    assert state["exports"] == [], state
+    assert state["jobs"] == [], state
+    assert state["files"] == vm.disks, "the VM's disks are not on their own images any more"
+    return state
+
+
+def test_full_then_incremental_restore_consistent_and_damage_is_named(
+        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    vm = lab(disks=2, workload=True)
+
+    full = backup(home, vm, repo)
+    assert (full["type"], full["consistency"], full["parent"]) == ("full", "filesystem", None)
+    assert full["fallback_reasons"] == []
+    assert [d["full_read_reason"] for d in full["disks"]] == [None, None]
+    digest = write_random(vm, "/mnt/ffdata1/between.bin", 1)
+
+    inc = backup(home, vm, repo)
+    assert (inc["type"], inc["parent"], inc["consistency"]) == ("incremental", full["id"], "filesystem")
+    for disk in inc["disks"]:
+        assert disk["full_read_reason"] is None
+        assert 0 < disk["bytes_read"] < disk["virtual_size"] // 8, disk
+        assert disk["bytes_unchanged"] > 0
+    assert inc["disks"][1]["bytes_new"] >= 1 << 20  # the new file's chunk(s)
+    state = assert_left_as_it_was(vm)
+    assert state["bitmaps"] == sorted({f"ff-{full['id'][:8]}", f"ff-{inc['id'][:8]}"})
+
+    images = {}
+    for name, record in (("full", full), ("inc", inc)):
+        images[name] = restore(home, record["id"], tmp_path / name)
+        raws = [images[name]["ffdata0"], images[name]["ffdata1"]]
+        for raw in raws:
+            assert raw.stat().st_size == 320 << 20
+            assert raw.stat().st_blocks * 512 < raw.stat().st_size // 2, "the restored image is not sparse"
+            assert not ext4_needs_recovery(raw), f"{name} {raw.name}: the journal needs recovery"
+            assert e2fsck_clean(raw), f"{name} {raw.name}: e2fsck -fn found problems"
+        assert_in_step(sequence(raws[0]), sequence(raws[1]))
+    assert hashlib.sha256(ext4_read(images["inc"]["ffdata1"], "/between.bin")).hexdigest() == digest
+    assert ext4_read(images["full"]["ffdata1"], "/between.bin") == b""
+
+    # Flip one byte of a chunk only the incremental uses.
+    opened = Repository.open(LocalStore(repo))
+    named = {b: set(opened.index(d["index"]).chunks) - {None} for b, d in
+             ((r["id"], disk) for r in (full, inc) for disk in r["disks"])}
+    only_inc = sorted(named[inc["id"]] - named[full["id"]])
+    assert only_inc
+    victim = repo / "chunks" / only_inc[0][:2] / only_inc[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+    failed = run_cli(home, "backup", "restore", inc["id"], "--to", str(tmp_path / "damaged"))
+    assert failed.returncode == 11, failed.stderr
+    assert only_inc[0] in failed.stderr
+    assert "damaged" in failed.stderr
+    assert not list((tmp_path / "damaged").glob("*.qcow2")), "a restore that failed left an image behind"
+    again = restore(home, full["id"], tmp_path / "full-again")
+    assert e2fsck_clean(again["ffdata1"])
+
+
+def test_incremental_after_one_percent_change_reads_under_three_percent(
+        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    vm = lab(disks=1, disk_mib=2048)
+    backup(home, vm, repo, "--type", "full")
+    digest = write_random(vm, "/mnt/ffdata0/one-percent.bin", 20)  # 20 MiB of 2 GiB
+
+    inc = backup(home, vm, repo)
+    disk = inc["disks"][0]
+    assert inc["type"] == "incremental"
+    assert disk["full_read_reason"] is None
+    assert 20 << 20 <= disk["bytes_read"] <= 0.03 * disk["virtual_size"], disk
+    raw = restore(home, inc["id"], tmp_path / "r")["ffdata0"]
+    assert hashlib.sha256(ext4_read(raw, "/one-percent.bin")).hexdigest() == digest
+
+
+def test_second_vm_with_the_same_data_stores_little(home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    first = lab(disks=1)
+    digest = write_random(first, "/mnt/ffdata0/data.bin", 100)
+    full = backup(home, first, repo)
+    images = restore_backup(Repository.open(LocalStore(repo)), full["id"], tmp_path / "clone")
+    second = lab(disk_images=[path for _, path in images])
+    assert guest(second, "sha256sum /mnt/ffdata0/data.bin").split()[0] == digest
+
+    other = backup(home, second, repo, "--type", "full")
+    read = sum(d["bytes_read"] for d in other["disks"])
+    new = sum(d["bytes_new"] for d in other["disks"])
+    assert read >= 100 << 20
+    assert new < 0.10 * read, f"the second VM's full backup stored {new} new bytes of {read} read"
+
+
+def kill_qemu(home: Home, vm: LabVM) -> LabVM:
+    """SIGKILL the VM's QEMU (no chance to save anything), then boot it on the same images."""
+    os.kill(vm.pid, signal.SIGKILL)
+    while vm.running:
+        time.sleep(0.05)
+    return lab_vm.restart(home.lab, home.images, vm.name)
+
+
+def clean_restart(home: Home, vm: LabVM) -> LabVM:
+    lab_vm.stop(home.lab, vm.name)  # SIGTERM: QEMU writes its persistent bitmaps back
+    return lab_vm.restart(home.lab, home.images, vm.name)
+
+
+def test_bitmaps_survive_a_clean_restart_and_a_killed_qemu_forces_a_full_read(
+        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    vm = lab(disks=1)
+    backup(home, vm, repo)
+    vm = clean_restart(home, vm)
+    files = {"one": write_random(vm, "/mnt/ffdata0/one.bin", 2)}
+    inc = backup(home, vm, repo)
+    assert inc["disks"][0]["full_read_reason"] is None, "the bitmap did not survive a clean restart"
+
+    # Killed before it could save the bitmap it started at the last backup: missing.
+    vm = kill_qemu(home, vm)
+    files["two"] = write_random(vm, "/mnt/ffdata0/two.bin", 2)
+    missing = backup(home, vm, repo)
+    disk = missing["disks"][0]
+    assert missing["type"] == "incremental"
+    assert "missing" in (disk["full_read_reason"] or ""), disk
+    assert disk["bytes_unchanged"] == 0
+    assert disk["bytes_read"] > 8 << 20
+
+    # Saved at a clean stop, then QEMU killed while using it: inconsistent.
+    vm = clean_restart(home, vm)
+    vm = kill_qemu(home, vm)
+    files["three"] = write_random(vm, "/mnt/ffdata0/three.bin", 2)
+    broken = backup(home, vm, repo)
+    disk = broken["disks"][0]
+    assert "inconsistent" in (disk["full_read_reason"] or ""), disk
+    assert disk["bytes_unchanged"] == 0
+    raw = restore(home, broken["id"], tmp_path / "r")["ffdata0"]
+    assert not ext4_needs_recovery(raw)
+    assert e2fsck_clean(raw)
+    for name, digest in files.items():
+        assert hashlib.sha256(ext4_read(raw, f"/{name}.bin")).hexdigest() == digest
+    assert vm_state(vm)["bitmaps"] == [f"ff-{broken['id'][:8]}"], "a broken bitmap was left behind"
+
+    following = backup(home, vm, repo)
+    assert following["disks"][0]["full_read_reason"] is None
+    assert following["disks"][0]["bytes_unchanged"] > 0
+
+
+def test_backup_killed_mid_read_lists_nothing_and_the_rerun_reuses_chunks(
+        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    vm = lab(disks=1)
+    digest = write_random(vm, "/mnt/ffdata0/data.bin", 60)
+    before = vm_state(vm)
+
+    killed = run_cli(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
+                     env={"FREEZEFRAME_FAULT": f"mid-read:{24 << 20}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    deadline = time.monotonic() + 30
+    while vm_state(vm)["nodes"] != before["nodes"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = assert_left_as_it_was(vm)
+    assert after["nodes"] == before["nodes"]
+    assert after["bitmaps"] == before["bitmaps"] == []
+
+    listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
+    assert listed == []
+    everything, _ = cli_json(home, "backup", "list", "--instance", vm.name, "--all")
+    assert [b["state"] for b in everything] == ["failed"]
+    assert "sentinel" in everything[0]["error"]
+    check = run_cli(home, "repo", "check", str(repo))
+    assert check.returncode == 0, check.stdout + check.stderr
+    stored = list((repo / "chunks").rglob("*"))
+    assert [p for p in stored if p.is_file()], "the killed run had stored no chunk: the test proves nothing"
+
+    rerun = backup(home, vm, repo)
+    disk = rerun["disks"][0]
+    assert rerun["type"] == "full"
+    assert disk["bytes_reused"] >= 8 << 20, disk
+    assert disk["bytes_new"] + disk["bytes_reused"] <= disk["bytes_read"]
+    raw = restore(home, rerun["id"], tmp_path / "r")["ffdata0"]
+    assert hashlib.sha256(ext4_read(raw, "/data.bin")).hexdigest() == digest
+
+
+def test_encrypted_repository_hides_plaintext_and_needs_the_passphrase(
+        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    secret = tmp_path / "passphrase"
+    secret.write_text("correct horse battery staple\n")
+    secret.chmod(0o600)
+    sealed, plain = tmp_path / "sealed", tmp_path / "plain"
+    init_repo(home, sealed, "--encryption", "--passphrase-file", str(secret))
+    init_repo(home, plain)
+    vm = lab(disks=1)
+    marker = b"FREEZEFRAME-PLAINTEXT-MARKER"
+    guest(vm, f"yes {marker.decode()} | head -c 1048576 > /mnt/ffdata0/marker.txt && sync")
+
+    # Not enough room for the temporary snapshot data: refused before anything is taken.
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)], check=True)
+    try:
+        refused = run_cli(home, "backup", "create", vm.name, "--repo", str(plain), "--fleecing-dir", str(tiny))
+    finally:
+        subprocess.run(["umount", str(tiny)], check=True)
+    assert refused.returncode == 2, refused.stderr
+    assert "not enough free space for the temporary snapshot data" in refused.stderr
+    assert cli_json(home, "backup", "list", "--instance", vm.name, "--all")[0] == []
+
+    done = backup(home, vm, sealed, "--passphrase-file", str(secret))
+    backup(home, vm, plain)
+
+    def chunks_with_marker(repo: Path) -> int:
+        return sum(marker in p.read_bytes() for p in (repo / "chunks").rglob("*") if p.is_file())
+
+    assert chunks_with_marker(plain) > 0, "control: a plain repository should show the marker"
+    assert chunks_with_marker(sealed) == 0, "an encrypted chunk holds plaintext"
+
+    wrong = run_cli(home, "backup", "restore", done["id"], "--to", str(tmp_path / "wrong"),
+                    env={"FREEZEFRAME_PASSPHRASE": "not the passphrase"})
+    assert wrong.returncode == 10, wrong.stderr
+    assert "wrong passphrase" in wrong.stderr
+    assert not (tmp_path / "wrong").exists() or not list((tmp_path / "wrong").iterdir())
+    raw = restore(home, done["id"], tmp_path / "right", env={"FREEZEFRAME_PASSPHRASE": "correct horse battery staple"})
+    assert ext4_read(raw["ffdata0"], "/marker.txt") == (marker + b"\n") * (1048576 // (len(marker) + 1)) + \
+        (marker + b"\n")[:1048576 % (len(marker) + 1)]
