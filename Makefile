@@ -11,6 +11,7 @@ export FREEZEFRAME_TEST_HOME ?= $(CURDIR)/.test-home
 .PHONY: setup system demo test lint typecheck pytest bench fuzz clean
 
 setup: system $(STAMP)
+	@bash scripts/link-libnbd.sh $(VENV)
 
 system:
 	@bash scripts/setup-system.sh
@@ -37,8 +38,10 @@ pytest:
 	$(BIN)/pytest -ra
 
 bench: setup
+	@bash scripts/setup-system.sh bench
 	$(BIN)/python bench/freeze_window.py
 	$(BIN)/python bench/app_stall.py
+	$(BIN)/python bench/backup_throughput.py
 
 fuzz: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[fuzz]'

@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
-# The demo: a lab VM with a writer running on two disks, one filesystem-consistent
-# snapshot of it, the list of snapshots, and the VM stopped again, whatever happens.
+# The demo: a lab VM with a writer running on two disks; an application-consistent and a
+# crash-consistent snapshot; then backups: a full and an incremental one into a fresh
+# repository, its stats, and the incremental restored as a new lab VM that boots.
+# Every VM is stopped again, whatever happens.
 set -euo pipefail
 ff=.venv/bin/freezeframe
+py=.venv/bin/python
 vm=demo
+restored=demo-restored
+repo=""
 
-"$ff" lab down "$vm" >/dev/null 2>&1 || true   # left over from an interrupted demo
-trap '"$ff" lab down "$vm" >/dev/null 2>&1 || true' EXIT
+cleanup() {
+    "$ff" lab down "$restored" >/dev/null 2>&1 || true
+    "$ff" lab down "$vm" >/dev/null 2>&1 || true
+    if [[ -n $repo ]]; then rm -rf "$repo"; fi
+}
+cleanup   # left over from an interrupted demo
+repo=$(mktemp -d /var/tmp/ff-demo-repo.XXXXXX)
+trap cleanup EXIT
 
 echo "== starting lab VM '$vm': 2 ext4 data disks, qemu-ga with freezeframe's hook runner,"
 echo "   a writer appending to both disks, and a SQLite application with its freeze hook"
@@ -17,11 +28,34 @@ echo "   every disk switched to a new overlay in one QMP transaction"
 "$ff" snapshot create "$vm" --consistency application --freeze-timeout 60
 echo
 echo "== a crash-consistent one, for comparison"
-"$ff" snapshot create "$vm" --consistency crash -o json | grep -E '"(name|consistency)"' 
+"$ff" snapshot create "$vm" --consistency crash -o json | grep -E '"(name|consistency)"'
 echo
 echo "== snapshots of '$vm'"
 "$ff" snapshot list --instance "$vm"
 echo
-echo "== stopping the VM"
+echo "== backups into a new repository ($repo): the same consistent point, but copied out of the VM"
+"$ff" repo init "$repo"
+echo "-- full"
+"$ff" backup create "$vm" --repo "$repo" --consistency filesystem
+echo "-- incremental: only the chunks the dirty bitmap marks as changed are read"
+inc=$("$ff" backup create "$vm" --repo "$repo" --consistency filesystem -o json)
+echo "$inc" | "$py" -c 'import json, sys
+b = json.load(sys.stdin)
+print(f"backup {b[\"id\"][:8]}: {b[\"type\"]}, {b[\"consistency\"]}-consistent, parent {b[\"parent\"][:8]}")
+for d in b["disks"]:
+    print(f"  {d[\"device\"]}: read {d[\"bytes_read\"] >> 20} MiB of {d[\"virtual_size\"] >> 20} MiB, "
+          f"{d[\"bytes_unchanged\"] >> 20} MiB unchanged (referenced, not read), {d[\"bytes_new\"] >> 20} MiB new")'
+id=$(echo "$inc" | "$py" -c 'import json, sys; print(json.load(sys.stdin)["id"])')
+echo
+"$ff" backup list --instance "$vm"
+"$ff" repo stats "$repo"
+echo
+echo "== restore the incremental backup as a new lab VM, and boot it"
+"$ff" lab up "$restored" --from-backup "$id" --repo "$repo" -o json | grep -E '"(name|running)"' || true
+"$ff" lab list
+echo
+echo "== stopping the VMs"
+"$ff" lab down "$restored"
 "$ff" lab down "$vm"
 trap - EXIT
+rm -rf "$repo"

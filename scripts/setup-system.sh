@@ -11,7 +11,12 @@ packages=(
     btrfs-progs util-linux lvm2 procps            # host snapshots: btrfs, loop mounts; LVM (in lab guests); pgrep
     postgresql mariadb-server redis-server sqlite3  # real servers the writer tests quiesce
     python3 python3-venv
+    python3-libnbd                                # reading backups over NBD (linked into the venv)
 )
+# `setup-system.sh bench`: the peers the benchmarks compare with, too.
+if [[ ${1:-} == bench ]]; then
+    packages+=(restic borgbackup)
+fi
 
 missing=()
 for pkg in "${packages[@]}"; do

@@ -9,6 +9,7 @@ flight, so memory stays near ``2 * workers * chunk_size`` whatever the disk's si
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import subprocess
 import threading
@@ -24,6 +25,7 @@ from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.errors import FreezeframeError, InvalidInput, RepositoryError
 
 DEFAULT_WORKERS = max(2, min(8, os.cpu_count() or 2))
+STEPS = ("read", "hash", "compress", "write")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,7 +41,8 @@ class Counters:
     unchanged: int = 0
     stored: int = 0
     zero: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "hash_store": 0.0})
+    #: Thread-seconds spent per step: NBD read, hash, compress (and encrypt), write.
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STEPS, 0.0))
 
 
 #: Called on the main thread as chunks complete: (bytes read so far, counters).
@@ -93,16 +96,22 @@ def back_up_disk(repo: Repository, source: NbdExport, plan: list[Need], *, backu
     def work(position: int) -> tuple[str | None, int, int]:
         offset = position * chunk_size
         length = min(chunk_size, size - offset)
-        started = time.perf_counter()
+        marks = [time.perf_counter()]
         data = source.pread(length, offset)
-        read_done = time.perf_counter()
-        if data == zeros[:length]:
-            chunk_id, stored = None, 0
-        else:
-            chunk_id, stored = repo.put_chunk(data)
+        marks.append(time.perf_counter())
+        chunk_id: str | None = None
+        stored = 0
+        if data != zeros[:length]:
+            chunk_id = repo.chunk_id(data)
+            marks.append(time.perf_counter())
+            if not repo.has_chunk(chunk_id):
+                sealed = repo.seal_chunk(chunk_id, data)
+                marks.append(time.perf_counter())
+                stored = repo.store_sealed(chunk_id, sealed)
+                marks.append(time.perf_counter())
         with lock:
-            counters.seconds["read"] += read_done - started
-            counters.seconds["hash_store"] += time.perf_counter() - read_done
+            for step, (start, end) in zip(STEPS, itertools.pairwise(marks), strict=False):
+                counters.seconds[step] += end - start
         return chunk_id, length, stored
 
     to_read = [i for i, need in enumerate(plan) if need is Need.READ]

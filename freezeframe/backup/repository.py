@@ -235,11 +235,17 @@ class Repository:
         """Store a chunk unless it is there; returns its id and the bytes this call stored
         (0 when it was there already)."""
         chunk_id = self.chunk_id(data)
-        name = chunk_name(chunk_id)
-        if self.store.exists(name):
+        if self.has_chunk(chunk_id):
             return chunk_id, 0
-        sealed = self._encode(name, data)
-        return chunk_id, len(sealed) if self.store.put(name, sealed) else 0
+        return chunk_id, self.store_sealed(chunk_id, self.seal_chunk(chunk_id, data))
+
+    def seal_chunk(self, chunk_id: str, data: bytes) -> bytes:
+        """The object for a chunk: compressed, and encrypted in an encrypted repository."""
+        return self._encode(chunk_name(chunk_id), data)
+
+    def store_sealed(self, chunk_id: str, sealed: bytes) -> int:
+        """Bytes stored, 0 when another writer stored the same chunk first."""
+        return len(sealed) if self.store.put(chunk_name(chunk_id), sealed) else 0
 
     def get_chunk(self, chunk_id: str, length: int) -> bytes:
         """A chunk's content, checked against its id."""

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.agent.qmp import Monitor
-from freezeframe.backup.pipeline import DEFAULT_WORKERS, Counters, back_up_disk, restore_disk
+from freezeframe.backup.pipeline import DEFAULT_WORKERS, STEPS, Counters, back_up_disk, restore_disk
 from freezeframe.backup.reader import ALLOCATION, NbdExport, Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository, manifest_name
 from freezeframe.catalog.store import Catalog, utc_now
@@ -252,8 +252,7 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
                     counters = await asyncio.to_thread(_read_all, plan, backup, layout, parent_indexes,
                                                      transfer)
                     timings["read_store"] = round(time.monotonic() - clock, 3)
-                timings.update({f"{k}_thread_s": round(sum(c.seconds[k] for c in counters), 3)
-                                for k in ("read", "hash_store")})
+                timings.update({f"{k}_thread_s": round(sum(c.seconds[k] for c in counters), 3) for k in STEPS})
                 say("publish")
                 plan.repository.put_manifest(backup.id, _manifest(backup, point.manifest))
                 success = True

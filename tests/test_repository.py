@@ -1,0 +1,141 @@
+"""The backup repository on real files: content addressing, deduplication, the crash-safe
+put, damage and tampering found, encryption, and how a disk is planned into chunks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from freezeframe.backup.reader import Need, plan_chunks
+from freezeframe.backup.repository import DiskIndex, Repository, chunk_name
+from freezeframe.backup.store import LocalStore
+from freezeframe.errors import DamagedObject, RepositoryError
+
+CHUNK = 64 << 10
+
+
+def plain(tmp_path: Path, name: str = "repo") -> Repository:
+    return Repository.init(LocalStore(tmp_path / name), chunk_size=CHUNK)
+
+
+def sealed(tmp_path: Path, name: str = "sealed", passphrase: bytes = b"pass") -> Repository:
+    return Repository.init(LocalStore(tmp_path / name), chunk_size=CHUNK, passphrase=passphrase)
+
+
+def test_a_chunk_is_stored_once_and_read_back_checked(tmp_path: Path) -> None:
+    repo = plain(tmp_path)
+    data = os.urandom(CHUNK // 2) * 2
+    chunk_id, stored = repo.put_chunk(data)
+    assert 0 < stored < len(data)  # compressed: the two halves repeat
+    again_id, again = repo.put_chunk(data)
+    assert (again_id, again) == (chunk_id, 0)
+    assert repo.get_chunk(chunk_id, len(data)) == data
+    assert len(list(repo.store.list("chunks/"))) == 1
+
+
+def test_put_never_overwrites_and_leaves_no_temporary_files(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    assert store.put("a/b", b"first")
+    assert not store.put("a/b", b"second")
+    assert store.get("a/b") == b"first"
+    (tmp_path / "s" / "a" / ".tmp-b-dead").write_bytes(b"left by a crash")
+    assert [o.name for o in store.list("a/")] == ["a/b"]
+    with pytest.raises(RepositoryError, match="invalid object name"):
+        store.put("../escape", b"x")
+
+
+def test_a_flipped_byte_is_found_and_the_chunk_named(tmp_path: Path) -> None:
+    repo = plain(tmp_path)
+    data = os.urandom(CHUNK)  # incompressible: stored as is, so the flip lands in the data
+    chunk_id, _ = repo.put_chunk(data)
+    path = tmp_path / "repo" / chunk_name(chunk_id)
+    damaged = bytearray(path.read_bytes())
+    damaged[100] ^= 0x40
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DamagedObject, match=chunk_id) as caught:
+        repo.get_chunk(chunk_id, len(data))
+    assert caught.value.exit_code == 11
+
+
+def test_encrypted_chunks_hide_content_and_names_depend_on_the_repository(tmp_path: Path) -> None:
+    one, two, bare = sealed(tmp_path, "one"), sealed(tmp_path, "two"), plain(tmp_path)
+    data = b"the plaintext nobody may read " * 2000
+    id_one, _ = one.put_chunk(data)
+    id_two, _ = two.put_chunk(data)
+    id_bare, _ = bare.put_chunk(data)
+    assert len({id_one, id_two, id_bare}) == 3, "equal content must not get the same name across repositories"
+    raw = (tmp_path / "one" / chunk_name(id_one)).read_bytes()
+    assert b"plaintext nobody" not in raw
+    reopened = Repository.open(LocalStore(tmp_path / "one"), passphrase=b"pass")
+    assert reopened.get_chunk(id_one, len(data)) == data
+
+
+def test_an_encrypted_object_moved_to_another_name_fails_its_check(tmp_path: Path) -> None:
+    repo = sealed(tmp_path)
+    first, _ = repo.put_chunk(b"a" * CHUNK)
+    second, _ = repo.put_chunk(b"b" * CHUNK)
+    root = tmp_path / "sealed"
+    (root / chunk_name(second)).write_bytes((root / chunk_name(first)).read_bytes())
+    with pytest.raises(DamagedObject, match="authentication"):
+        repo.get_chunk(second, CHUNK)
+
+
+def test_wrong_or_missing_passphrase_is_a_clear_error(tmp_path: Path) -> None:
+    sealed(tmp_path)
+    with pytest.raises(RepositoryError, match="wrong passphrase"):
+        Repository.open(LocalStore(tmp_path / "sealed"), passphrase=b"guess")
+    with pytest.raises(RepositoryError, match="encrypted and no passphrase"):
+        Repository.open(LocalStore(tmp_path / "sealed"))
+    with pytest.raises(RepositoryError, match="empty passphrase"):
+        sealed(tmp_path, "other", passphrase=b"")
+
+
+def test_no_repository_and_a_second_init_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError, match="no repository") as caught:
+        Repository.open(LocalStore(tmp_path / "nothing"))
+    assert "repo init" in (caught.value.hint or "")
+    plain(tmp_path)
+    with pytest.raises(RepositoryError, match="is a repository already"):
+        plain(tmp_path)
+
+
+def test_stats_and_check_follow_the_indexes(tmp_path: Path) -> None:
+    repo = plain(tmp_path)
+    a, _ = repo.put_chunk(b"a" * CHUNK)
+    b, _ = repo.put_chunk(os.urandom(CHUNK))
+    repo.put_chunk(b"orphan" * 100)  # as left by an interrupted backup
+    for backup, chunks in (("b1", [a, None, b]), ("b2", [a, a, b])):
+        name = repo.put_index(DiskIndex(backup=backup, device="vda", virtual_size=3 * CHUNK, chunk_size=CHUNK,
+                                        chunks=chunks), 0)
+        repo.put_manifest(backup, {"id": backup, "disks": [{"device": "vda", "index": name}]})
+    stats = repo.stats()
+    assert (stats.backups, stats.chunks, stats.unreferenced_chunks) == (2, 3, 1)
+    assert stats.logical_bytes == 5 * CHUNK
+    assert stats.unique_bytes == 2 * CHUNK
+    assert stats.dedup_ratio == 2.5
+    assert stats.compression_ratio > 1
+    assert repo.check().problems == []
+    (tmp_path / "repo" / chunk_name(b)).unlink()
+    problems = repo.check().problems
+    assert len(problems) == 2
+    assert all(b in p for p in problems)
+
+
+def test_an_index_that_does_not_fit_its_disk_is_damaged(tmp_path: Path) -> None:
+    repo = plain(tmp_path)
+    name = repo.put_index(DiskIndex(backup="x", device="vda", virtual_size=5 * CHUNK, chunk_size=CHUNK,
+                                    chunks=[None, None]), 0)
+    with pytest.raises(DamagedObject, match="does not match the disk size"):
+        repo.index(name)
+
+
+def test_chunk_plan_reads_data_skips_holes_and_keeps_what_did_not_change() -> None:
+    size = 4 * CHUNK + 100  # five chunks, the last one short
+    allocation = [(0, CHUNK, 0), (CHUNK, 2 * CHUNK, 3), (3 * CHUNK, CHUNK + 100, 0)]
+    assert plan_chunks(size, CHUNK, allocation, None) == [Need.READ, Need.ZERO, Need.ZERO, Need.READ, Need.READ]
+    dirty = [(0, 3 * CHUNK + 10, 0), (3 * CHUNK + 10, 20, 1), (3 * CHUNK + 30, CHUNK + 70, 0)]
+    assert plan_chunks(size, CHUNK, allocation, dirty) == [Need.KEEP, Need.KEEP, Need.KEEP, Need.READ, Need.KEEP]
+    # A dirty chunk that is all holes now reads as zeros: stored as nothing.
+    assert plan_chunks(size, CHUNK, allocation, [(CHUNK, 1, 1)])[1] is Need.ZERO
