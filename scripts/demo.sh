@@ -13,6 +13,11 @@ repo=""
 cleanup() {
     "$ff" lab down "$restored" >/dev/null 2>&1 || true
     "$ff" lab down "$vm" >/dev/null 2>&1 || true
+    # The demo's backups go with its repository.
+    for id in $("$ff" backup list --instance "$vm" -o json 2>/dev/null \
+                | "$py" -c 'import json, sys; print(" ".join(b["id"] for b in json.load(sys.stdin)))'); do
+        "$ff" backup delete "$id" >/dev/null 2>&1 || true
+    done
     if [[ -n $repo ]]; then rm -rf "$repo"; fi
 }
 cleanup   # left over from an interrupted demo
@@ -41,10 +46,12 @@ echo "-- incremental: only the chunks the dirty bitmap marks as changed are read
 inc=$("$ff" backup create "$vm" --repo "$repo" --consistency filesystem -o json)
 echo "$inc" | "$py" -c 'import json, sys
 b = json.load(sys.stdin)
-print(f"backup {b[\"id\"][:8]}: {b[\"type\"]}, {b[\"consistency\"]}-consistent, parent {b[\"parent\"][:8]}")
+short, parent = b["id"][:8], b["parent"][:8]
+print("backup %s: %s, %s-consistent, incremental to %s" % (short, b["type"], b["consistency"], parent))
 for d in b["disks"]:
-    print(f"  {d[\"device\"]}: read {d[\"bytes_read\"] >> 20} MiB of {d[\"virtual_size\"] >> 20} MiB, "
-          f"{d[\"bytes_unchanged\"] >> 20} MiB unchanged (referenced, not read), {d[\"bytes_new\"] >> 20} MiB new")'
+    print("  %s: read %d MiB of %d MiB; %d MiB unchanged (referenced, not read); %d MiB new" % (
+        d["device"], d["bytes_read"] >> 20, d["virtual_size"] >> 20, d["bytes_unchanged"] >> 20,
+        d["bytes_new"] >> 20))'
 id=$(echo "$inc" | "$py" -c 'import json, sys; print(json.load(sys.stdin)["id"])')
 echo
 "$ff" backup list --instance "$vm"
@@ -54,8 +61,8 @@ echo "== restore the incremental backup as a new lab VM, and boot it"
 "$ff" lab up "$restored" --from-backup "$id" --repo "$repo" -o json | grep -E '"(name|running)"' || true
 "$ff" lab list
 echo
-echo "== stopping the VMs"
+echo "== stopping the VMs, deleting the demo's backups and repository"
 "$ff" lab down "$restored"
 "$ff" lab down "$vm"
 trap - EXIT
-rm -rf "$repo"
+cleanup

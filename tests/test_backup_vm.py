@@ -150,12 +150,12 @@ def test_full_then_incremental_restore_consistent_and_damage_is_named(
     assert e2fsck_clean(again["ffdata1"])
 
 
-def test_incremental_after_one_percent_change_reads_under_three_percent(
+def test_incremental_after_one_percent_change_reads_under_three_percent_and_other_types(
         home: Home, lab: LabFactory, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     init_repo(home, repo)
     vm = lab(disks=1, disk_mib=2048)
-    backup(home, vm, repo, "--type", "full")
+    full = backup(home, vm, repo, "--type", "full")
     digest = write_random(vm, "/mnt/ffdata0/one-percent.bin", 20)  # 20 MiB of 2 GiB
 
     inc = backup(home, vm, repo)
@@ -165,6 +165,26 @@ def test_incremental_after_one_percent_change_reads_under_three_percent(
     assert 20 << 20 <= disk["bytes_read"] <= 0.03 * disk["virtual_size"], disk
     raw = restore(home, inc["id"], tmp_path / "r")["ffdata0"]
     assert hashlib.sha256(ext4_read(raw, "/one-percent.bin")).hexdigest() == digest
+
+    # A copy reads everything and leaves the bitmaps (and so the chain) alone.
+    bitmaps = vm_state(vm)["bitmaps"]
+    copy = backup(home, vm, repo, "--type", "copy")
+    assert copy["parent"] is None
+    assert copy["disks"][0]["bitmap"] is None
+    assert copy["disks"][0]["bytes_read"] >= disk["bytes_read"] + (20 << 20)
+    assert vm_state(vm)["bitmaps"] == bitmaps
+
+    # A differential reads everything since the full: both changes.
+    later = write_random(vm, "/mnt/ffdata0/later.bin", 4)
+    diff = backup(home, vm, repo, "--type", "differential")
+    assert diff["parent"] == full["id"]
+    assert diff["disks"][0]["full_read_reason"] is None
+    assert diff["disks"][0]["bytes_read"] >= 24 << 20
+    raw = restore(home, diff["id"], tmp_path / "d")["ffdata0"]
+    assert hashlib.sha256(ext4_read(raw, "/one-percent.bin")).hexdigest() == digest
+    assert hashlib.sha256(ext4_read(raw, "/later.bin")).hexdigest() == later
+    # The next incremental follows the differential (a copy is in no chain).
+    assert backup(home, vm, repo)["parent"] == diff["id"]
 
 
 def test_second_vm_with_the_same_data_stores_little(home: Home, lab: LabFactory, tmp_path: Path) -> None:

@@ -7,10 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from freezeframe.backup.reader import Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository, chunk_name
 from freezeframe.backup.store import LocalStore
+from freezeframe.catalog import Catalog
+from freezeframe.config import Home
 from freezeframe.errors import DamagedObject, RepositoryError
 
 CHUNK = 64 << 10
@@ -139,3 +142,26 @@ def test_chunk_plan_reads_data_skips_holes_and_keeps_what_did_not_change() -> No
     assert plan_chunks(size, CHUNK, allocation, dirty) == [Need.KEEP, Need.KEEP, Need.KEEP, Need.READ, Need.KEEP]
     # A dirty chunk that is all holes now reads as zeros: stored as nothing.
     assert plan_chunks(size, CHUNK, allocation, [(CHUNK, 1, 1)])[1] is Need.ZERO
+
+
+def test_bad_input_is_refused_with_the_reason(home: Home, catalog: Catalog, tmp_path: Path) -> None:
+    def refused(code: int, text: str, *args: str, env: dict[str, str] | None = None) -> None:
+        done = run_cli(home, *args, env=env)
+        assert done.returncode == code, (args, done.stdout, done.stderr)
+        assert text in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+    refused(2, "--encryption needs a passphrase", "repo", "init", str(tmp_path / "r1"), "--encryption")
+    loose = tmp_path / "loose"
+    loose.write_text("secret\n")
+    loose.chmod(0o644)
+    refused(2, "readable by others", "repo", "init", str(tmp_path / "r2"), "--encryption", "--passphrase-file",
+            str(loose))
+    refused(10, "no repository at", "repo", "stats", str(tmp_path / "none"))
+    refused(3, "no instance named", "backup", "create", "nosuch", "--repo", str(tmp_path / "none"))
+    Repository.init(LocalStore(tmp_path / "repo"))
+    refused(3, "no backup", "backup", "restore", "abcdef12", "--to", str(tmp_path / "out"), "--repo",
+            str(tmp_path / "repo"))
+    catalog.add_instance("files-host", kind="host", qmp_socket=None, qga_socket=None, mounts=("/srv",))
+    refused(2, "not a QEMU VM", "backup", "create", "files-host", "--repo", str(tmp_path / "repo"))
+    refused(2, "is not one of", "backup", "create", "files-host", "--type", "weekly")

@@ -70,10 +70,10 @@ def create(app: App, /, instance: str, kind: str | None, repo_path: Path | None,
            passphrase_env: str | None, fleecing_dir: Path | None, workers: int | None, fmt: str,
            **point: Any) -> None:
     """Back up every disk of INSTANCE at one consistent instant into the repository."""
-    repo = app.repository(repo_path, read_passphrase(passphrase_file, passphrase_env))
     backup_id = str(uuid.uuid4())
-    plan = BackupPlan(point=plan_point(app, instance, name=f"backup-{backup_id[:8]}", snapshot_id=backup_id, **point),
-                      type=BackupType(kind) if kind else None, repository=repo,
+    point_plan = plan_point(app, instance, name=f"backup-{backup_id[:8]}", snapshot_id=backup_id, **point)
+    repo = app.repository(repo_path, read_passphrase(passphrase_file, passphrase_env))
+    plan = BackupPlan(point=point_plan, type=BackupType(kind) if kind else None, repository=repo,
                       fleecing_dir=(fleecing_dir or app.home.fleecing).absolute(), run_dir=app.home.run,
                       **({"workers": workers} if workers else {}))
     with progress(f"backup of {instance}") as say, \
@@ -153,11 +153,16 @@ def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple
 @pass_app
 def delete(app: App, backup: str, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
     """Delete a backup: its manifest and indexes. Chunks other backups use stay; every other
-    backup stays restorable (each index is complete)."""
+    backup stays restorable (each index is complete). A backup whose repository is gone is
+    only marked deleted."""
     found = app.catalog.backup(backup)
     if found.state is BackupState.CREATED:
-        repo = app.repository(Path(found.repository), read_passphrase(passphrase_file, passphrase_env))
-        repo.delete_backup(found.id)
+        where = Path(found.repository)
+        if (where / "config").exists():
+            repo = app.repository(where, read_passphrase(passphrase_file, passphrase_env))
+            repo.delete_backup(found.id)
+        else:
+            found.error = f"its repository {where} was gone when it was deleted"
     found.state = BackupState.DELETED
     app.catalog.save_backup(found)
     _show(app.catalog.backup(found.id), fmt)
