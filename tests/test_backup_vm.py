@@ -258,38 +258,44 @@ def test_bitmaps_survive_a_clean_restart_and_a_killed_qemu_forces_a_full_read(
     assert following["disks"][0]["bytes_unchanged"] > 0
 
 
-def test_backup_killed_mid_read_lists_nothing_and_the_rerun_reuses_chunks(
+def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reuses_chunks(
         home: Home, lab: LabFactory, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     init_repo(home, repo)
     vm = lab(disks=1)
+    full = backup(home, vm, repo)
     digest = write_random(vm, "/mnt/ffdata0/data.bin", 60)
     before = vm_state(vm)
+    assert before["bitmaps"] == [f"ff-{full['id'][:8]}"]
 
     killed = run_cli(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
                      env={"FREEZEFRAME_FAULT": f"mid-read:{24 << 20}"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     deadline = time.monotonic() + 30
-    while vm_state(vm)["nodes"] != before["nodes"] and time.monotonic() < deadline:
+    while vm_state(vm) != before and time.monotonic() < deadline:
         time.sleep(0.2)
     after = assert_left_as_it_was(vm)
-    assert after["nodes"] == before["nodes"]
-    assert after["bitmaps"] == before["bitmaps"] == []
+    assert after == before, "the sentinel did not put the VM back as it was (nodes, exports, jobs, bitmaps)"
 
     listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
-    assert listed == []
+    assert [b["id"] for b in listed] == [full["id"]]
     everything, _ = cli_json(home, "backup", "list", "--instance", vm.name, "--all")
-    assert [b["state"] for b in everything] == ["failed"]
-    assert "sentinel" in everything[0]["error"]
+    assert [b["state"] for b in everything] == ["created", "failed"]
+    assert "sentinel" in everything[1]["error"]
     check = run_cli(home, "repo", "check", str(repo))
     assert check.returncode == 0, check.stdout + check.stderr
-    stored = list((repo / "chunks").rglob("*"))
-    assert [p for p in stored if p.is_file()], "the killed run had stored no chunk: the test proves nothing"
+    stats, _ = cli_json(home, "repo", "stats", str(repo))
+    assert stats["unreferenced_chunks"] > 0, "the killed run had stored no chunk: the test proves nothing"
 
+    # The rerun is still incremental to the full (its bitmap kept every change), and stores
+    # only what the killed run had not.
     rerun = backup(home, vm, repo)
     disk = rerun["disks"][0]
-    assert rerun["type"] == "full"
-    assert disk["bytes_reused"] >= 8 << 20, disk
+    assert rerun["type"] == "incremental"
+    assert rerun["parent"] == full["id"]
+    assert disk["full_read_reason"] is None
+    assert disk["bytes_read"] >= 60 << 20
+    assert disk["bytes_reused"] >= 16 << 20, disk
     assert disk["bytes_new"] + disk["bytes_reused"] <= disk["bytes_read"]
     raw = restore(home, rerun["id"], tmp_path / "r")["ffdata0"]
     assert hashlib.sha256(ext4_read(raw, "/data.bin")).hexdigest() == digest

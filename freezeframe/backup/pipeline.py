@@ -24,7 +24,9 @@ from freezeframe.backup.reader import NbdExport, Need
 from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.errors import FreezeframeError, InvalidInput, RepositoryError
 
-DEFAULT_WORKERS = max(2, min(8, os.cpu_count() or 2))
+#: Two per core: a worker spends part of its time waiting (NBD replies, fdatasync), and a
+#: second one keeps the core busy meanwhile.
+DEFAULT_WORKERS = max(2, min(16, 2 * (os.cpu_count() or 1)))
 STEPS = ("read", "hash", "compress", "write")
 
 T = TypeVar("T")

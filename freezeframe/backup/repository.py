@@ -190,6 +190,12 @@ class Repository:
             compressor = self._local.compressor = zstandard.ZstdCompressor(level=self.level)
         return compressor
 
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        decompressor: zstandard.ZstdDecompressor | None = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
+        return decompressor
+
     def _encode(self, name: str, data: bytes) -> bytes:
         packed = self._compressor().compress(data)
         body = bytes([_ZSTD]) + packed if len(packed) < len(data) else bytes([_RAW]) + data
@@ -205,7 +211,13 @@ class Repository:
         if body[0] == _RAW:
             return body[1:]
         try:
-            return zstandard.ZstdDecompressor().decompress(body[1:], max_output_size=limit)
+            declared = zstandard.frame_content_size(body[1:])
+            if declared > limit:
+                # Checked before decompressing: the header alone must not make us allocate.
+                raise DamagedObject(name, f"it claims {declared} bytes, more than a chunk")
+            if declared >= 0:
+                return self._decompressor().decompress(body[1:])
+            return self._decompressor().decompress(body[1:], max_output_size=limit)
         except zstandard.ZstdError as err:
             raise DamagedObject(name, f"it does not decompress: {err}") from err
 

@@ -11,6 +11,7 @@ import click
 
 from freezeframe.cli.context import (
     App,
+    keep_freed_memory,
     locate_backup,
     pass_app,
     passphrase_options,
@@ -63,13 +64,14 @@ def _show(backup: Backup, fmt: str) -> None:
 @click.option("--fleecing-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the temporary snapshot data goes (old blocks the guest overwrites during the "
                    "backup). Default: fleecing/ in the home.")
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel reads. Default: cores, 2 to 8.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel reads. Default: two per core.")
 @output_option
 @pass_app
 def create(app: App, /, instance: str, kind: str | None, repo_path: Path | None, passphrase_file: Path | None,
            passphrase_env: str | None, fleecing_dir: Path | None, workers: int | None, fmt: str,
            **point: Any) -> None:
     """Back up every disk of INSTANCE at one consistent instant into the repository."""
+    keep_freed_memory()
     backup_id = str(uuid.uuid4())
     point_plan = plan_point(app, instance, name=f"backup-{backup_id[:8]}", snapshot_id=backup_id, **point)
     repo = app.repository(repo_path, read_passphrase(passphrase_file, passphrase_env))
@@ -125,7 +127,7 @@ def show(app: App, backup: str, fmt: str) -> None:
 @click.option("--disk", "devices", multiple=True, metavar="DEVICE", help="Restore only this disk (repeatable).")
 @repo_option
 @passphrase_options
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel writes. Default: cores, 2 to 8.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel writes. Default: two per core.")
 @output_option
 @pass_app
 def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple[str, ...], repo_path: Path | None,
@@ -134,6 +136,7 @@ def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple
 
     BACKUP is an id or id prefix from the catalog; with --repo, a backup id found only in
     that repository (restoring without the original catalog or instance) works too."""
+    keep_freed_memory()
     repo, backup_id = locate_backup(app, backup, repo_path, read_passphrase(passphrase_file, passphrase_env))
     with byte_progress(f"restore of {backup_id[:8]}", enabled=fmt != "json") as bar:
         restored = restore_backup(repo, backup_id, dest.absolute(), fmt=image_format, devices=devices,

@@ -3,6 +3,8 @@ that several command groups take. Command modules import this, never ``main``.""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import stat
 from collections.abc import Callable
@@ -20,6 +22,25 @@ from freezeframe.model import BackupState, WriterSpec
 from freezeframe.writers import validate_options, writer_class
 
 PASSPHRASE_ENV = "FREEZEFRAME_PASSPHRASE"
+#: glibc's mallopt parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> None:
+    """For commands that move disk data: let glibc keep freed chunk buffers for reuse.
+
+    Every chunk passes through a few fresh 4 MiB buffers (the NBD read, the compressed
+    copy). By default glibc maps such buffers anew and unmaps them when freed, so each
+    one is page-faulted in again: measured here, that cost a backup about 15% of its
+    speed (and QEMU's NBD server, sharing the cores, half its CPU). The process is ours
+    (the CLI owns it), so this process-wide setting is made here, not in the library.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
+    except (OSError, AttributeError):
+        pass  # not glibc: only slower
 
 
 class App:

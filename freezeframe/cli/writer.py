@@ -16,7 +16,8 @@ from freezeframe.writers import KINDS, validate_options, writer_class
 
 def _kinds_help() -> str:
     lines = ["\b", "Kinds and their options:"]
-    for kind, cls in sorted(KINDS.items()):
+    for kind in sorted(KINDS):
+        cls = writer_class(kind)
         lines.append(f"  {kind}: {cls.summary}")
         lines.append("    options: " + ", ".join(
             f"{k}{'*' if o.required else ''}" for k, o in cls.options.items()))
@@ -34,7 +35,15 @@ def _spec_json(spec: WriterSpec) -> dict[str, Any]:
             "retries": spec.retries, "on_failure": spec.on_failure.value}
 
 
-@group.command("add", epilog=_kinds_help())
+class _AddCommand(click.Command):
+    """Lists the kinds and their options in its help, importing the writers only then."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self.epilog = _kinds_help()
+        super().format_epilog(ctx, formatter)
+
+
+@group.command("add", cls=_AddCommand)
 @click.argument("instance")
 @click.argument("kind", type=click.Choice(sorted(KINDS)))
 @click.option("--name", help="Writer name (default: the kind). Unique per instance.")

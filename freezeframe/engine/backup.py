@@ -41,6 +41,7 @@ from freezeframe.backup.reader import ALLOCATION, NbdExport, Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository, manifest_name
 from freezeframe.catalog.store import Catalog, utc_now
 from freezeframe.engine import sentinel
+from freezeframe.engine.guard import Watcher
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.run import Progress, instance_lock, take_point
 from freezeframe.errors import BackupFailed, FreezeframeError, InvalidInput, NotFound, RepositoryError
@@ -110,17 +111,22 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
         last = chain[-1] if chain else None
         last_full = next((b for b in reversed(chain) if b.type is BackupType.FULL), None)
         kind = plan.type or (BackupType.INCREMENTAL if last else BackupType.FULL)
-        # Refusals come before any record: nothing is taken, nothing is left to clean.
-        async with Monitor(instance.qmp_socket) as monitor:
-            states = await inspect(monitor)
-        check_space(plan.fleecing_dir, states)
+        watcher = sentinel.start()  # its start-up overlaps the preflight
+        try:
+            # Refusals come before any record: nothing is taken, nothing is left to clean.
+            async with Monitor(instance.qmp_socket) as monitor:
+                states = await inspect(monitor)
+            check_space(plan.fleecing_dir, states)
+        except BaseException:
+            watcher.cancel()
+            raise
         parent = last if kind is BackupType.INCREMENTAL else last_full if kind is BackupType.DIFFERENTIAL else None
         backup = Backup(id=plan.point.snapshot_id, instance=instance.name, type=kind, created_at=utc_now(),
                         state=BackupState.CREATING, repository=repo.location, parent=parent.id if parent else None)
         catalog.save_backup(backup)
         started = time.monotonic()
         try:
-            await _run(plan, catalog, backup, states, (parent, last, last_full), progress, transfer)
+            await _run(plan, catalog, backup, states, (parent, last, last_full), watcher, progress, transfer)
         except BaseException as err:
             backup.state = BackupState.FAILED
             backup.error = err.message if isinstance(err, FreezeframeError) else f"interrupted: {type(err).__name__}"
@@ -220,8 +226,8 @@ def _layout(plan: BackupPlan, backup: Backup, states: list[DiskState], parent: B
 
 
 async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[DiskState],
-               history: tuple[Backup | None, Backup | None, Backup | None], progress: Progress | None,
-               transfer: TransferProgress | None) -> None:
+               history: tuple[Backup | None, Backup | None, Backup | None], watcher: Watcher,
+               progress: Progress | None, transfer: TransferProgress | None) -> None:
     """``history``: the parent, the last backup and the last full of this instance here."""
     say = progress or (lambda phase: None)
     instance = plan.point.instance
@@ -233,7 +239,11 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
     for disk in layout.disks:
         backup.disks.append(BackupDisk(device=disk.device, virtual_size=disk.virtual_size, bitmap=disk.start,
                                        full_read_reason=disk.full_read_reason))
-    watcher = sentinel.arm(catalog.path, layout)
+    try:
+        sentinel.arm(watcher, catalog.path, layout)
+    except BaseException:
+        watcher.cancel()
+        raise
     torn_down = False
     target = FleecingTarget(layout=layout, qga_socket=instance.qga_socket)
     try:

@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,34 +50,53 @@ class Arming:
     mounts: tuple[str, ...] = ()
 
 
-class Guard:
-    """The engine's handle on a running guard process."""
+class Watcher:
+    """The engine's handle on a watching process: the freeze guard, or a backup's sentinel.
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    ``start`` launches it early, so that Python's start-up overlaps the run's preflight;
+    ``arm`` hands it its task later and waits until it holds it. One never armed is let go
+    with ``cancel``."""
+
+    def __init__(self, process: subprocess.Popen[bytes], what: str) -> None:
         self._process = process
+        self.what = what
+        self.armed = False
 
     @classmethod
-    def arm(cls, arming: Arming) -> Guard:
-        return cls.spawn("freezeframe.engine.guard", asdict(arming), what="the freeze guard")
-
-    @classmethod
-    def spawn(cls, module: str, payload: dict[str, Any], *, what: str) -> Guard:
-        """Start ``python -m module`` in its own session, hand it ``payload`` on stdin, and
-        wait for its 'armed'. Also the start of the backup sentinel (``sentinel.py``)."""
+    def start(cls, module: str, *, what: str) -> Watcher:
+        """Start ``python -m module`` in its own session (a signal to our group does not reach it)."""
         process = subprocess.Popen(
             [sys.executable, "-m", module],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
+        return cls(process, what)
+
+    def arm(self, payload: dict[str, Any]) -> None:
+        """Hand over the task and wait for 'armed'. Raises when the process does not hold it."""
+        process = self._process
         assert process.stdin is not None
         assert process.stdout is not None
-        process.stdin.write(json.dumps(payload).encode() + b"\n")
-        process.stdin.flush()
+        try:
+            process.stdin.write(json.dumps(payload).encode() + b"\n")
+            process.stdin.flush()
+        except OSError:
+            pass  # it died: found below
         ready, _, _ = select.select([process.stdout], [], [], 30)
         if not ready or process.stdout.readline().strip() != b"armed":
             process.kill()
-            raise HypervisorError(f"{what} did not start; not going on without it")
-        return cls(process)
+            raise HypervisorError(f"{self.what} did not start; not going on without it")
+        self.armed = True
+
+    def cancel(self) -> None:
+        """Let an unarmed watcher go: it reads no task and exits."""
+        with contextlib.suppress(OSError):
+            assert self._process.stdin is not None
+            self._process.stdin.close()
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
 
     def release(self) -> None:
         """Hand over: close the pipe without disarming, and the guard thaws now."""
@@ -198,7 +217,10 @@ def _record(arming: Arming, text: str, disks: list[Any] | None = None) -> None:
 
 
 def main() -> int:
-    data = json.loads(sys.stdin.readline())
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # cancelled before it was armed: nothing to watch
+    data = json.loads(line)
     arming = Arming(**{**data, "mounts": tuple(data.get("mounts", ()))})
     print("armed", flush=True)
     started = time.monotonic()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from freezeframe.catalog.store import Catalog, utc_now
-from freezeframe.engine.guard import Arming, Guard, start_time
+from freezeframe.engine.guard import Arming, Watcher, start_time
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.quiesce import Quiesce, WritersFailed
 from freezeframe.errors import (
@@ -257,7 +257,9 @@ class _Run:
         )
         self.clock = _Clock()
         self.catalog_path = catalog_path
-        self.guard: Guard | None = None
+        self.guard: Watcher | None = None
+        #: Started early (see ``execute``), armed just before the first freeze.
+        self._spare_guard: Watcher | None = None
         self.budget_cut: str | None = None
         self.inner_writers: list[dict[str, Any]] = []
         self.inner_problem: str | None = None
@@ -311,6 +313,9 @@ class _Run:
     async def execute(self) -> None:
         target = self.target_factory(self.plan.instance)
         self.say("preflight")
+        if self.plan.level >= Level.FILESYSTEM or self.plan.writers:
+            # Python's start-up (tens of ms) then overlaps the preflight, not the run.
+            self._spare_guard = Watcher.start("freezeframe.engine.guard", what="the freeze guard")
         try:
             with self.clock.phase("connect"):
                 await target.connect()
@@ -319,6 +324,9 @@ class _Run:
             try:
                 await self.quiesce.release_all()
             finally:
+                spare, self._spare_guard = self._spare_guard, None
+                if spare is not None:
+                    spare.cancel()
                 await target.close()
 
     async def _with_target(self, target: Target) -> None:
@@ -459,7 +467,11 @@ class _Run:
             kind=instance.kind, qga_socket=instance.qga_socket, qmp_socket=instance.qmp_socket,
             mounts=instance.mounts,
         )
-        self.guard = await asyncio.to_thread(Guard.arm, arming)
+        watcher, self._spare_guard = self._spare_guard, None
+        if watcher is None:
+            watcher = Watcher.start("freezeframe.engine.guard", what="the freeze guard")
+        await asyncio.to_thread(watcher.arm, asdict(arming))
+        self.guard = watcher
         self.event(f"guard armed: it thaws the instance if this process dies, or after "
                    f"{arming.deadline_s:g}s")
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from freezeframe.engine.guard import Guard, wait_for_owner
+from freezeframe.engine.guard import Watcher, wait_for_owner
 from freezeframe.errors import FreezeframeError
 from freezeframe.targets.fleecing import Layout
 
@@ -26,9 +26,13 @@ from freezeframe.targets.fleecing import Layout
 PATIENCE = 60.0
 
 
-def arm(catalog: Path, layout: Layout) -> Guard:
-    payload = {"catalog": str(catalog), "layout": layout.to_json()}
-    return Guard.spawn("freezeframe.engine.sentinel", payload, what="the backup sentinel")
+def start() -> Watcher:
+    """Start a sentinel process; arm it with ``arm`` once the layout is known."""
+    return Watcher.start("freezeframe.engine.sentinel", what="the backup sentinel")
+
+
+def arm(watcher: Watcher, catalog: Path, layout: Layout) -> None:
+    watcher.arm({"catalog": str(catalog), "layout": layout.to_json()})
 
 
 async def _teardown(layout: Layout) -> list[str]:
@@ -60,7 +64,10 @@ def _record(catalog: str, backup_id: str, text: str) -> None:
 
 
 def main() -> int:
-    data: dict[str, Any] = json.loads(sys.stdin.readline())
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # cancelled before it was armed: nothing to watch
+    data: dict[str, Any] = json.loads(line)
     layout = Layout.from_json(data["layout"])
     print("armed", flush=True)
     if wait_for_owner(float("inf")) == "disarm":

@@ -1,26 +1,35 @@
-"""Application writers: one module per application, one interface (``base.Writer``)."""
+"""Application writers: one module per application, one interface (``base.Writer``).
+
+The registry names each writer's module instead of importing it: a writer pulls in its
+application's client library (psycopg, PyMySQL, redis), and a command that uses none of
+them should not pay for loading all of them.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 from freezeframe.errors import InvalidInput
 from freezeframe.model import WriterSpec
 from freezeframe.writers.base import Writer, WriterError, validate_options
-from freezeframe.writers.mysql import MySQLWriter
-from freezeframe.writers.postgresql import PostgresWriter
-from freezeframe.writers.redis import RedisWriter
-from freezeframe.writers.script import ScriptWriter
-from freezeframe.writers.sqlite import SqliteWriter
 
-KINDS: dict[str, type[Writer]] = {
-    cls.kind: cls for cls in (PostgresWriter, MySQLWriter, SqliteWriter, RedisWriter, ScriptWriter)
+#: Writer kind -> (module, class).
+KINDS: dict[str, tuple[str, str]] = {
+    "postgresql": ("freezeframe.writers.postgresql", "PostgresWriter"),
+    "mysql": ("freezeframe.writers.mysql", "MySQLWriter"),
+    "sqlite": ("freezeframe.writers.sqlite", "SqliteWriter"),
+    "redis": ("freezeframe.writers.redis", "RedisWriter"),
+    "script": ("freezeframe.writers.script", "ScriptWriter"),
 }
 
 
 def writer_class(kind: str) -> type[Writer]:
     try:
-        return KINDS[kind]
+        module, name = KINDS[kind]
     except KeyError:
         raise InvalidInput(f"unknown writer kind {kind!r}", hint=f"kinds: {', '.join(sorted(KINDS))}") from None
+    cls: type[Writer] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def make_writer(spec: WriterSpec) -> Writer:
