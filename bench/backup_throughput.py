@@ -131,6 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gib", type=float, default=2.0)
     parser.add_argument("--fill", type=float, default=0.8, help="how full of /usr files (the 10%% change needs room)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the full backups (restores: 3+)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory")
     args = parser.parse_args()
     for tool in ("restic", "borg", "qemu-img"):
@@ -147,7 +148,7 @@ def main() -> None:
     def record(case: str, tool: str, wall: float, cpu: float, covered: int, **extra: Any) -> None:
         rows.append({"case": case, "tool": tool, "seconds": round(wall, 2), "MB/s": round(covered / MB / wall, 1),
                      "cpu_s_per_GB": round(cpu / (covered / 1e9), 2), **extra})
-        print(json.dumps(rows[-1]), flush=True)
+        print(f"  {case}: {tool}: {wall:.2f} s", flush=True)
 
     try:
         raw = work / "disk.raw"
@@ -163,29 +164,33 @@ def main() -> None:
         for path in (raw, disk):  # warm the page cache for every tool alike
             subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
-        # -- full ------------------------------------------------------------------------------
-        ff_repo, restic_repo, borg_repo = work / "ff-repo", work / "restic-repo", work / "borg-repo"
-        run([*FF, "repo", "init", str(ff_repo)], env=env)
-        wall, cpu, out = run([*FF, "backup", "create", vm_name, "--repo", str(ff_repo), "--type", "full",
-                              "--consistency", "filesystem", "-o", "json"], env=env)
-        full = json.loads(out)
-        record("full", "freezeframe", wall, cpu, size, stored_MB=round(du(ff_repo / "chunks") / MB, 1),
-               consistency=full["consistency"], steps_thread_s={k: v for k, v in full["timings_s"].items()
-                                                                if k.endswith("_thread_s")})
-        run(["restic", "init", "-r", str(restic_repo)], env=env)
-        wall, cpu, _ = run(["restic", "-r", str(restic_repo), "backup", "--stdin", "--stdin-filename", "disk.raw"],
-                           env=env, stdin=raw)
-        record("full", "restic backup --stdin", wall, cpu, size, stored_MB=round(du(restic_repo) / MB, 1))
-        run(["borg", "init", "-e", "none", str(borg_repo)], env=env)
-        wall, cpu, _ = run(["borg", "create", "-C", "zstd,1", f"{borg_repo}::full", "-"], env=env, stdin=raw)
-        record("full", "borg create -C zstd,1", wall, cpu, size, stored_MB=round(du(borg_repo) / MB, 1))
-        for label, extra in (("qemu-img convert", []), ("qemu-img convert -c (zstd)", ["-c", "-o",
-                                                                                       "compression_type=zstd"])):
-            out_file = work / "converted.qcow2"
-            wall, cpu, _ = run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *extra, str(raw), str(out_file)],
-                               durable=out_file)
-            record("full", label, wall, cpu, size, stored_MB=round(out_file.stat().st_size / MB, 1))
-            out_file.unlink()
+        # -- full: interleaved rounds, fresh repositories each, medians reported -------------------
+        ff_repo = work / "ff-repo"
+        full: dict[str, Any] = {}
+        for _ in range(args.rounds):
+            for path in work.glob("*-repo"):
+                shutil.rmtree(path)
+            ff_repo, restic_repo, borg_repo = work / "ff-repo", work / "restic-repo", work / "borg-repo"
+            run([*FF, "repo", "init", str(ff_repo)], env=env)
+            wall, cpu, out = run([*FF, "backup", "create", vm_name, "--repo", str(ff_repo), "--type", "full",
+                                  "--consistency", "filesystem", "-o", "json"], env=env)
+            full = json.loads(out)
+            record("full", "freezeframe", wall, cpu, size, stored_MB=round(du(ff_repo / "chunks") / MB, 1),
+                   where=full["timings_s"])
+            run(["restic", "init", "-r", str(restic_repo)], env=env)
+            wall, cpu, _ = run(["restic", "-r", str(restic_repo), "backup", "--stdin", "--stdin-filename",
+                                "disk.raw"], env=env, stdin=raw)
+            record("full", "restic backup --stdin", wall, cpu, size, stored_MB=round(du(restic_repo) / MB, 1))
+            run(["borg", "init", "-e", "none", str(borg_repo)], env=env)
+            wall, cpu, _ = run(["borg", "create", "-C", "zstd,1", f"{borg_repo}::full", "-"], env=env, stdin=raw)
+            record("full", "borg create -C zstd,1", wall, cpu, size, stored_MB=round(du(borg_repo) / MB, 1))
+            for label, extra in (("qemu-img convert", []),
+                                 ("qemu-img convert -c (zstd)", ["-c", "-o", "compression_type=zstd"])):
+                out_file = work / "converted.qcow2"
+                wall, cpu, _ = run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *extra, str(raw),
+                                    str(out_file)], durable=out_file)
+                record("full", label, wall, cpu, size, stored_MB=round(out_file.stat().st_size / MB, 1))
+                out_file.unlink()
 
         # -- incremental at 1% and 10% ----------------------------------------------------------
         for percent in (1, 10):
@@ -195,7 +200,7 @@ def main() -> None:
             inc = json.loads(out)
             read = sum(d["bytes_read"] for d in inc["disks"])
             record(f"incremental {percent}%", "freezeframe", wall, cpu, size, bytes_read_MB=round(read / MB, 1),
-                   new_MB=round(sum(d["bytes_new"] for d in inc["disks"]) / MB, 1))
+                   new_MB=round(sum(d["bytes_new"] for d in inc["disks"]) / MB, 1), where=inc["timings_s"])
             changed = work / "changed.raw"
             changed.unlink(missing_ok=True)
             subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(changed)], check=True)
@@ -207,15 +212,17 @@ def main() -> None:
                                stdin=changed)
             record(f"incremental {percent}%", "borg (second run)", wall, cpu, size, bytes_read_MB=round(size / MB))
 
-        # -- restore ------------------------------------------------------------------------------
-        out_dir = work / "restored"
-        wall, cpu, _ = run([*FF, "backup", "restore", full["id"], "--to", str(out_dir), "--format", "raw",
-                            "-o", "json"], env=env)
-        record("restore", "freezeframe restore --format raw", wall, cpu, size)
-        shutil.rmtree(out_dir)
-        target = work / "converted.raw"
-        wall, cpu, _ = run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(target)], durable=target)
-        record("restore", "qemu-img convert qcow2 -> raw", wall, cpu, size)
+        # -- restore: interleaved rounds ------------------------------------------------------------
+        for _ in range(max(3, args.rounds)):
+            out_dir = work / "restored"
+            wall, cpu, _ = run([*FF, "backup", "restore", full["id"], "--to", str(out_dir), "--format", "raw",
+                                "-o", "json"], env=env)
+            record("restore", "freezeframe restore --format raw", wall, cpu, size)
+            shutil.rmtree(out_dir)
+            target = work / "converted.raw"
+            wall, cpu, _ = run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(target)], durable=target)
+            record("restore", "qemu-img convert qcow2 -> raw", wall, cpu, size)
+            target.unlink()
     finally:
         try:
             lab_vm.down(home.lab, vm_name)
@@ -225,11 +232,20 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"{'case':<16} {'tool':<34} {'s':>7} {'MB/s':>8} {'cpu s/GB':>9}  other")
+    print("All runs:")
     for row in rows:
-        other = {k: v for k, v in row.items() if k not in ("case", "tool", "seconds", "MB/s", "cpu_s_per_GB")}
-        print(f"{row['case']:<16} {row['tool']:<34} {row['seconds']:>7} {row['MB/s']:>8} {row['cpu_s_per_GB']:>9}  "
-              f"{json.dumps(other)}")
+        print("  " + json.dumps(row))
+    print()
+    print("Medians (MB/s over the disk's size; every run above):")
+    print(f"{'case':<16} {'tool':<34} {'s':>7} {'MB/s':>8} {'cpu s/GB':>9}  other")
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["case"], row["tool"]), []).append(row)
+    for (case, tool), runs in groups.items():
+        mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+        other = {k: v for k, v in mid.items() if k not in ("case", "tool", "seconds", "MB/s", "cpu_s_per_GB", "where")}
+        print(f"{case:<16} {tool:<34} {mid['seconds']:>7} {mid['MB/s']:>8} {mid['cpu_s_per_GB']:>9}  "
+              f"{json.dumps(other)}  (runs: {', '.join(str(r['seconds']) for r in runs)} s)")
 
 
 if __name__ == "__main__":

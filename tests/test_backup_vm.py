@@ -312,18 +312,30 @@ def test_encrypted_repository_hides_plaintext_and_needs_the_passphrase(
     vm = lab(disks=1)
     marker = b"FREEZEFRAME-PLAINTEXT-MARKER"
     guest(vm, f"yes {marker.decode()} | head -c 1048576 > /mnt/ffdata0/marker.txt && sync")
+    write_random(vm, "/mnt/ffdata0/noise.bin", 8)  # more than the 2 MiB repository below can hold
 
     # Not enough room for the temporary snapshot data: refused before anything is taken.
-    tiny = tmp_path / "tiny"
-    tiny.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)], check=True)
+    # A repository whose disk fills up: a clear error, nothing listed, the VM as it was.
+    tiny, full_disk = tmp_path / "tiny", tmp_path / "full-disk"
+    for where, size in ((tiny, "1m"), (full_disk, "2m")):
+        where.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
     try:
         refused = run_cli(home, "backup", "create", vm.name, "--repo", str(plain), "--fleecing-dir", str(tiny))
+        init_repo(home, full_disk / "repo")
+        filled = run_cli(home, "backup", "create", vm.name, "--repo", str(full_disk / "repo"))
     finally:
-        subprocess.run(["umount", str(tiny)], check=True)
+        for where in (tiny, full_disk):
+            subprocess.run(["umount", str(where)], check=True)
     assert refused.returncode == 2, refused.stderr
     assert "not enough free space for the temporary snapshot data" in refused.stderr
-    assert cli_json(home, "backup", "list", "--instance", vm.name, "--all")[0] == []
+    assert filled.returncode == 7, filled.stderr
+    assert "is the disk full" in filled.stderr
+    assert "Traceback" not in filled.stderr
+    assert_left_as_it_was(vm)
+    assert vm_state(vm)["bitmaps"] == []
+    listed = cli_json(home, "backup", "list", "--instance", vm.name, "--all")[0]
+    assert [b["state"] for b in listed] == ["failed"]
 
     done = backup(home, vm, sealed, "--passphrase-file", str(secret))
     backup(home, vm, plain)

@@ -104,6 +104,8 @@ def list_(app: App, instance: str | None, everything: bool, fmt: str) -> None:
     """List complete backups, oldest first (a partial backup is never listed)."""
     states = tuple(BackupState) if everything else (BackupState.CREATED,)
     backups = app.catalog.backups(instance=instance, states=states)
+    if instance is not None and not backups and not app.catalog.backups(instance=instance, states=tuple(BackupState)):
+        app.catalog.instance(instance)  # a typo should say so; backups outlive their instance, so only then
     if fmt == "json":
         emit_json([backup_json(b) for b in backups])
     else:
@@ -127,7 +129,7 @@ def show(app: App, backup: str, fmt: str) -> None:
 @click.option("--disk", "devices", multiple=True, metavar="DEVICE", help="Restore only this disk (repeatable).")
 @repo_option
 @passphrase_options
-@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel writes. Default: two per core.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel writes. Default: one per core.")
 @output_option
 @pass_app
 def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple[str, ...], repo_path: Path | None,

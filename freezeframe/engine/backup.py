@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.agent.qmp import Monitor
-from freezeframe.backup.pipeline import DEFAULT_WORKERS, STEPS, Counters, back_up_disk, restore_disk
+from freezeframe.backup.pipeline import (
+    DEFAULT_WORKERS,
+    RESTORE_WORKERS,
+    STEPS,
+    Counters,
+    back_up_disk,
+    restore_disk,
+)
 from freezeframe.backup.reader import ALLOCATION, NbdExport, Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository, manifest_name
 from freezeframe.catalog.store import Catalog, utc_now
@@ -361,7 +368,7 @@ def _file_name(device: str) -> str:
 
 
 def restore_backup(repo: Repository, backup_id: str, dest: Path, *, fmt: str = "qcow2",
-                   devices: tuple[str, ...] = (), workers: int = DEFAULT_WORKERS,
+                   devices: tuple[str, ...] = (), workers: int = RESTORE_WORKERS,
                    progress: Callable[[int, int], None] | None = None) -> list[tuple[str, Path]]:
     """Restore a backup's disks (or those named in ``devices``) as images in ``dest``,
     read from the repository alone. Returns (device, image) pairs."""
