@@ -131,8 +131,15 @@ def test_full_then_incremental_restore_consistent_and_damage_is_named(
     assert hashlib.sha256(ext4_read(images["inc"]["ffdata1"], "/between.bin")).hexdigest() == digest
     assert ext4_read(images["full"]["ffdata1"], "/between.bin") == b""
 
-    # Flip one byte of a chunk only the incremental uses.
+    # The repository alone tells what the backup is: its manifest carries the point's evidence.
     opened = Repository.open(LocalStore(repo))
+    manifest = opened.manifest(inc["id"])
+    assert (manifest["type"], manifest["parent"], manifest["consistency"]) == ("incremental", full["id"], "filesystem")
+    assert sorted(fs["mountpoint"] for fs in manifest["point"]["filesystems"]) == ["/mnt/ffdata0", "/mnt/ffdata1"]
+    assert manifest["point"]["frozen_filesystems"] == 2
+    assert [d["index"] for d in manifest["disks"]] == [d["index"] for d in inc["disks"]]
+
+    # Flip one byte of a chunk only the incremental uses.
     named = {b: set(opened.index(d["index"]).chunks) - {None} for b, d in
              ((r["id"], disk) for r in (full, inc) for disk in r["disks"])}
     only_inc = sorted(named[inc["id"]] - named[full["id"]])

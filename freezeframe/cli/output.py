@@ -266,9 +266,10 @@ def byte_progress(label: str, enabled: bool = True) -> Iterator[Callable[[int, i
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}"))
     with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(label, total=None, detail="")
+        # Hidden until the first bytes move: before that the phase spinner says what happens.
+        task = bar.add_task(label, total=None, detail="", visible=False)
 
         def update(done: int, total: int, detail: str) -> None:
-            bar.update(task, completed=done, total=total, detail=detail)
+            bar.update(task, completed=done, total=total, detail=detail, visible=True)
 
         yield update
