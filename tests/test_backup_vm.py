@@ -193,6 +193,24 @@ def test_incremental_after_one_percent_change_reads_under_three_percent_and_othe
     # The next incremental follows the differential (a copy is in no chain).
     assert backup(home, vm, repo)["parent"] == diff["id"]
 
+    # Restored to a new instance, set up like the original.
+    for args in (("instance", "update", vm.name, "--freeze-budget", "5"),
+                 ("writer", "add", vm.name, "sqlite", "--option", "path=/srv/app.db")):
+        assert run_cli(home, *args).returncode == 0
+    restored, done = cli_json(home, "backup", "restore", diff["id"], "--to", str(tmp_path / "new"),
+                              "--to-instance", f"{vm.name}-copy")
+    assert done.returncode == 0, done.stderr
+    assert Path(restored[0]["image"]).is_file()
+    assert "instance update" in done.stderr
+    copy_instance, _ = cli_json(home, "instance", "show", f"{vm.name}-copy")
+    assert (copy_instance["kind"], copy_instance["qmp_socket"], copy_instance["freeze_budget"]) == ("qemu", None, 5)
+    writers, _ = cli_json(home, "writer", "list", f"{vm.name}-copy")
+    assert [w["kind"] for w in writers] == ["sqlite"]
+    again = run_cli(home, "backup", "restore", diff["id"], "--to", str(tmp_path / "again"),
+                    "--to-instance", f"{vm.name}-copy")
+    assert again.returncode == 4, again.stderr
+    assert not (tmp_path / "again").exists()
+
 
 def test_second_vm_with_the_same_data_stores_little(home: Home, lab: LabFactory, tmp_path: Path) -> None:
     repo = tmp_path / "repo"

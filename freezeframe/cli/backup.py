@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from freezeframe.catalog.store import validate_name
 from freezeframe.cli.context import (
     App,
     keep_freed_memory,
@@ -28,11 +29,12 @@ from freezeframe.cli.output import (
     output_option,
     progress,
     records_table,
+    stderr,
     stdout,
 )
 from freezeframe.cli.point import plan_point, point_options
 from freezeframe.engine.backup import BackupPlan, Transfer, restore_backup, take_backup
-from freezeframe.errors import BackupFailed
+from freezeframe.errors import BackupFailed, Conflict, NotFound
 from freezeframe.model import Backup, BackupState, BackupType
 
 
@@ -127,28 +129,57 @@ def show(app: App, backup: str, fmt: str) -> None:
               help="Directory for the restored images (one per disk, named by device).")
 @click.option("--format", "image_format", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True)
 @click.option("--disk", "devices", multiple=True, metavar="DEVICE", help="Restore only this disk (repeatable).")
+@click.option("--to-instance", "new_instance", metavar="NAME",
+              help="Also register NAME as a new instance, set up like the backed-up one (template, consistency, "
+                   "freeze budget, writers), to be given its sockets once QEMU runs on the restored images.")
 @repo_option
 @passphrase_options
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel writes. Default: one per core.")
 @output_option
 @pass_app
-def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple[str, ...], repo_path: Path | None,
-            passphrase_file: Path | None, passphrase_env: str | None, workers: int | None, fmt: str) -> None:
+def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple[str, ...],
+            new_instance: str | None, repo_path: Path | None, passphrase_file: Path | None,
+            passphrase_env: str | None, workers: int | None, fmt: str) -> None:
     """Restore BACKUP's disks as complete images: sparse, every chunk checked against its hash.
 
     BACKUP is an id or id prefix from the catalog; with --repo, a backup id found only in
     that repository (restoring without the original catalog or instance) works too."""
     keep_freed_memory()
+    if new_instance is not None:
+        validate_name("instance", new_instance)
+        if any(i.name == new_instance for i in app.catalog.instances()):
+            raise Conflict(f"instance {new_instance!r} exists already", hint="choose another --to-instance name")
     repo, backup_id = locate_backup(app, backup, repo_path, read_passphrase(passphrase_file, passphrase_env))
     with byte_progress(f"restore of {backup_id[:8]}", enabled=fmt != "json") as bar:
         restored = restore_backup(repo, backup_id, dest.absolute(), fmt=image_format, devices=devices,
                                   progress=lambda done, total: bar(done, total, ""),
                                   **({"workers": workers} if workers else {}))
     records = [{"device": device, "image": str(path), "format": image_format} for device, path in restored]
+    if new_instance is not None:
+        _register(app, new_instance, source=repo.manifest(backup_id)["instance"])
+        for record in records:
+            record["instance"] = new_instance
     if fmt == "json":
         emit_json(records)
     else:
-        stdout.print(records_table(records, ["device", "image", "format"]))
+        stdout.print(records_table(records, ["device", "image", "format", *(["instance"] if new_instance else [])]))
+    if new_instance is not None:
+        stderr.print(f"registered instance {new_instance}; once QEMU runs on these images, give it its sockets: "
+                     f"freezeframe instance update {new_instance} --qmp SOCKET --qga SOCKET", highlight=False)
+
+
+def _register(app: App, name: str, *, source: str) -> None:
+    """A new instance set up like ``source`` (when the catalog still knows it), without sockets."""
+    try:
+        original = app.catalog.instance(source)
+    except NotFound:
+        app.catalog.add_instance(name, kind="qemu", qmp_socket=None, qga_socket=None)
+        return
+    app.catalog.add_instance(name, kind="qemu", qmp_socket=None, qga_socket=None, template=original.template,
+                             application_consistent=original.own_application_consistent,
+                             freeze_budget=original.freeze_budget)
+    for spec in app.catalog.writers(source):
+        app.catalog.add_writer(name, spec)
 
 
 @group.command("delete")
