@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from freezeframe.agent.qga import GuestAgent
 from freezeframe.agent.qmp import Monitor
 from freezeframe.errors import HypervisorError, InvalidInput, MonitorCommandError
 from freezeframe.model import SnapshotDisk
@@ -172,8 +173,9 @@ class FleecingTarget(QemuTarget):
     """The engine's target for a backup point: the same agent handling as a snapshot, but
     the transaction makes a fleecing view instead of switching disks to overlays."""
 
-    def __init__(self, *, layout: Layout, qga_socket: str | None) -> None:
-        super().__init__(qmp_socket=layout.qmp_socket, qga_socket=qga_socket)
+    def __init__(self, *, layout: Layout, qga_socket: str | None,
+                 agent: asyncio.Task[GuestAgent] | None = None) -> None:
+        super().__init__(qmp_socket=layout.qmp_socket, qga_socket=qga_socket, agent=agent)
         self.layout = layout
         self._nodes: list[DiskLayout] = []
         self.taken = False

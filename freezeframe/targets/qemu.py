@@ -68,10 +68,14 @@ class QemuTarget:
 
     kind = "qemu"
 
-    def __init__(self, *, qmp_socket: str, qga_socket: str | None, qmp_timeout: float = 30.0) -> None:
+    def __init__(self, *, qmp_socket: str, qga_socket: str | None, qmp_timeout: float = 30.0,
+                 agent: asyncio.Task[GuestAgent] | None = None) -> None:
+        """``agent``: a connection to the guest agent already under way (``open_agent``),
+        which this target then owns: its handshake overlaps whatever the caller did first."""
         self.monitor = Monitor(qmp_socket, timeout=qmp_timeout)
         self.qga_socket = qga_socket
         self.agent: GuestAgent | None = None
+        self._agent_task = agent
         self._prepared: list[_Overlay] = []
         self._hooks = False
 
@@ -90,6 +94,11 @@ class QemuTarget:
         try:
             await self.discard()
         finally:
+            task, self._agent_task = self._agent_task, None
+            if task is not None:  # handed over but never used
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, AgentError):
+                    await (await task).close()
             if self.agent is not None:
                 await self.agent.close()
             await self.monitor.close()
@@ -111,11 +120,14 @@ class QemuTarget:
 
     async def connect_agent(self, timeout: float, command_timeout: float) -> GuestAgent:
         """Connect to qemu-ga within ``timeout``; raises AgentError when there is no usable agent."""
+        task, self._agent_task = self._agent_task, None
+        if task is not None:
+            self.agent = await task
+            return self.agent
         if self.qga_socket is None:
             raise AgentUnavailable("the instance has no guest-agent socket configured",
                                    hint="set one with: freezeframe instance update NAME --qga SOCKET")
-        self.agent = GuestAgent(self.qga_socket, timeout=command_timeout)
-        await self.agent.connect(timeout)
+        self.agent = await open_agent(self.qga_socket, timeout=timeout, command_timeout=command_timeout)
         return self.agent
 
     def _agent(self) -> GuestAgent:
@@ -351,6 +363,13 @@ class QemuTarget:
                     return
                 elif name in ("BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"):
                     raise HypervisorError(f"merging the snapshot failed: {name.lower()}")
+
+
+async def open_agent(socket: str, *, timeout: float, command_timeout: float) -> GuestAgent:
+    """A synchronised connection to qemu-ga; AgentError when there is no usable agent."""
+    agent = GuestAgent(socket, timeout=command_timeout)
+    await agent.connect(timeout)
+    return agent
 
 
 async def block_disks(monitor: Monitor) -> list[BlockDisk]:
