@@ -165,32 +165,45 @@ def main() -> None:
             subprocess.run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True)
 
         # -- full: interleaved rounds, fresh repositories each, medians reported -------------------
-        ff_repo = work / "ff-repo"
+        # The order of the tools is reversed every other round: on this machine, the command
+        # that runs right after a large file is freed pays for memory the host took back.
+        ff_repo, restic_repo, borg_repo = work / "ff-repo", work / "restic-repo", work / "borg-repo"
         full: dict[str, Any] = {}
-        for _ in range(args.rounds):
-            for path in work.glob("*-repo"):
-                shutil.rmtree(path)
-            ff_repo, restic_repo, borg_repo = work / "ff-repo", work / "restic-repo", work / "borg-repo"
+
+        def full_freezeframe() -> None:
+            nonlocal full
             run([*FF, "repo", "init", str(ff_repo)], env=env)
             wall, cpu, out = run([*FF, "backup", "create", vm_name, "--repo", str(ff_repo), "--type", "full",
                                   "--consistency", "filesystem", "-o", "json"], env=env)
             full = json.loads(out)
             record("full", "freezeframe", wall, cpu, size, stored_MB=round(du(ff_repo / "chunks") / MB, 1),
                    where=full["timings_s"])
+
+        def full_restic() -> None:
             run(["restic", "init", "-r", str(restic_repo)], env=env)
             wall, cpu, _ = run(["restic", "-r", str(restic_repo), "backup", "--stdin", "--stdin-filename",
                                 "disk.raw"], env=env, stdin=raw)
             record("full", "restic backup --stdin", wall, cpu, size, stored_MB=round(du(restic_repo) / MB, 1))
+
+        def full_borg() -> None:
             run(["borg", "init", "-e", "none", str(borg_repo)], env=env)
             wall, cpu, _ = run(["borg", "create", "-C", "zstd,1", f"{borg_repo}::full", "-"], env=env, stdin=raw)
             record("full", "borg create -C zstd,1", wall, cpu, size, stored_MB=round(du(borg_repo) / MB, 1))
-            for label, extra in (("qemu-img convert", []),
-                                 ("qemu-img convert -c (zstd)", ["-c", "-o", "compression_type=zstd"])):
-                out_file = work / "converted.qcow2"
-                wall, cpu, _ = run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *extra, str(raw),
-                                    str(out_file)], durable=out_file)
-                record("full", label, wall, cpu, size, stored_MB=round(out_file.stat().st_size / MB, 1))
-                out_file.unlink()
+
+        def full_qemu_img(label: str, extra: list[str]) -> None:
+            out_file = work / "converted.qcow2"
+            wall, cpu, _ = run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *extra, str(raw), str(out_file)],
+                               durable=out_file)
+            record("full", label, wall, cpu, size, stored_MB=round(out_file.stat().st_size / MB, 1))
+            out_file.unlink()
+
+        tools = [full_freezeframe, full_restic, full_borg, lambda: full_qemu_img("qemu-img convert", []),
+                 lambda: full_qemu_img("qemu-img convert -c (zstd)", ["-c", "-o", "compression_type=zstd"])]
+        for round_ in range(args.rounds):
+            for path in work.glob("*-repo"):
+                shutil.rmtree(path)
+            for tool in tools if round_ % 2 == 0 else reversed(tools):
+                tool()
 
         # -- incremental at 1% and 10% ----------------------------------------------------------
         for percent in (1, 10):
@@ -212,17 +225,24 @@ def main() -> None:
                                stdin=changed)
             record(f"incremental {percent}%", "borg (second run)", wall, cpu, size, bytes_read_MB=round(size / MB))
 
-        # -- restore: interleaved rounds ------------------------------------------------------------
-        for _ in range(max(3, args.rounds)):
+        # -- restore: interleaved rounds, the order reversed every other round ------------------------
+        def restore_freezeframe() -> None:
             out_dir = work / "restored"
             wall, cpu, _ = run([*FF, "backup", "restore", full["id"], "--to", str(out_dir), "--format", "raw",
                                 "-o", "json"], env=env)
             record("restore", "freezeframe restore --format raw", wall, cpu, size)
             shutil.rmtree(out_dir)
+
+        def restore_qemu_img() -> None:
             target = work / "converted.raw"
             wall, cpu, _ = run(["qemu-img", "convert", "-U", "-O", "raw", str(disk), str(target)], durable=target)
             record("restore", "qemu-img convert qcow2 -> raw", wall, cpu, size)
             target.unlink()
+
+        for round_ in range(max(4, args.rounds)):
+            pair = [restore_freezeframe, restore_qemu_img]
+            for tool in pair if round_ % 4 in (0, 3) else reversed(pair):
+                tool()
     finally:
         try:
             lab_vm.down(home.lab, vm_name)

@@ -165,3 +165,19 @@ def test_bad_input_is_refused_with_the_reason(home: Home, catalog: Catalog, tmp_
     catalog.add_instance("files-host", kind="host", qmp_socket=None, qga_socket=None, mounts=("/srv",))
     refused(2, "not a QEMU VM", "backup", "create", "files-host", "--repo", str(tmp_path / "repo"))
     refused(2, "is not one of", "backup", "create", "files-host", "--type", "weekly")
+
+
+def test_restoring_into_a_buffer_checks_size_and_content(tmp_path: Path) -> None:
+    repo = plain(tmp_path)
+    data = b"compressible " * (CHUNK // 13) + b"x" * (CHUNK % 13)
+    chunk_id, _ = repo.put_chunk(data)
+    out = bytearray(CHUNK)
+    assert bytes(repo.get_chunk_into(chunk_id, CHUNK, out)) == data
+    with pytest.raises(DamagedObject, match="more than its chunk"):
+        repo.get_chunk_into(chunk_id, CHUNK - 1, out)  # an index that lies about the length
+    path = tmp_path / "repo" / chunk_name(chunk_id)
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DamagedObject, match=chunk_id):
+        repo.get_chunk_into(chunk_id, CHUNK, out)

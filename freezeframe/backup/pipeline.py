@@ -1,7 +1,7 @@
 """Moving a disk's bytes: into the repository (chunk, hash, compress, store, index) and
 back out of it (restore), each over a pool of threads.
 
-The work per chunk (an NBD read, SHA-256, zstd, AES-GCM, a file write) all runs in C
+The work per chunk (an NBD read, BLAKE3, zstd, AES-GCM, a file write) all runs in C
 with the GIL released, so threads scale with cores. At most ``2 * workers`` chunks are in
 flight, so memory stays near ``2 * workers * chunk_size`` whatever the disk's size.
 """
@@ -153,10 +153,15 @@ def restore_disk(repo: Repository, index: DiskIndex, dest: Path, *, fmt: str = "
         try:
             os.ftruncate(fd, index.virtual_size)
 
+            buffers = threading.local()
+
             def work(position: int) -> int:
                 chunk_id = index.chunks[position]
                 assert chunk_id is not None
-                data = repo.get_chunk(chunk_id, index.chunk_length(position))
+                out: bytearray | None = getattr(buffers, "out", None)
+                if out is None:
+                    out = buffers.out = bytearray(index.chunk_size)
+                data = repo.get_chunk_into(chunk_id, index.chunk_length(position), out)
                 os.pwrite(fd, data, position * index.chunk_size)
                 return len(data)
 

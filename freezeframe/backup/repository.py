@@ -5,7 +5,7 @@ Layout (object names)::
 
     config                     plain JSON: format, chunk size, compression, encryption
     keys/repokey               the wrapped keys (encrypted repositories only)
-    chunks/<id[:2]>/<id>       one fixed-size piece of a disk; id = SHA-256 (or keyed HMAC)
+    chunks/<id[:2]>/<id>       one fixed-size piece of a disk; id = BLAKE3 (keyed, when encrypted)
     indexes/<backup>/<n>       disk n of a backup: the id of every chunk, null for all-zero
     backups/<backup>           the manifest; written last, so only complete backups have one
 
@@ -154,7 +154,7 @@ class Repository:
             keys, key_object = new_key_object(passphrase)
             store.put(KEY, key_object)
         config = {"format": FORMAT, "id": str(uuid.uuid4()), "chunk_size": chunk_size, "compression": "zstd",
-                  "zstd_level": DEFAULT_ZSTD_LEVEL, "hash": "hmac-sha256" if keys else "sha256",
+                  "zstd_level": DEFAULT_ZSTD_LEVEL, "hash": "blake3-keyed" if keys else "blake3",
                   "encryption": "aes-256-gcm" if keys else "none"}
         # The config goes last: a directory without it is not a repository yet.
         store.put(CONFIG, json.dumps(config, indent=1).encode())
@@ -169,6 +169,8 @@ class Repository:
             config = json.loads(store.get(CONFIG))
             if config.get("format") != FORMAT:
                 raise ValueError(f"unknown format {config.get('format')!r}")
+            if config.get("hash") not in ("blake3", "blake3-keyed"):
+                raise ValueError(f"unknown chunk hash {config.get('hash')!r}")
             int(config["chunk_size"])
         except (ValueError, KeyError, TypeError) as err:
             raise RepositoryError(f"the repository config at {store.location} is unreadable: {err}") from err
@@ -237,7 +239,7 @@ class Repository:
 
     # -- chunks ---------------------------------------------------------------------------
 
-    def chunk_id(self, data: bytes) -> str:
+    def chunk_id(self, data: bytes | memoryview) -> str:
         return self.sealer.chunk_id(data)
 
     def has_chunk(self, chunk_id: str) -> bool:
@@ -258,6 +260,38 @@ class Repository:
     def store_sealed(self, chunk_id: str, sealed: bytes) -> int:
         """Bytes stored, 0 when another writer stored the same chunk first."""
         return len(sealed) if self.store.put(chunk_name(chunk_id), sealed) else 0
+
+    def get_chunk_into(self, chunk_id: str, length: int, out: bytearray) -> memoryview:
+        """A chunk's content, checked against its id, decompressed into ``out`` (at least
+        ``length`` long) instead of a new buffer: a restore reuses one per thread, which
+        measured a third faster than a fresh 4 MiB object per chunk."""
+        name = chunk_name(chunk_id)
+        try:
+            body = memoryview(self.sealer.open(name, self.store.get(name)))
+        except InvalidTag:
+            raise DamagedObject(name, "its authentication tag does not match (changed or corrupted)") from None
+        if not body or body[0] not in (_RAW, _ZSTD):
+            raise DamagedObject(name, "unknown encoding")
+        data = body[1:] if body[0] == _RAW else self._decompress_into(name, body[1:], memoryview(out)[:length])
+        if len(data) != length or self.chunk_id(data) != chunk_id:
+            raise DamagedObject(name, "its content does not match its hash",
+                                hint="restore another backup, or run a full backup to store it again")
+        return data
+
+    def _decompress_into(self, name: str, frame: memoryview, out: memoryview) -> memoryview:
+        filled = 0
+        try:
+            with self._decompressor().stream_reader(frame, read_size=len(frame)) as reader:
+                while filled < len(out):
+                    got = reader.readinto(out[filled:])
+                    if not got:
+                        break
+                    filled += got
+                if filled == len(out) and reader.read(1):
+                    raise DamagedObject(name, "it decompresses to more than its chunk")
+        except zstandard.ZstdError as err:
+            raise DamagedObject(name, f"it does not decompress: {err}") from err
+        return out[:filled]
 
     def get_chunk(self, chunk_id: str, length: int) -> bytes:
         """A chunk's content, checked against its id."""
