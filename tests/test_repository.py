@@ -4,11 +4,13 @@ put, damage and tampering found, encryption, and how a disk is planned into chun
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 
+from freezeframe.backup.pipeline import restore_disk
 from freezeframe.backup.reader import Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository, chunk_name
 from freezeframe.backup.store import LocalStore
@@ -181,3 +183,28 @@ def test_restoring_into_a_buffer_checks_size_and_content(tmp_path: Path) -> None
     path.write_bytes(bytes(damaged))
     with pytest.raises(DamagedObject, match=chunk_id):
         repo.get_chunk_into(chunk_id, CHUNK, out)
+
+
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_restore_writes_every_chunk_in_place_and_leaves_holes(tmp_path: Path, where: str) -> None:
+    """O_DIRECT where the file system has it (ext4 here), the page cache where not (tmpfs);
+    chunks stored compressed and as is, a zero chunk, and a last chunk of odd length."""
+    repo = plain(tmp_path)
+    parts = [b"text " * (CHUNK // 5) + b"t" * (CHUNK % 5), os.urandom(CHUNK), None, os.urandom(1000)]
+    chunks = [None if p is None else repo.put_chunk(p)[0] for p in parts]
+    size = 3 * CHUNK + 1000
+    index = DiskIndex(backup="b", device="vda", virtual_size=size, chunk_size=CHUNK, chunks=chunks)
+    target = tmp_path / "out"
+    target.mkdir()
+    if where == "tmpfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(target)], check=True)
+    try:
+        written = restore_disk(repo, index, target / "vda.raw", workers=2)
+        image = (target / "vda.raw").read_bytes()
+        blocks = (target / "vda.raw").stat().st_blocks
+    finally:
+        if where == "tmpfs":
+            subprocess.run(["umount", str(target)], check=True)
+    assert written == 2 * CHUNK + 1000
+    assert image == parts[0] + parts[1] + bytes(CHUNK) + parts[3]
+    assert blocks * 512 < size, "the zero chunk was written instead of left as a hole"

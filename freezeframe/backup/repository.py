@@ -18,6 +18,7 @@ frame; in an encrypted repository that whole object is sealed (see ``crypto.py``
 from __future__ import annotations
 
 import json
+import mmap
 import threading
 import uuid
 from collections.abc import Iterable
@@ -261,7 +262,7 @@ class Repository:
         """Bytes stored, 0 when another writer stored the same chunk first."""
         return len(sealed) if self.store.put(chunk_name(chunk_id), sealed) else 0
 
-    def get_chunk_into(self, chunk_id: str, length: int, out: bytearray) -> memoryview:
+    def get_chunk_into(self, chunk_id: str, length: int, out: bytearray | mmap.mmap) -> memoryview:
         """A chunk's content, checked against its id, decompressed into ``out`` (at least
         ``length`` long) instead of a new buffer: a restore reuses one per thread, which
         measured a third faster than a fresh 4 MiB object per chunk."""
