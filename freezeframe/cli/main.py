@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import click
-from rich.text import Text
 
 from freezeframe.cli.context import App
 from freezeframe.cli.output import stderr
@@ -71,6 +70,8 @@ def main() -> None:
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except FreezeframeError as err:
+        from rich.text import Text
+
         # Text, not markup: messages quote guest data and paths, which may hold brackets.
         stderr.print(Text.assemble(("error: ", "bold red"), err.message), highlight=False)
         if err.hint:

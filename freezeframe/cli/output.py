@@ -7,18 +7,41 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
-from rich.table import Table
 
 from freezeframe.model import Backup, Instance, Snapshot, Template
 
-# Piped output (logs, CI) gets full rows instead of rich's 80-column guess.
-stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 220)
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 220)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+class _LazyConsole:
+    """A rich Console made on first use: rich takes a tenth of a second to import, which a
+    command that prints JSON (scripts, the incremental backups of a schedule) never needs."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def real(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            stream = sys.stderr if self._stderr else sys.stdout
+            # Piped output (logs, CI) gets full rows instead of rich's 80-column guess.
+            self._console = Console(stderr=self._stderr, soft_wrap=False, width=None if stream.isatty() else 220)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+
+_stdout, _stderr = _LazyConsole(stderr=False), _LazyConsole(stderr=True)
+stdout: Console = _stdout  # type: ignore[assignment]
+stderr: Console = _stderr  # type: ignore[assignment]
 
 FORMATS = click.Choice(["table", "json"])
 
@@ -77,6 +100,8 @@ def snapshot_json(snap: Snapshot) -> dict[str, Any]:
 
 
 def snapshot_table(snap: Snapshot) -> Table:
+    from rich.table import Table
+
     table = Table(show_header=True, header_style="bold")
     table.add_column("Field")
     table.add_column("Value", overflow="fold")
@@ -112,6 +137,8 @@ def snapshot_table(snap: Snapshot) -> Table:
 
 
 def snapshots_table(snaps: Sequence[Snapshot]) -> Table:
+    from rich.table import Table
+
     table = Table(show_header=True, header_style="bold")
     for column in ("ID", "Name", "Creation Date", "State", "Instance", "Size", "Consistency",
                    "Application Consistent Snapshot", "Freeze Window"):
@@ -157,6 +184,8 @@ def template_json(tmpl: Template) -> dict[str, Any]:
 
 
 def record_table(record: dict[str, Any]) -> Table:
+    from rich.table import Table
+
     table = Table(show_header=True, header_style="bold")
     table.add_column("Field")
     table.add_column("Value", overflow="fold")
@@ -167,6 +196,8 @@ def record_table(record: dict[str, Any]) -> Table:
 
 
 def records_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
+    from rich.table import Table
+
     table = Table(show_header=True, header_style="bold")
     for column in columns:
         table.add_column(column.replace("_", " ").capitalize())
@@ -182,7 +213,7 @@ def records_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> 
 @contextmanager
 def progress(label: str) -> Iterator[Any]:
     """A spinner on stderr (only on a terminal) that shows the current phase."""
-    if not stderr.is_terminal:
+    if not sys.stderr.isatty():
         yield lambda phase: None
         return
     with stderr.status(f"{label}: starting") as status:
@@ -215,6 +246,8 @@ def backup_json(backup: Backup) -> dict[str, Any]:
 
 
 def backup_table(backup: Backup) -> Table:
+    from rich.table import Table
+
     data = backup_json(backup)
     table = Table(show_header=True, header_style="bold")
     table.add_column("Field")
@@ -242,6 +275,8 @@ def backup_table(backup: Backup) -> Table:
 
 
 def backups_table(backups: Sequence[Backup]) -> Table:
+    from rich.table import Table
+
     table = Table(show_header=True, header_style="bold")
     for column in ("ID", "Instance", "Type", "Creation Date", "State", "Consistency", "Read", "New", "Parent"):
         table.add_column(column)
@@ -260,12 +295,21 @@ def backups_table(backups: Sequence[Backup]) -> Table:
 def byte_progress(label: str, enabled: bool = True) -> Iterator[Callable[[int, int, str], None]]:
     """A progress bar on stderr (only on a terminal): ``update(done, total, detail)``, where
     detail is shown beside the rate and ETA (stored, deduplicated, ...)."""
-    if not enabled or not stderr.is_terminal:
+    if not enabled or not sys.stderr.isatty():
         yield lambda done, total, detail: None
         return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                TransferSpeedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[detail]}"))
-    with Progress(*columns, console=stderr, transient=True) as bar:
+    with Progress(*columns, console=_stderr.real(), transient=True) as bar:
         # Hidden until the first bytes move: before that the phase spinner says what happens.
         task = bar.add_task(label, total=None, detail="", visible=False)
 
