@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from freezeframe.errors import HypervisorError
@@ -48,10 +46,9 @@ def _require_nbd() -> Any:
 class NbdExport:
     """One read-only NBD export on a unix socket; a connection per thread."""
 
-    def __init__(self, socket: str, export: str, *, bitmap: str | None = None) -> None:
+    def __init__(self, socket: str, export: str) -> None:
         self.socket = socket
         self.export = export
-        self.bitmap = bitmap
         self._local = threading.local()
         self._handles: list[Any] = []
         self._lock = threading.Lock()
@@ -124,15 +121,6 @@ class NbdExport:
             with contextlib.suppress(Exception):
                 handle.shutdown()
 
-
-
-@contextmanager
-def opened(socket: str, export: str, *, bitmap: str | None = None) -> Iterator[NbdExport]:
-    source = NbdExport(socket, export, bitmap=bitmap)
-    try:
-        yield source
-    finally:
-        source.close()
 
 
 def plan_chunks(size: int, chunk_size: int, allocation: list[tuple[int, int, int]],

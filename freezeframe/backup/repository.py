@@ -122,6 +122,10 @@ def _is_id(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
+def is_repository(store: ObjectStore) -> bool:
+    return store.exists(CONFIG)
+
+
 class Repository:
     """A repository opened for reading and writing. Thread-safe for chunk I/O."""
 
@@ -204,20 +208,25 @@ class Repository:
         body = bytes([_ZSTD]) + packed if len(packed) < len(data) else bytes([_RAW]) + data
         return self.sealer.seal(name, body)
 
-    def _decode(self, name: str, sealed: bytes, limit: int) -> bytes:
+    def _unseal(self, name: str, sealed: bytes) -> memoryview:
+        """The object's body (``[encoding][data]``), its authentication and encoding checked."""
         try:
-            body = self.sealer.open(name, sealed)
+            body = memoryview(self.sealer.open(name, sealed))
         except InvalidTag:
             raise DamagedObject(name, "its authentication tag does not match (changed or corrupted)") from None
         if not body or body[0] not in (_RAW, _ZSTD):
             raise DamagedObject(name, "unknown encoding")
+        return body
+
+    def _decode(self, name: str, sealed: bytes, limit: int) -> bytes:
+        body = self._unseal(name, sealed)
         if body[0] == _RAW:
-            return body[1:]
+            return bytes(body[1:])
         try:
             declared = zstandard.frame_content_size(body[1:])
             if declared > limit:
                 # Checked before decompressing: the header alone must not make us allocate.
-                raise DamagedObject(name, f"it claims {declared} bytes, more than a chunk")
+                raise DamagedObject(name, f"it claims {declared} bytes, more than {limit}")
             if declared >= 0:
                 return self._decompressor().decompress(body[1:])
             return self._decompressor().decompress(body[1:], max_output_size=limit)
@@ -267,12 +276,7 @@ class Repository:
         ``length`` long) instead of a new buffer: a restore reuses one per thread, which
         measured a third faster than a fresh 4 MiB object per chunk."""
         name = chunk_name(chunk_id)
-        try:
-            body = memoryview(self.sealer.open(name, self.store.get(name)))
-        except InvalidTag:
-            raise DamagedObject(name, "its authentication tag does not match (changed or corrupted)") from None
-        if not body or body[0] not in (_RAW, _ZSTD):
-            raise DamagedObject(name, "unknown encoding")
+        body = self._unseal(name, self.store.get(name))
         data = body[1:] if body[0] == _RAW else self._decompress_into(name, body[1:], memoryview(out)[:length])
         if len(data) != length or self.chunk_id(data) != chunk_id:
             raise DamagedObject(name, "its content does not match its hash",
@@ -295,13 +299,8 @@ class Repository:
         return out[:filled]
 
     def get_chunk(self, chunk_id: str, length: int) -> bytes:
-        """A chunk's content, checked against its id."""
-        name = chunk_name(chunk_id)
-        data = self._decode(name, self.store.get(name), max(length, self.chunk_size))
-        if len(data) != length or self.chunk_id(data) != chunk_id:
-            raise DamagedObject(name, "its content does not match its hash",
-                                hint="restore another backup, or run a full backup to store it again")
-        return data
+        """A chunk's content, checked against its id, in a buffer of its own."""
+        return bytes(self.get_chunk_into(chunk_id, length, bytearray(length)))
 
     # -- indexes and manifests ---------------------------------------------------------
 
@@ -323,6 +322,10 @@ class Repository:
         if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("disks"), list):
             raise DamagedObject(name, "not a backup manifest")
         return data
+
+    def has_backup(self, backup_id: str) -> bool:
+        """Whether the backup is published here (its manifest, written last, exists)."""
+        return self.store.exists(manifest_name(backup_id))
 
     def backup_ids(self) -> list[str]:
         return sorted(info.name.split("/", 1)[1] for info in self.store.list("backups/"))

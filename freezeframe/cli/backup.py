@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from freezeframe.backup.repository import is_repository
+from freezeframe.backup.store import LocalStore
 from freezeframe.catalog.store import validate_name
 from freezeframe.cli.context import (
     App,
@@ -194,7 +196,7 @@ def delete(app: App, backup: str, passphrase_file: Path | None, passphrase_env: 
     found = app.catalog.backup(backup)
     if found.state is BackupState.CREATED:
         where = Path(found.repository)
-        if (where / "config").exists():
+        if is_repository(LocalStore(where)):
             repo = app.repository(where, read_passphrase(passphrase_file, passphrase_env))
             repo.delete_backup(found.id)
         else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from freezeframe.backup.repository import DEFAULT_CHUNK_SIZE, Repository
+from freezeframe.backup.repository import DEFAULT_CHUNK_SIZE, Repository, is_repository
 from freezeframe.backup.store import LocalStore
 from freezeframe.cli.context import App, pass_app, passphrase_options, read_passphrase
 from freezeframe.cli.output import emit_json, human_size, output_option, record_table, stdout
@@ -38,7 +38,7 @@ def init(app: App, path: Path | None, encryption: bool, chunk_size: int, passphr
     if encryption and passphrase is None:
         raise InvalidInput("--encryption needs a passphrase",
                            hint="give --passphrase-file PATH, --passphrase-env VAR, or set FREEZEFRAME_PASSPHRASE")
-    if where.exists() and any(where.iterdir()) and not (where / "config").exists():
+    if where.exists() and any(where.iterdir()) and not is_repository(LocalStore(where)):
         raise RepositoryError(f"{where} is not empty and not a repository", hint="choose an empty directory")
     repo = Repository.init(LocalStore(where), passphrase=passphrase, chunk_size=chunk_size << 10)
     record = {"path": str(where), "encryption": repo.config["encryption"], "chunk_size": repo.chunk_size,

@@ -46,13 +46,13 @@ from freezeframe.backup.pipeline import (
     restore_disk,
 )
 from freezeframe.backup.reader import ALLOCATION, NbdExport, Need, plan_chunks
-from freezeframe.backup.repository import DiskIndex, Repository, manifest_name
+from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.catalog.store import Catalog, utc_now
 from freezeframe.engine import sentinel
 from freezeframe.engine.guard import Watcher
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.run import Progress, instance_lock, take_point
-from freezeframe.errors import AgentError, BackupFailed, FreezeframeError, InvalidInput, NotFound, RepositoryError
+from freezeframe.errors import BackupFailed, FreezeframeError, HypervisorError, InvalidInput, NotFound
 from freezeframe.model import Backup, BackupDisk, BackupState, BackupType, Level
 from freezeframe.targets.fleecing import (
     BITMAP_PREFIX,
@@ -66,7 +66,7 @@ from freezeframe.targets.fleecing import (
     inspect,
     teardown,
 )
-from freezeframe.targets.qemu import open_agent, short_tag
+from freezeframe.targets.qemu import discard_agent, open_agent, short_tag
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +115,7 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
     with instance_lock(lock_dir, instance.name):
         _close_stale(catalog, instance.name)
         chain = [b for b in catalog.backups(instance=instance.name, repository=repo.location)
-                 if b.type is not BackupType.COPY and repo.store.exists(manifest_name(b.id))]
+                 if b.type is not BackupType.COPY and repo.has_backup(b.id)]
         last = chain[-1] if chain else None
         last_full = next((b for b in reversed(chain) if b.type is BackupType.FULL), None)
         kind = plan.type or (BackupType.INCREMENTAL if last else BackupType.FULL)
@@ -130,7 +130,7 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
             check_space(plan.fleecing_dir, states)
         except BaseException:
             watcher.cancel()
-            await _drop_agent(agent)
+            await discard_agent(agent)
             raise
         parent = last if kind is BackupType.INCREMENTAL else last_full if kind is BackupType.DIFFERENTIAL else None
         backup = Backup(id=plan.point.snapshot_id, instance=instance.name, type=kind, created_at=utc_now(),
@@ -161,14 +161,6 @@ def _early_agent(point: SnapshotPlan) -> asyncio.Task[GuestAgent] | None:
         return None
     return asyncio.create_task(open_agent(instance.qga_socket, timeout=policy.agent_timeout,
                                           command_timeout=policy.command_timeout))
-
-
-async def _drop_agent(task: asyncio.Task[GuestAgent] | None) -> None:
-    if task is None:
-        return
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, AgentError):
-        await (await task).close()
 
 
 def _close_stale(catalog: Catalog, instance: str) -> None:
@@ -305,7 +297,7 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
                 torn_down = not problems
                 timings["teardown"] = round(time.monotonic() - clock, 3)
                 if problems:
-                    raise RepositoryError("the backup's view could not be fully removed from the VM: "
+                    raise HypervisorError("the backup's view could not be fully removed from the VM: "
                                           + "; ".join(problems))
         # The view is gone: the point's record keeps the evidence, not paths that no longer exist.
         point.disks = []
@@ -334,7 +326,7 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
         plans: list[list[Need]] = []
         parents: list[DiskIndex | None] = []
         for disk, parent_name in zip(layout.disks, parent_indexes, strict=True):
-            source = NbdExport(layout.nbd_socket, disk.export, bitmap=disk.frozen)
+            source = NbdExport(layout.nbd_socket, disk.export)
             sources.append(source)
             allocation = source.extents(ALLOCATION)
             dirty = source.extents(f"qemu:dirty-bitmap:{disk.frozen}") if disk.frozen else None

@@ -95,10 +95,7 @@ class QemuTarget:
             await self.discard()
         finally:
             task, self._agent_task = self._agent_task, None
-            if task is not None:  # handed over but never used
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, AgentError):
-                    await (await task).close()
+            await discard_agent(task)  # handed over but never used
             if self.agent is not None:
                 await self.agent.close()
             await self.monitor.close()
@@ -370,6 +367,16 @@ async def open_agent(socket: str, *, timeout: float, command_timeout: float) -> 
     agent = GuestAgent(socket, timeout=command_timeout)
     await agent.connect(timeout)
     return agent
+
+
+async def discard_agent(task: asyncio.Task[GuestAgent] | None) -> None:
+    """Let go of a connection started with ``open_agent`` that nobody used: stop it if it is
+    still connecting, close it if it connected."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, AgentError):
+        await (await task).close()
 
 
 async def block_disks(monitor: Monitor) -> list[BlockDisk]:
