@@ -25,6 +25,17 @@ def test_help_documents_commands_and_exit_codes(cli_home: Home) -> None:
     create = run_cli(cli_home, "snapshot", "create", "--help")
     for option in ("--consistency", "--on-failure", "--agent-timeout", "--freeze-timeout", "--output"):
         assert option in create.stdout
+    # Groups load when used: each one listed must load and explain itself.
+    listed = done.stdout.split("Commands:", 1)[1].split("Exit codes", 1)[0]
+    groups = [line.split()[0] for line in listed.splitlines() if line.startswith("  ") and line.split()]
+    assert {"snapshot", "backup", "repo", "writer", "instance", "template", "lab"} <= set(groups)
+    for group in groups:
+        shown = run_cli(cli_home, group, "--help")
+        assert shown.returncode == 0, shown.stderr
+        assert "Commands:" in shown.stdout, group
+    unknown = run_cli(cli_home, "snapshots")
+    assert unknown.returncode == 2
+    assert "No such command 'snapshots'" in unknown.stderr
 
 
 def test_templates_and_instances_through_the_cli(cli_home: Home, tmp_path: Path) -> None:

@@ -22,18 +22,30 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from blake3 import blake3
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from freezeframe.errors import RepositoryError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 NONCE = 12
 #: scrypt cost: about 0.1 s and 32 MiB per open, enough against guessing, cheap per run.
 SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 _KEY_AAD = b"freezeframe repository key"
+
+
+class Tampered(Exception):
+    """A sealed object failed its authentication: changed, cut short, or moved to another name."""
+
+
+def _aesgcm(key: bytes) -> AESGCM:
+    # ``cryptography`` loads in about 15 ms: only encrypted repositories pay for it.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +59,7 @@ class Sealer:
 
     def __init__(self, keys: Keys | None) -> None:
         self.keys = keys
-        self._aead = AESGCM(keys.encryption) if keys else None
+        self._aead = _aesgcm(keys.encryption) if keys else None
 
     @property
     def encrypted(self) -> bool:
@@ -65,12 +77,17 @@ class Sealer:
         return nonce + self._aead.encrypt(nonce, payload, name.encode())
 
     def open(self, name: str, sealed: bytes) -> bytes:
-        """The payload; raises InvalidTag when it was changed (callers name the object)."""
+        """The payload; raises Tampered when it was changed (callers name the object)."""
         if self._aead is None:
             return sealed
+        from cryptography.exceptions import InvalidTag
+
         if len(sealed) < NONCE + 16:
-            raise InvalidTag()
-        return self._aead.decrypt(sealed[:NONCE], sealed[NONCE:], name.encode())
+            raise Tampered()
+        try:
+            return self._aead.decrypt(sealed[:NONCE], sealed[NONCE:], name.encode())
+        except InvalidTag:
+            raise Tampered() from None
 
 
 def _kek(passphrase: bytes, salt: bytes, params: dict[str, int]) -> bytes:
@@ -86,7 +103,7 @@ def new_key_object(passphrase: bytes) -> tuple[Keys, bytes]:
     keys = Keys(encryption=os.urandom(32), ids=os.urandom(32))
     salt, nonce = os.urandom(16), os.urandom(NONCE)
     secret = json.dumps({"encryption": _b64(keys.encryption), "ids": _b64(keys.ids)}).encode()
-    wrapped = AESGCM(_kek(passphrase, salt, SCRYPT)).encrypt(nonce, secret, _KEY_AAD)
+    wrapped = _aesgcm(_kek(passphrase, salt, SCRYPT)).encrypt(nonce, secret, _KEY_AAD)
     document = {"format": "freezeframe-key/1", "kdf": "scrypt", **SCRYPT, "salt": _b64(salt),
                 "nonce": _b64(nonce), "wrapped": _b64(wrapped)}
     return keys, json.dumps(document, indent=1).encode()
@@ -99,8 +116,10 @@ def open_key_object(data: bytes, passphrase: bytes, where: str) -> Keys:
         salt, nonce, wrapped = (base64.b64decode(doc[k]) for k in ("salt", "nonce", "wrapped"))
     except (ValueError, KeyError, TypeError) as err:
         raise RepositoryError(f"the key of the repository {where} is unreadable: {err}") from err
+    from cryptography.exceptions import InvalidTag
+
     try:
-        secret = json.loads(AESGCM(_kek(passphrase, salt, params)).decrypt(nonce, wrapped, _KEY_AAD))
+        secret = json.loads(_aesgcm(_kek(passphrase, salt, params)).decrypt(nonce, wrapped, _KEY_AAD))
     except InvalidTag:
         raise RepositoryError(f"wrong passphrase for the repository {where}",
                               hint="check --passphrase-file / --passphrase-env (or FREEZEFRAME_PASSPHRASE)") from None

@@ -3,11 +3,13 @@ back out of it (restore), each over a pool of threads.
 
 The work per chunk (an NBD read, BLAKE3, zstd, AES-GCM, a file write) all runs in C
 with the GIL released, so threads scale with cores. At most ``2 * workers`` chunks are in
-flight, so memory stays near ``2 * workers * chunk_size`` whatever the disk's size.
+flight and ``2 * workers`` sealed chunks wait for a writer, so memory stays near
+``4 * workers * chunk_size`` whatever the disk's size.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import mmap
@@ -25,8 +27,9 @@ from freezeframe.backup.reader import NbdExport, Need
 from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.errors import FreezeframeError, InvalidInput, RepositoryError
 
-#: Two per core: a worker spends part of its time waiting (NBD replies, fdatasync), and a
-#: second one keeps the core busy meanwhile.
+#: Two per core: a worker spends part of its time waiting for NBD replies, and a second
+#: one keeps the core busy meanwhile (3 and 6 on 2 cores measured the same as 4). As many
+#: writers again wait for the store.
 DEFAULT_WORKERS = max(2, min(16, 2 * (os.cpu_count() or 1)))
 #: A restore waits on nothing but the CPU (local files in, local file out): one per core;
 #: more only touch more memory, which measured slower here.
@@ -83,7 +86,8 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
 def back_up_disk(repo: Repository, source: NbdExport, plan: list[Need], *, backup_id: str, device: str,
                  parent: DiskIndex | None, workers: int = DEFAULT_WORKERS,
                  progress: Progress | None = None) -> tuple[DiskIndex, Counters]:
-    """Store the chunks ``plan`` says to read; build the disk's complete index."""
+    """Store the chunks ``plan`` says to read; build the disk's complete index. Returns
+    once every chunk the index names is stored (durably, in a local repository)."""
     size, chunk_size = source.size, repo.chunk_size
     index = DiskIndex(backup=backup_id, device=device, virtual_size=size, chunk_size=chunk_size,
                       chunks=[None] * len(plan))
@@ -99,41 +103,81 @@ def back_up_disk(repo: Repository, source: NbdExport, plan: list[Need], *, backu
         elif need is Need.ZERO:
             counters.zero += index.chunk_length(position)
 
-    def work(position: int) -> tuple[str | None, int, int]:
+    # Storing is handed to writers of its own: a local store waits for the disk (two
+    # syncs per object) and an object store for the network, and a worker that waited
+    # too would leave its core idle (measured here: about 10% of a full backup's time).
+    # The semaphore bounds the sealed chunks waiting for a writer, so memory stays bounded
+    # when the store is slower than the CPU.
+    waiting = threading.BoundedSemaphore(2 * workers)
+
+    def timed(step: str, start: float) -> None:
+        with lock:
+            counters.seconds[step] += time.perf_counter() - start
+
+    def store(chunk_id: str, sealed: bytes) -> int:
+        try:
+            start = time.perf_counter()
+            stored = repo.store_sealed(chunk_id, sealed)
+            timed("write", start)
+            return stored
+        finally:
+            waiting.release()
+
+    def work(position: int) -> tuple[str | None, int, Future[int] | None]:
         offset = position * chunk_size
         length = min(chunk_size, size - offset)
         marks = [time.perf_counter()]
         data = source.pread(length, offset)
         marks.append(time.perf_counter())
         chunk_id: str | None = None
-        stored = 0
+        storing: Future[int] | None = None
         if data != zeros[:length]:
             chunk_id = repo.chunk_id(data)
             marks.append(time.perf_counter())
             if not repo.has_chunk(chunk_id):
                 sealed = repo.seal_chunk(chunk_id, data)
                 marks.append(time.perf_counter())
-                stored = repo.store_sealed(chunk_id, sealed)
-                marks.append(time.perf_counter())
+                waiting.acquire()
+                try:
+                    storing = writers.submit(store, chunk_id, sealed)
+                except BaseException:
+                    waiting.release()
+                    raise
         with lock:
             for step, (start, end) in zip(STEPS, itertools.pairwise(marks), strict=False):
                 counters.seconds[step] += end - start
-        return chunk_id, length, stored
+        return chunk_id, length, storing
+
+    def stored(length: int, storing: Future[int]) -> None:
+        size_stored = storing.result()
+        if size_stored:
+            counters.new += length
+            counters.stored += size_stored
+        else:
+            counters.reused += length  # another writer stored the same chunk first
 
     to_read = [i for i, need in enumerate(plan) if need is Need.READ]
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ff-backup") as pool:
-        for position, (chunk_id, length, stored) in bounded_map(pool, work, to_read, 2 * workers):
+    pending: collections.deque[tuple[int, Future[int]]] = collections.deque()
+    # The writers outlive the workers (a worker may still be handing a chunk over).
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ff-store") as writers, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ff-backup") as pool:
+        for position, (chunk_id, length, storing) in bounded_map(pool, work, to_read, 2 * workers):
             index.chunks[position] = chunk_id
             counters.read += length
             if chunk_id is None:
                 counters.zero += length
-            elif stored:
-                counters.new += length
-                counters.stored += stored
-            else:
+            elif storing is None:
                 counters.reused += length
+            else:
+                pending.append((length, storing))
+            while pending and pending[0][1].done():
+                stored(*pending.popleft())
             if progress is not None:
                 progress(counters.read, counters)
+        while pending:
+            stored(*pending.popleft())
+    if progress is not None:
+        progress(counters.read, counters)
     return index, counters
 
 

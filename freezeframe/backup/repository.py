@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import zstandard
-from cryptography.exceptions import InvalidTag
 
-from freezeframe.backup.crypto import Sealer, new_key_object, open_key_object
+from freezeframe.backup.crypto import Sealer, Tampered, new_key_object, open_key_object
 from freezeframe.backup.store import ObjectStore
 from freezeframe.errors import DamagedObject, InvalidInput, RepositoryError
 
@@ -212,7 +211,7 @@ class Repository:
         """The object's body (``[encoding][data]``), its authentication and encoding checked."""
         try:
             body = memoryview(self.sealer.open(name, sealed))
-        except InvalidTag:
+        except Tampered:
             raise DamagedObject(name, "its authentication tag does not match (changed or corrupted)") from None
         if not body or body[0] not in (_RAW, _ZSTD):
             raise DamagedObject(name, "unknown encoding")

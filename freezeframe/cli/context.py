@@ -4,7 +4,6 @@ that several command groups take. Command modules import this, never ``main``.""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import stat
 from collections.abc import Callable
@@ -36,7 +35,9 @@ def keep_freed_memory() -> None:
     (the CLI owns it), so this process-wide setting is made here, not in the library.
     """
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        # The running program's own symbols (libc among them): no library search, which
+        # would run ldconfig.
+        libc = ctypes.CDLL(None)
         libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     except (OSError, AttributeError):

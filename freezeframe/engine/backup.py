@@ -121,6 +121,7 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
         kind = plan.type or (BackupType.INCREMENTAL if last else BackupType.FULL)
         # Both start now so that their waits (a Python start-up; the agent's handshake,
         # about 0.1 s under TCG) overlap the preflight instead of following it.
+        began = time.monotonic()
         watcher = sentinel.start()
         agent = _early_agent(plan.point)
         try:
@@ -138,7 +139,8 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
         catalog.save_backup(backup)
         started = time.monotonic()
         try:
-            await _run(plan, catalog, backup, states, (parent, last, last_full), watcher, agent, progress, transfer)
+            await _run(plan, catalog, backup, states, (parent, last, last_full), watcher, agent, progress, transfer,
+                       began=began)
         except BaseException as err:
             backup.state = BackupState.FAILED
             backup.error = err.message if isinstance(err, FreezeframeError) else f"interrupted: {type(err).__name__}"
@@ -249,22 +251,26 @@ def _layout(plan: BackupPlan, backup: Backup, states: list[DiskState], parent: B
 async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[DiskState],
                history: tuple[Backup | None, Backup | None, Backup | None], watcher: Watcher,
                agent: asyncio.Task[GuestAgent] | None, progress: Progress | None,
-               transfer: TransferProgress | None) -> None:
-    """``history``: the parent, the last backup and the last full of this instance here."""
+               transfer: TransferProgress | None, *, began: float) -> None:
+    """``history``: the parent, the last backup and the last full of this instance here;
+    ``began``: when the preflight began (monotonic)."""
     say = progress or (lambda phase: None)
     instance = plan.point.instance
     assert instance.qmp_socket is not None
     timings: dict[str, float] = {}
-    clock = time.monotonic()
+    clock = began
     say("preflight")
     layout, parent_indexes = _layout(plan, backup, states, *history)
     for disk in layout.disks:
         backup.disks.append(BackupDisk(device=disk.device, virtual_size=disk.virtual_size, bitmap=disk.start,
                                        full_read_reason=disk.full_read_reason))
     # The target owns the early agent connection from here: its close() closes it.
-    target = FleecingTarget(layout=layout, qga_socket=instance.qga_socket, agent=agent)
+    # The sentinel must hold its task before the target changes anything in the VM: it
+    # confirms then, so the sentinel's start-up overlaps the agent's handshake.
+    target = FleecingTarget(layout=layout, qga_socket=instance.qga_socket, agent=agent,
+                            before_changes=watcher.confirm)
     try:
-        sentinel.arm(watcher, catalog.path, layout)
+        sentinel.send(watcher, catalog.path, layout)
     except BaseException:
         watcher.cancel()
         await target.close()
@@ -339,7 +345,7 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
         for position, (disk, record, source) in enumerate(zip(layout.disks, backup.disks, sources, strict=True)):
 
             def report(read: int, counters: Counters, base: int = done_before) -> None:
-                if fault_after is not None and base + read >= fault_after:
+                if fault_after is not None and counters.new >= fault_after:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if transfer is not None:
                     transfer(Transfer(total, base + read, counters))
@@ -359,7 +365,7 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
 
 def _fault_after() -> int | None:
     """Fault injection for the tests: ``FREEZEFRAME_FAULT=mid-read:BYTES`` kills this process
-    (SIGKILL) once that many bytes were read."""
+    (SIGKILL) once the chunks it stored hold that many bytes of the disk, before its index."""
     wanted = os.environ.get("FREEZEFRAME_FAULT", "")
     return int(wanted.split(":", 1)[1]) if wanted.startswith("mid-read:") else None
 

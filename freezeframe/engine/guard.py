@@ -17,7 +17,6 @@ the snapshot process's group does not reach it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -74,14 +73,26 @@ class Watcher:
 
     def arm(self, payload: dict[str, Any]) -> None:
         """Hand over the task and wait for 'armed'. Raises when the process does not hold it."""
+        self.send(payload)
+        self.confirm()
+
+    def send(self, payload: dict[str, Any]) -> None:
+        """Hand over the task without waiting: ``confirm`` before relying on it, so the
+        watcher's start-up overlaps whatever comes in between."""
         process = self._process
         assert process.stdin is not None
-        assert process.stdout is not None
         try:
             process.stdin.write(json.dumps(payload).encode() + b"\n")
             process.stdin.flush()
         except OSError:
-            pass  # it died: found below
+            pass  # it died: ``confirm`` finds out
+
+    def confirm(self) -> None:
+        """Wait for 'armed' (at once when already confirmed). Raises when the process does not hold its task."""
+        if self.armed:
+            return
+        process = self._process
+        assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], 30)
         if not ready or process.stdout.readline().strip() != b"armed":
             process.kill()
@@ -93,10 +104,7 @@ class Watcher:
         with contextlib.suppress(OSError):
             assert self._process.stdin is not None
             self._process.stdin.close()
-        try:
-            self._process.wait(10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        self._let_go()
 
     def release(self) -> None:
         """Hand over: close the pipe without disarming, and the guard thaws now."""
@@ -112,10 +120,13 @@ class Watcher:
             process.stdin.write(b"disarm\n")
             process.stdin.flush()
             process.stdin.close()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Not waited for: it exits by itself once it has read the pipe, and the run
+        need not spend tens of milliseconds (a Python start-up, at worst) watching it go.
+        ``subprocess`` reaps it later."""
+        self._process.poll()
 
 
 # -- the guard process ---------------------------------------------------------------------
@@ -161,6 +172,8 @@ def _kill_owner(pid: int, started: int) -> bool:
 
 
 async def _thaw_guest(socket: str) -> int:
+    import asyncio
+
     from freezeframe.agent.qga import FreezeState, GuestAgent
 
     last: Exception | None = None
@@ -233,6 +246,9 @@ def main() -> int:
                  + ("; the stuck snapshot process was killed" if killed else ""))
     else:
         cause = "the snapshot process died while the instance was frozen"
+    # Imported only now: the run waits for "armed", so waiting needs as little as it can.
+    import asyncio
+
     try:
         if arming.kind == "host":
             thawed = _thaw_host(arming.mounts)

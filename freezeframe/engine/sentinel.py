@@ -1,8 +1,8 @@
 """The backup sentinel: a process of its own that takes a backup's fleecing view out of
 the VM when the backup process dies (SIGKILL included) before it could.
 
-The backup arms it before it creates anything in the VM, with the ``Layout`` (every
-name the backup will create), and disarms it after its own teardown. On EOF without a
+The backup hands it the ``Layout`` (every name the backup will create) and confirms it is
+armed before it creates anything in the VM, and disarms it after its own teardown. On EOF without a
 disarm it connects to QMP (the dead process's connection is gone, so QEMU accepts a new
 one), removes the export, the job, the fleecing nodes and files and the bitmaps the
 backup started, and marks the backup failed in the catalog. The bitmap of the last good
@@ -11,31 +11,35 @@ backup is left recording, so the next backup still sees every change.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from freezeframe.engine.guard import Watcher, wait_for_owner
 from freezeframe.errors import FreezeframeError
-from freezeframe.targets.fleecing import Layout
+
+if TYPE_CHECKING:
+    from freezeframe.targets.fleecing import Layout
 
 #: How long the sentinel keeps trying to reach QMP (the guard may hold it for a moment).
 PATIENCE = 60.0
 
 
 def start() -> Watcher:
-    """Start a sentinel process; arm it with ``arm`` once the layout is known."""
+    """Start a sentinel process; hand it its task with ``send`` once the layout is known."""
     return Watcher.start("freezeframe.engine.sentinel", what="the backup sentinel")
 
 
-def arm(watcher: Watcher, catalog: Path, layout: Layout) -> None:
-    watcher.arm({"catalog": str(catalog), "layout": layout.to_json()})
+def send(watcher: Watcher, catalog: Path, layout: Layout) -> None:
+    """Hand the sentinel its task; ``watcher.confirm()`` before anything is created in the VM."""
+    watcher.send({"catalog": str(catalog), "layout": layout.to_json()})
 
 
 async def _teardown(layout: Layout) -> list[str]:
+    import asyncio
+
     from freezeframe.agent.qmp import Monitor
     from freezeframe.targets.fleecing import teardown
 
@@ -64,14 +68,20 @@ def _record(catalog: str, backup_id: str, text: str) -> None:
 
 
 def main() -> int:
+    # Only what waiting needs is imported before "armed": the backup waits for that word.
+    # The payload comes from our own backup process, so it is parsed when it is needed.
     line = sys.stdin.readline()
     if not line:
         return 0  # cancelled before it was armed: nothing to watch
     data: dict[str, Any] = json.loads(line)
-    layout = Layout.from_json(data["layout"])
     print("armed", flush=True)
     if wait_for_owner(float("inf")) == "disarm":
         return 0
+    import asyncio
+
+    from freezeframe.targets.fleecing import Layout
+
+    layout = Layout.from_json(data["layout"])
     problems = asyncio.run(_teardown(layout))
     text = "interrupted: the backup process died; the sentinel removed its fleecing view from the VM"
     if problems:

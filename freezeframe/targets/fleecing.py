@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import os
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,9 +174,12 @@ class FleecingTarget(QemuTarget):
     the transaction makes a fleecing view instead of switching disks to overlays."""
 
     def __init__(self, *, layout: Layout, qga_socket: str | None,
-                 agent: asyncio.Task[GuestAgent] | None = None) -> None:
+                 agent: asyncio.Task[GuestAgent] | None = None,
+                 before_changes: Callable[[], None] | None = None) -> None:
+        """``before_changes``: called before the first change to the VM (raising stops it)."""
         super().__init__(qmp_socket=layout.qmp_socket, qga_socket=qga_socket, agent=agent)
         self.layout = layout
+        self._before_changes = before_changes
         self._nodes: list[DiskLayout] = []
         self.taken = False
 
@@ -186,6 +189,8 @@ class FleecingTarget(QemuTarget):
         if moved:
             raise HypervisorError(f"the disks of the VM changed since preflight: {', '.join(moved)}",
                                   hint="run the backup again")
+        if self._before_changes is not None:
+            self._before_changes()
         for node, bitmap in self.layout.stale:
             with contextlib.suppress(MonitorCommandError):
                 await self.monitor.execute("block-dirty-bitmap-remove", {"node": node, "name": bitmap})
