@@ -125,3 +125,4 @@ class DamagedObject(RepositoryError):
     def __init__(self, name: str, why: str, *, hint: str | None = None) -> None:
         super().__init__(f"repository object {name} is damaged: {why}", hint=hint)
         self.name = name
+        self.why = why

@@ -194,6 +194,13 @@ class BackupState(enum.Enum):
     DELETED = "deleted"
 
 
+class VerifyState(enum.Enum):
+    """What the last verification of a backup found."""
+
+    OK = "ok"  # every chunk read back and matched
+    FAILED = "failed"  # a chunk or index is damaged or missing: the backup cannot be restored whole
+
+
 @dataclass(slots=True, kw_only=True)
 class BackupDisk:
     """One disk of a backup: what was read and stored, and why it was read in full."""
@@ -233,6 +240,10 @@ class Backup:
     error: str | None = None
     duration_s: float | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: When every chunk was last read back, and what that found (None: never verified).
+    verified_at: str | None = None
+    verify_state: VerifyState | None = None
+    verify_problems: list[str] = field(default_factory=list)
 
     @property
     def level(self) -> Level | None:

@@ -3,7 +3,9 @@ put, damage and tampering found, encryption, and how a disk is planned into chun
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import subprocess
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from freezeframe.backup.pipeline import restore_disk
 from freezeframe.backup.reader import Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository, chunk_name
 from freezeframe.backup.store import LocalStore
+from freezeframe.backup.verify import verify
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
 from freezeframe.errors import DamagedObject, RepositoryError
@@ -128,6 +131,35 @@ def test_stats_and_check_follow_the_indexes(tmp_path: Path) -> None:
     assert all(b in p for p in problems)
 
 
+def test_verify_reads_back_tampered_sealed_chunks_damaged_indexes_and_subsets(tmp_path: Path) -> None:
+    repo = sealed(tmp_path)
+    chunks = [repo.put_chunk(os.urandom(CHUNK))[0] for _ in range(20)]
+    for backup, mine in (("b1", chunks[:10]), ("b2", chunks[5:]), ("b3", chunks[:1])):
+        name = repo.put_index(DiskIndex(backup=backup, device="vda", virtual_size=len(mine) * CHUNK,
+                                        chunk_size=CHUNK, chunks=list(mine)), 0)
+        repo.put_manifest(backup, {"id": backup, "disks": [{"device": "vda", "index": name}]})
+    held = verify(repo, ["b1", "b2", "b3"])
+    assert (held.chunks_named, held.chunks_read, held.failed_backups()) == (20, 20, set())
+
+    # One flipped byte in an encrypted chunk fails its authentication tag.
+    path = tmp_path / "sealed" / chunk_name(chunks[7])
+    flipped = bytearray(path.read_bytes())
+    flipped[-1] ^= 0x80
+    path.write_bytes(bytes(flipped))
+    # An index that no longer opens breaks its backup alone.
+    (tmp_path / "sealed" / "indexes" / "b3" / "0").write_bytes(b"garbage")
+    report = verify(repo, ["b1"])
+    assert report.damaged == {chunks[7]: "its authentication tag does not match (changed or corrupted)"}
+    assert report.users[chunks[7]] == ["b1", "b2"], "every backup using the chunk is named, not only b1"
+    assert report.failed_backups() == {"b1", "b2"}
+    assert verify(repo, ["b3"]).broken.keys() == {"b3"}
+    assert verify(repo, ["nope"]).broken == {"nope": ["it is not in the repository (no manifest)"]}
+
+    # A subset reads that share of the chunks, chosen at random (seeded here).
+    subset = verify(repo, ["b1", "b2"], subset=25, rng=random.Random(7))
+    assert (subset.chunks_named, subset.chunks_read, subset.coverage) == (20, 5, 25)
+
+
 def test_an_index_that_does_not_fit_its_disk_is_damaged(tmp_path: Path) -> None:
     repo = plain(tmp_path)
     name = repo.put_index(DiskIndex(backup="x", device="vda", virtual_size=5 * CHUNK, chunk_size=CHUNK,
@@ -167,6 +199,14 @@ def test_bad_input_is_refused_with_the_reason(home: Home, catalog: Catalog, tmp_
     catalog.add_instance("files-host", kind="host", qmp_socket=None, qga_socket=None, mounts=("/srv",))
     refused(2, "not a QEMU VM", "backup", "create", "files-host", "--repo", str(tmp_path / "repo"))
     refused(2, "is not one of", "backup", "create", "files-host", "--type", "weekly")
+    refused(2, "name the backups to verify, or give --all", "backup", "verify")
+    refused(2, "name the backups to verify, or give --all", "backup", "verify", "abcdef12", "--all")
+    refused(2, "--outdated-after selects among --all", "backup", "verify", "abcdef12", "--outdated-after", "3")
+    refused(2, "not in the range", "backup", "verify", "--all", "--subset", "0")
+    refused(3, "no backup", "backup", "verify", "abcdef12", "--repo", str(tmp_path / "repo"))
+    empty = run_cli(home, "backup", "verify", "--all", "--repo", str(tmp_path / "repo"), "-o", "json")
+    assert empty.returncode == 0, empty.stderr
+    assert json.loads(empty.stdout)["backups"] == []
 
 
 def test_restoring_into_a_buffer_checks_size_and_content(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from freezeframe.model import (
     SnapshotDisk,
     SnapshotState,
     Template,
+    VerifyState,
     WriterFailure,
     WriterSpec,
 )
@@ -126,6 +127,12 @@ MIGRATIONS: tuple[str, ...] = (
         disks TEXT NOT NULL
     );
     CREATE INDEX backups_by_instance ON backups(instance, created_at)
+    """,
+    # 5: what verifying a backup found.
+    """
+    ALTER TABLE backups ADD COLUMN verified_at TEXT;
+    ALTER TABLE backups ADD COLUMN verify_state TEXT;
+    ALTER TABLE backups ADD COLUMN verify_problems TEXT NOT NULL DEFAULT '[]'
     """,
 )
 
@@ -476,10 +483,14 @@ class Catalog:
     def save_backup(self, backup: Backup) -> None:
         with self._tx() as db:
             db.execute(
-                "INSERT OR REPLACE INTO backups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO backups (id, instance, type, created_at, state, repository, parent, error, "
+                "duration_s, timings_s, disks, verified_at, verify_state, verify_problems) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (backup.id, backup.instance, backup.type.value, backup.created_at, backup.state.value,
                  backup.repository, backup.parent, backup.error, backup.duration_s,
-                 json.dumps(backup.timings_s), json.dumps([asdict(d) for d in backup.disks])),
+                 json.dumps(backup.timings_s), json.dumps([asdict(d) for d in backup.disks]),
+                 backup.verified_at, backup.verify_state.value if backup.verify_state else None,
+                 json.dumps(backup.verify_problems)),
             )
 
     def backup(self, ref: str) -> Backup:
@@ -514,6 +525,9 @@ class Catalog:
             point=self._snapshot(point) if point is not None else None,
             disks=[BackupDisk(**d) for d in json.loads(row["disks"])], error=row["error"],
             duration_s=row["duration_s"], timings_s=json.loads(row["timings_s"]),
+            verified_at=row["verified_at"],
+            verify_state=VerifyState(row["verify_state"]) if row["verify_state"] else None,
+            verify_problems=json.loads(row["verify_problems"]),
         )
 
 

@@ -30,13 +30,15 @@ from freezeframe.cli.output import (
     human_size,
     output_option,
     progress,
+    record_table,
     records_table,
     stderr,
     stdout,
 )
 from freezeframe.cli.point import plan_point, point_options
 from freezeframe.engine.backup import BackupPlan, Transfer, restore_backup, take_backup
-from freezeframe.errors import BackupFailed, Conflict, NotFound
+from freezeframe.engine.verify import due, verify_backups
+from freezeframe.errors import BackupFailed, Conflict, InvalidInput, NotFound
 from freezeframe.model import Backup, BackupState, BackupType
 
 
@@ -204,3 +206,73 @@ def delete(app: App, backup: str, passphrase_file: Path | None, passphrase_env: 
     found.state = BackupState.DELETED
     app.catalog.save_backup(found)
     _show(app.catalog.backup(found.id), fmt)
+
+
+@group.command("verify")
+@click.argument("backups", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every backup in the repository.")
+@click.option("--subset", type=click.FloatRange(0, 100, min_open=True), default=100.0, metavar="PERCENT",
+              help="Read back only this percentage of the chunks, chosen at random (a subset that holds "
+                   "records nothing; one that fails records the failure). Default: all of them.")
+@click.option("--outdated-after", type=click.FloatRange(min=0), metavar="DAYS",
+              help="With --all: only backups not verified in full within DAYS (or never, or failed).")
+@repo_option
+@passphrase_options
+@output_option
+@pass_app
+def verify(app: App, backups: tuple[str, ...], everything: bool, subset: float, outdated_after: float | None,
+           repo_path: Path | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+    """Read back every chunk of BACKUPS (or --all) and check each against its hash (and its
+    authentication tag when encrypted); check that every index names only stored chunks.
+
+    Each damaged or missing chunk is reported with every backup that uses it. The outcome
+    is recorded on each backup (see backup show). Exits 11 when anything is damaged or
+    missing, 0 when every backup held."""
+    if bool(backups) == everything:
+        raise InvalidInput("name the backups to verify, or give --all", hint="see: freezeframe backup list")
+    if outdated_after is not None and not everything:
+        raise InvalidInput("--outdated-after selects among --all", hint="add --all")
+    passphrase = read_passphrase(passphrase_file, passphrase_env)
+    if everything:
+        repo = app.repository(repo_path, passphrase)
+        ids = repo.backup_ids()
+        if outdated_after is not None:
+            known = {b.id for b in app.catalog.backups(repository=repo.location)}
+            wanted = set(due(app.catalog, repo.location, outdated_after_days=outdated_after))
+            ids = [i for i in ids if i in wanted or i not in known]
+    else:
+        located = [locate_backup(app, ref, repo_path, passphrase) for ref in backups]
+        places = {repo.location for repo, _ in located}
+        if len(places) > 1:
+            raise InvalidInput(f"the backups are in {len(places)} repositories: {', '.join(sorted(places))}",
+                               hint="verify each repository's backups in a run of their own")
+        repo, ids = located[0][0], [backup_id for _, backup_id in located]
+    with byte_progress("verify", enabled=fmt != "json") as bar:
+        outcome = verify_backups(app.catalog, repo, ids, subset=subset,
+                                 progress=lambda done, total: bar(done, total, ""))
+    report = outcome.report
+    damaged = [{"chunk": c, "why": why, "backups": report.users[c]} for c, why in sorted(report.damaged.items())]
+    missing = [{"chunk": c, "backups": report.users[c]} for c in report.missing]
+    failed = sorted(report.failed_backups())
+    record: dict[str, Any] = {
+        "repository": repo.location, "backups": report.backups, "held": outcome.held,
+        "failed_backups": failed, "coverage_percent": report.coverage,
+        "chunks_named": report.chunks_named, "chunks_read": report.chunks_read, "bytes_read": report.bytes_read,
+        "damaged": damaged, "missing": missing, "broken": report.broken,
+    }
+    if fmt == "json":
+        emit_json(record)
+    else:
+        problems = [f"chunk {c}: {why}; used by {', '.join(b[:8] for b in report.users[c])}"
+                    for c, why in sorted(report.damaged.items())]
+        problems += [f"chunk {c} is missing; used by {', '.join(b[:8] for b in report.users[c])}"
+                     for c in report.missing]
+        problems += [f"backup {b[:8]}: {p}" for b, found in report.broken.items() for p in found]
+        shown = {"repository": repo.location, "backups": len(report.backups),
+                 "read": f"{report.chunks_read} of {report.chunks_named} chunks ({human_size(report.bytes_read)})",
+                 "held": "yes" if outcome.held else "NO",
+                 "failed backups": ", ".join(b[:8] for b in failed) or "none",
+                 "problems": "\n".join(problems) or "none"}
+        stdout.print(record_table(shown))
+    if not outcome.held:
+        raise click.exceptions.Exit(11)

@@ -242,6 +242,9 @@ def backup_json(backup: Backup) -> dict[str, Any]:
         "timings_s": backup.timings_s,
         "error": backup.error,
         "disks": [asdict(d) for d in backup.disks],
+        "verified_at": backup.verified_at,
+        "verify_state": backup.verify_state.value if backup.verify_state else None,
+        "verify_problems": backup.verify_problems,
     }
 
 
@@ -261,6 +264,8 @@ def backup_table(backup: Backup) -> Table:
             ("Duration", "-" if data["duration_s"] is None else f"{data['duration_s']:.1f} s")]
     if data["error"]:
         rows.append(("Error", data["error"]))
+    verified = "never" if data["verify_state"] is None else f"{data['verify_state']} at {data['verified_at']}"
+    rows.append(("Verified", "\n".join([verified, *data["verify_problems"]])))
     for disk in backup.disks:
         text = (f"{human_size(disk.virtual_size)}: read {human_size(disk.bytes_read)}, "
                 f"new {human_size(disk.bytes_new)} "

@@ -1,0 +1,55 @@
+"""What the backup tests share: the CLI in JSON, a repository, a backup, a restore, and
+writes inside the guest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from conftest import agent_call, guest_sh, run_cli
+
+from freezeframe.config import Home
+from freezeframe.lab.vm import LabVM
+
+
+def cli_json(home: Home, *args: str, env: dict[str, str] | None = None) -> tuple[Any, subprocess.CompletedProcess[str]]:
+    done = run_cli(home, *args, "-o", "json", env=env)
+    return (json.loads(done.stdout) if done.stdout.strip() else None), done
+
+
+def init_repo(home: Home, repo: Path, *args: str) -> None:
+    done = run_cli(home, "repo", "init", str(repo), *args)
+    assert done.returncode == 0, done.stderr
+
+
+def backup(home: Home, vm: LabVM, repo: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    data, done = cli_json(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
+                          *args, env=env)
+    assert done.returncode == 0, done.stderr
+    assert data["state"] == "created"
+    return dict(data)
+
+
+def restore(home: Home, backup_id: str, dest: Path, *args: str,
+            env: dict[str, str] | None = None) -> dict[str, Path]:
+    data, done = cli_json(home, "backup", "restore", backup_id, "--to", str(dest), "--format", "raw", *args, env=env)
+    assert done.returncode == 0, done.stderr
+    return {d["device"]: Path(d["image"]) for d in data}
+
+
+def guest(vm: LabVM, script: str) -> str:
+    code, out = agent_call(vm.qga_socket, lambda agent: guest_sh(agent, script), timeout=120)
+    assert code == 0, out
+    return str(out)
+
+
+def write_random(vm: LabVM, path: str, mib: int) -> str:
+    """Write ``mib`` MiB of random bytes in the guest; returns their SHA-256."""
+    script = f"dd if=/dev/urandom of={path} bs=1M count={mib} 2>/dev/null && sync && sha256sum {path}"
+    return guest(vm, script).split()[0]
+
+
+def e2fsck_clean(raw: Path) -> bool:
+    return subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, check=False).returncode == 0
