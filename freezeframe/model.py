@@ -244,6 +244,10 @@ class Backup:
     verified_at: str | None = None
     verify_state: VerifyState | None = None
     verify_problems: list[str] = field(default_factory=list)
+    #: When it was last restored and checked (``backup test``), and what that found:
+    #: {"outcome": "passed" | "failed", "checks": [{what, where, passed, detail}]}.
+    restore_tested_at: str | None = None
+    restore_test: dict[str, Any] | None = None
 
     @property
     def level(self) -> Level | None:

@@ -10,6 +10,8 @@ from typing import Any
 
 from conftest import agent_call, guest_sh, run_cli
 
+from freezeframe.backup.repository import Repository
+from freezeframe.backup.store import LocalStore
 from freezeframe.config import Home
 from freezeframe.lab.vm import LabVM
 
@@ -53,3 +55,9 @@ def write_random(vm: LabVM, path: str, mib: int) -> str:
 
 def e2fsck_clean(raw: Path) -> bool:
     return subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, check=False).returncode == 0
+
+
+def chunks_of(repo: Path, backup_id: str) -> set[str]:
+    """The chunks a backup's indexes name."""
+    opened = Repository.open(LocalStore(repo))
+    return {c for disk in opened.manifest(backup_id)["disks"] for c in opened.index(disk["index"]).chunks if c}

@@ -7,19 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backups import backup, cli_json, e2fsck_clean, init_repo, restore, write_random
+from backups import backup, chunks_of, cli_json, e2fsck_clean, init_repo, restore, write_random
 from conftest import LabFactory
 
-from freezeframe.backup.repository import Repository, chunk_name
-from freezeframe.backup.store import LocalStore
+from freezeframe.backup.repository import chunk_name
 from freezeframe.config import Home
 
 pytestmark = pytest.mark.vm
-
-
-def chunks_of(repo: Path, backup_id: str) -> set[str]:
-    opened = Repository.open(LocalStore(repo))
-    return {c for disk in opened.manifest(backup_id)["disks"] for c in opened.index(disk["index"]).chunks if c}
 
 
 def verify(home: Home, *args: str) -> tuple[dict[str, Any], int]:

@@ -134,6 +134,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE backups ADD COLUMN verify_state TEXT;
     ALTER TABLE backups ADD COLUMN verify_problems TEXT NOT NULL DEFAULT '[]'
     """,
+    # 6: what the last restore test found.
+    """
+    ALTER TABLE backups ADD COLUMN restore_tested_at TEXT;
+    ALTER TABLE backups ADD COLUMN restore_test TEXT
+    """,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -484,13 +489,14 @@ class Catalog:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO backups (id, instance, type, created_at, state, repository, parent, error, "
-                "duration_s, timings_s, disks, verified_at, verify_state, verify_problems) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "duration_s, timings_s, disks, verified_at, verify_state, verify_problems, restore_tested_at, "
+                "restore_test) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (backup.id, backup.instance, backup.type.value, backup.created_at, backup.state.value,
                  backup.repository, backup.parent, backup.error, backup.duration_s,
                  json.dumps(backup.timings_s), json.dumps([asdict(d) for d in backup.disks]),
                  backup.verified_at, backup.verify_state.value if backup.verify_state else None,
-                 json.dumps(backup.verify_problems)),
+                 json.dumps(backup.verify_problems), backup.restore_tested_at,
+                 json.dumps(backup.restore_test) if backup.restore_test is not None else None),
             )
 
     def backup(self, ref: str) -> Backup:
@@ -528,6 +534,8 @@ class Catalog:
             verified_at=row["verified_at"],
             verify_state=VerifyState(row["verify_state"]) if row["verify_state"] else None,
             verify_problems=json.loads(row["verify_problems"]),
+            restore_tested_at=row["restore_tested_at"],
+            restore_test=json.loads(row["restore_test"]) if row["restore_test"] else None,
         )
 
 

@@ -245,6 +245,8 @@ def backup_json(backup: Backup) -> dict[str, Any]:
         "verified_at": backup.verified_at,
         "verify_state": backup.verify_state.value if backup.verify_state else None,
         "verify_problems": backup.verify_problems,
+        "restore_tested_at": backup.restore_tested_at,
+        "restore_test": backup.restore_test,
     }
 
 
@@ -266,6 +268,12 @@ def backup_table(backup: Backup) -> Table:
         rows.append(("Error", data["error"]))
     verified = "never" if data["verify_state"] is None else f"{data['verify_state']} at {data['verified_at']}"
     rows.append(("Verified", "\n".join([verified, *data["verify_problems"]])))
+    tested = backup.restore_test
+    if tested is None:
+        rows.append(("Restore Tested", "never"))
+    else:
+        failed = [f"{c['what']} on {c['where']}: {c['detail']}" for c in tested["checks"] if not c["passed"]]
+        rows.append(("Restore Tested", "\n".join([f"{tested['outcome']} at {data['restore_tested_at']}", *failed])))
     for disk in backup.disks:
         text = (f"{human_size(disk.virtual_size)}: read {human_size(disk.bytes_read)}, "
                 f"new {human_size(disk.bytes_new)} "
