@@ -252,3 +252,32 @@ class Backup:
     @property
     def level(self) -> Level | None:
         return self.point.achieved_level if self.point else None
+
+
+RETENTION_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """An instance's retention policy: how many backups each rule keeps (None: the rule is
+    not used). What the rules mean is in ``engine/retention.py``."""
+
+    last: int | None = None
+    hourly: int | None = None
+    daily: int | None = None
+    weekly: int | None = None
+    monthly: int | None = None
+    yearly: int | None = None
+
+    def __post_init__(self) -> None:
+        for rule in RETENTION_RULES:
+            value = getattr(self, rule)
+            if value is not None and value < 0:
+                raise InvalidInput(f"--keep-{rule} must be 0 or more, not {value}")
+
+    @property
+    def keeps_everything(self) -> bool:
+        return all(getattr(self, rule) is None for rule in RETENTION_RULES)
+
+    def to_json(self) -> dict[str, int | None]:
+        return {rule: getattr(self, rule) for rule in RETENTION_RULES}

@@ -284,6 +284,17 @@ def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reus
     raw = restore(home, rerun["id"], tmp_path / "r")["ffdata0"]
     assert hashlib.sha256(ext4_read(raw, "/data.bin")).hexdigest() == digest
 
+    # The killed run's lock on the repository is stale (its process is gone): garbage
+    # collection removes it instead of waiting for it.
+    assert [p.name for p in (repo / "locks").iterdir()] == [f"backup-{everything[1]['id']}"]
+    unused = cli_json(home, "repo", "stats", str(repo))[0]["unreferenced_chunks"]
+    collected, done = cli_json(home, "repo", "gc", str(repo), "--wait", "0")
+    assert done.returncode == 0, done.stderr
+    assert collected["chunks_deleted"] == unused
+    assert list((repo / "locks").iterdir()) == []
+    checked, done = cli_json(home, "backup", "verify", "--all", "--repo", str(repo))
+    assert done.returncode == 0, checked
+
 
 def test_encrypted_repository_hides_plaintext_and_needs_the_passphrase(
         home: Home, lab: LabFactory, tmp_path: Path) -> None:

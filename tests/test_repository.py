@@ -204,6 +204,11 @@ def test_bad_input_is_refused_with_the_reason(home: Home, catalog: Catalog, tmp_
     refused(2, "--outdated-after selects among --all", "backup", "verify", "abcdef12", "--outdated-after", "3")
     refused(2, "not in the range", "backup", "verify", "--all", "--subset", "0")
     refused(3, "no backup", "backup", "verify", "abcdef12", "--repo", str(tmp_path / "repo"))
+    refused(2, "give at least one --keep-* option", "policy", "set", "files-host")
+    refused(2, "not in the range", "policy", "set", "files-host", "--keep-daily", "-1")
+    refused(3, "no instance named", "policy", "set", "nosuch", "--keep-last", "1")
+    refused(2, "has no retention policy", "backup", "prune", "files-host")
+    refused(10, "no repository at", "repo", "gc", str(tmp_path / "none"))
     empty = run_cli(home, "backup", "verify", "--all", "--repo", str(tmp_path / "repo"), "-o", "json")
     assert empty.returncode == 0, empty.stderr
     assert json.loads(empty.stdout)["backups"] == []

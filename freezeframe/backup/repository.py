@@ -8,6 +8,7 @@ Layout (object names)::
     chunks/<id[:2]>/<id>       one fixed-size piece of a disk; id = BLAKE3 (keyed, when encrypted)
     indexes/<backup>/<n>       disk n of a backup: the id of every chunk, null for all-zero
     backups/<backup>           the manifest; written last, so only complete backups have one
+    locks/<name>               plain JSON: a running backup (backup-<id>) or garbage collection (gc)
 
 Every index is complete (unchanged chunks of an incremental are referenced, not left
 out), so a restore reads one index and never replays a chain, and deleting a backup
@@ -40,6 +41,7 @@ DEFAULT_ZSTD_LEVEL = 1
 _RAW, _ZSTD = 0, 1
 CONFIG = "config"
 KEY = "keys/repokey"
+LOCKS = "locks/"
 
 
 def chunk_name(chunk_id: str) -> str:
@@ -107,6 +109,15 @@ class RepoStats:
     @property
     def compression_ratio(self) -> float:
         return self.unique_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+@dataclass(slots=True)
+class SweepReport:
+    #: Chunks deleted and the bytes they took; orphaned index objects deleted; chunks kept.
+    chunks: int = 0
+    bytes: int = 0
+    indexes: int = 0
+    kept: int = 0
 
 
 @dataclass(slots=True)
@@ -335,6 +346,54 @@ class Repository:
         self.store.delete(manifest_name(backup_id))
         for info in list(self.store.list(f"indexes/{backup_id}/")):
             self.store.delete(info.name)
+
+    # -- locks: backups and garbage collection exclude each other ----------------------
+    #
+    # A backup stores chunks before any index names them, and reuses chunks it finds
+    # stored, so garbage collection must not sweep while a backup runs. Each side writes
+    # its own lock object first and looks for the other's second: whichever comes second
+    # sees the first and backs off. Objects, not file locks, so any store can hold them.
+
+    def put_lock(self, name: str, info: dict[str, Any]) -> bool:
+        """Create ``locks/<name>``; False when it exists (held by someone else)."""
+        return self.store.put(f"{LOCKS}{name}", json.dumps(info).encode())
+
+    def drop_lock(self, name: str) -> None:
+        self.store.delete(f"{LOCKS}{name}")
+
+    def locks(self, prefix: str = "") -> dict[str, dict[str, Any]]:
+        """The locks whose names start with ``prefix``, with what their holders wrote."""
+        found: dict[str, dict[str, Any]] = {}
+        for info in self.store.list(LOCKS):
+            name = info.name[len(LOCKS):]
+            if not name.startswith(prefix):
+                continue
+            try:
+                found[name] = json.loads(self.store.get(info.name))
+            except (RepositoryError, ValueError):
+                found[name] = {}  # gone meanwhile, or unreadable: still a lock
+        return found
+
+    def sweep(self) -> SweepReport:
+        """Delete every chunk no published backup's index names, and the indexes of backups
+        that were never published. Only under the gc lock, with no backup running."""
+        report = SweepReport()
+        published = set(self.backup_ids())
+        named: set[str] = set()
+        for index in self._indexes(published):
+            named.update(c for c in index.chunks if c is not None)
+        for info in list(self.store.list("indexes/")):
+            if info.name.split("/")[1] not in published:
+                self.store.delete(info.name)
+                report.indexes += 1
+        for info in list(self.store.list("chunks/")):
+            if info.name.rsplit("/", 1)[1] in named:
+                report.kept += 1
+                continue
+            self.store.delete(info.name)
+            report.chunks += 1
+            report.bytes += info.size
+        return report
 
     # -- whole-repository views --------------------------------------------------------
 

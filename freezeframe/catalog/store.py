@@ -18,12 +18,14 @@ from typing import Any
 
 from freezeframe.errors import CatalogError, Conflict, InvalidInput, NotFound
 from freezeframe.model import (
+    RETENTION_RULES,
     Backup,
     BackupDisk,
     BackupState,
     BackupType,
     Instance,
     Level,
+    Retention,
     Snapshot,
     SnapshotDisk,
     SnapshotState,
@@ -138,6 +140,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE backups ADD COLUMN restore_tested_at TEXT;
     ALTER TABLE backups ADD COLUMN restore_test TEXT
+    """,
+    # 7: retention policies.
+    """
+    CREATE TABLE retention (
+        instance TEXT PRIMARY KEY,
+        keep_last INTEGER,
+        keep_hourly INTEGER,
+        keep_daily INTEGER,
+        keep_weekly INTEGER,
+        keep_monthly INTEGER,
+        keep_yearly INTEGER,
+        updated_at TEXT NOT NULL
+    )
     """,
 )
 
@@ -483,6 +498,26 @@ class Catalog:
             purpose=row["purpose"],
         )
 
+    # -- retention ---------------------------------------------------------------------
+
+    def set_retention(self, instance: str, policy: Retention | None) -> None:
+        """Set (or, with None, remove) the instance's retention policy."""
+        self.instance(instance)
+        with self._tx() as db:
+            db.execute("DELETE FROM retention WHERE instance = ?", (instance,))
+            if policy is not None:
+                db.execute("INSERT INTO retention VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (instance, *(getattr(policy, r) for r in RETENTION_RULES), utc_now()))
+
+    def retention(self, instance: str) -> Retention | None:
+        row = self._db.execute("SELECT * FROM retention WHERE instance = ?", (instance,)).fetchone()
+        return _retention(row) if row is not None else None
+
+    def retentions(self) -> dict[str, Retention]:
+        """Every instance's retention policy, by instance name."""
+        return {row["instance"]: _retention(row)
+                for row in self._db.execute("SELECT * FROM retention ORDER BY instance").fetchall()}
+
     # -- backups -----------------------------------------------------------------------
 
     def save_backup(self, backup: Backup) -> None:
@@ -537,6 +572,10 @@ class Catalog:
             restore_tested_at=row["restore_tested_at"],
             restore_test=json.loads(row["restore_test"]) if row["restore_test"] else None,
         )
+
+
+def _retention(row: sqlite3.Row) -> Retention:
+    return Retention(**{rule: row[f"keep_{rule}"] for rule in RETENTION_RULES})
 
 
 def _template(row: sqlite3.Row) -> Template:

@@ -37,6 +37,7 @@ from freezeframe.cli.output import (
 )
 from freezeframe.cli.point import plan_point, point_options
 from freezeframe.engine.backup import BackupPlan, Transfer, restore_backup, take_backup
+from freezeframe.engine.prune import plan_prune, prune
 from freezeframe.engine.restore_check import Booter, check_restore
 from freezeframe.engine.verify import due, verify_backups
 from freezeframe.errors import BackupFailed, Conflict, InvalidInput, LabError, NotFound
@@ -347,3 +348,27 @@ def _lab_booter(app: App, backup_id: str) -> Booter:
             lab_vm.down(app.home.lab, name)
 
     return boot
+
+
+@group.command("prune")
+@click.argument("instance", required=False)
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; delete nothing.")
+@passphrase_options
+@output_option
+@pass_app
+def prune_(app: App, instance: str | None, dry_run: bool, passphrase_file: Path | None, passphrase_env: str | None,
+           fmt: str) -> None:
+    """Delete the backups that INSTANCE's retention policy (or every instance's) no longer
+    keeps (see: freezeframe policy set). Their chunks are freed by: freezeframe repo gc."""
+    decisions = plan_prune(app.catalog, instance)
+    if not dry_run:
+        passphrase = read_passphrase(passphrase_file, passphrase_env)
+        prune(app.catalog, decisions, lambda where: app.repository(Path(where), passphrase))
+    rows = [{"instance": d.instance, "backup": d.backup, "created_at": d.created_at, "repository": d.repository,
+             "action": "keep" if d.kept_by else ("would delete" if dry_run else "deleted"), "rule": d.kept_by}
+            for d in decisions]
+    if fmt == "json":
+        emit_json(rows)
+    else:
+        shown = [{**r, "backup": str(r["backup"])[:8], "rule": r["rule"] or "-"} for r in rows]
+        stdout.print(records_table(shown, ["instance", "backup", "created_at", "action", "rule"]))

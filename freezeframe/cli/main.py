@@ -35,6 +35,7 @@ _GROUPS = {
     "snapshot": ("snapshot", "group"),
     "backup": ("backup", "group"),
     "repo": ("repo", "group"),
+    "policy": ("policy", "group"),
     "writer": ("writer", "group"),
     "instance": ("instance", "instance_group"),
     "template": ("instance", "template_group"),

@@ -88,3 +88,29 @@ def check(app: App, path: Path | None, passphrase_file: Path | None, passphrase_
         stdout.print(record_table({**record, "problems": "\n".join(report.problems) or "none"}))
     if report.problems:
         raise click.exceptions.Exit(11)
+
+
+@group.command("gc")
+@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="SECONDS",
+              help="How long to wait for running backups to finish before giving up (exit 4).")
+@passphrase_options
+@output_option
+@pass_app
+def gc(app: App, path: Path | None, wait_s: float, passphrase_file: Path | None, passphrase_env: str | None,
+       fmt: str) -> None:
+    """Delete the chunks no backup names any more (left by deleted and pruned backups, and
+    by interrupted ones). Waits for running backups to finish; backups that start meanwhile
+    wait for it. Every backup stays restorable."""
+    from freezeframe.cli.output import progress
+    from freezeframe.engine.collect import collect_garbage
+
+    repo = app.repository(path, read_passphrase(passphrase_file, passphrase_env))
+    with progress("garbage collection") as say:
+        report = collect_garbage(repo, wait_s=wait_s, waiting=say)
+    record = {"path": repo.location, "chunks_deleted": report.chunks, "bytes_freed": report.bytes,
+              "indexes_deleted": report.indexes, "chunks_kept": report.kept}
+    if fmt == "json":
+        emit_json(record)
+    else:
+        stdout.print(record_table({**record, "bytes_freed": human_size(report.bytes)}))

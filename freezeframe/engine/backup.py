@@ -49,6 +49,7 @@ from freezeframe.backup.reader import ALLOCATION, NbdExport, Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.catalog.store import Catalog, utc_now
 from freezeframe.engine import sentinel
+from freezeframe.engine.collect import backup_lock
 from freezeframe.engine.guard import Watcher
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.run import Progress, instance_lock, take_point
@@ -124,12 +125,17 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
         began = time.monotonic()
         watcher = sentinel.start()
         agent = _early_agent(plan.point)
+        held = contextlib.ExitStack()
         try:
             # Refusals come before any record: nothing is taken, nothing is left to clean.
+            # The repository is held against garbage collection from before any chunk is
+            # stored or found stored, to the end.
+            held.enter_context(backup_lock(repo, plan.point.snapshot_id, waiting=progress))
             async with Monitor(instance.qmp_socket) as monitor:
                 states = await inspect(monitor)
             check_space(plan.fleecing_dir, states)
         except BaseException:
+            held.close()
             watcher.cancel()
             await discard_agent(agent)
             raise
@@ -139,8 +145,9 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
         catalog.save_backup(backup)
         started = time.monotonic()
         try:
-            await _run(plan, catalog, backup, states, (parent, last, last_full), watcher, agent, progress, transfer,
-                       began=began)
+            with held:
+                await _run(plan, catalog, backup, states, (parent, last, last_full), watcher, agent, progress,
+                           transfer, began=began)
         except BaseException as err:
             backup.state = BackupState.FAILED
             backup.error = err.message if isinstance(err, FreezeframeError) else f"interrupted: {type(err).__name__}"

@@ -1,0 +1,95 @@
+"""Prune and garbage collection on backups of a real lab VM: the policy's backups kept,
+the others deleted, the chunks only they held freed, and a garbage collection started
+while a backup runs waits for it, so the backup completes, restores and verifies."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from backups import backup, chunks_of, cli_json, e2fsck_clean, guest, init_repo, restore, write_random
+from conftest import LabFactory, run_cli
+from oracles import ext4_read
+
+from freezeframe.config import Home
+
+pytestmark = pytest.mark.vm
+
+
+def test_prune_keeps_the_policy_and_gc_during_a_backup_frees_only_the_unused(
+        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    vm = lab(disks=1)
+    write_random(vm, "/mnt/ffdata0/churn.bin", 8)
+    first = backup(home, vm, repo)["id"]
+    # Rewritten in place: the first backup alone holds the old content of these blocks.
+    guest(vm, "dd if=/dev/urandom of=/mnt/ffdata0/churn.bin bs=1M count=8 conv=notrunc 2>/dev/null && sync")
+    second = backup(home, vm, repo)["id"]
+    third = backup(home, vm, repo)["id"]
+    only_first = chunks_of(repo, first) - chunks_of(repo, second) - chunks_of(repo, third)
+    assert len(only_first) >= 2, "the rewrite left the first backup no chunk of its own: the test proves nothing"
+
+    refused = run_cli(home, "backup", "prune", vm.name)
+    assert refused.returncode == 2
+    assert "no retention policy" in refused.stderr
+    assert run_cli(home, "policy", "set", vm.name, "--keep-last", "2").returncode == 0
+    shown, _ = cli_json(home, "policy", "show", vm.name)
+    assert shown == [{"instance": vm.name, "keep_last": 2, "keep_hourly": None, "keep_daily": None,
+                      "keep_weekly": None, "keep_monthly": None, "keep_yearly": None}]
+
+    planned, done = cli_json(home, "backup", "prune", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert [(p["backup"], p["action"], p["rule"]) for p in planned] == [
+        (third, "keep", "keep-last"), (second, "keep", "keep-last"), (first, "would delete", None)]
+    listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
+    assert len(listed) == 3, "a dry run deleted something"
+
+    pruned, done = cli_json(home, "backup", "prune", vm.name)
+    assert done.returncode == 0, done.stderr
+    assert [p["backup"] for p in pruned if p["action"] == "deleted"] == [first]
+    listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
+    assert [b["id"] for b in listed] == [second, third]
+    for chunk in only_first:  # deleting a backup frees nothing by itself
+        assert (repo / "chunks" / chunk[:2] / chunk).exists()
+
+    # A backup that runs long (its point stalls 4 s) holds the repository; gc started
+    # meanwhile waits for it, then frees the chunks only the pruned backup held.
+    digest = write_random(vm, "/mnt/ffdata0/during.bin", 4)
+    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root), FREEZEFRAME_FAULT="slow-snapshot:4")
+    running = subprocess.Popen([sys.executable, "-m", "freezeframe", "backup", "create", vm.name, "--repo", str(repo),
+                                "--consistency", "crash", "-o", "json"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((repo / "locks").glob("backup-*")) and time.monotonic() < deadline:
+            assert running.poll() is None, running.communicate()
+            time.sleep(0.05)
+        assert list((repo / "locks").glob("backup-*")), "the backup never held the repository"
+        collected, done = cli_json(home, "repo", "gc", str(repo))
+        assert running.poll() is not None, "gc did not wait for the running backup"
+        out, err = running.communicate(timeout=120)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+    assert running.returncode == 0, err
+    during = json.loads(out)["id"]
+    assert done.returncode == 0, done.stderr
+    assert collected["chunks_deleted"] == len(only_first)
+    assert collected["bytes_freed"] > 0
+    assert not any((repo / "chunks" / c[:2] / c).exists() for c in only_first)
+    assert list((repo / "locks").iterdir()) == [], "a lock was left behind"
+
+    checked, done = cli_json(home, "backup", "verify", "--all", "--repo", str(repo))
+    assert done.returncode == 0, checked
+    assert sorted(checked["backups"]) == sorted([second, third, during])
+    raw = restore(home, during, tmp_path / "during")["ffdata0"]
+    assert e2fsck_clean(raw)
+    assert hashlib.sha256(ext4_read(raw, "/during.bin")).hexdigest() == digest
