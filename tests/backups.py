@@ -8,10 +8,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from conftest import agent_call, guest_sh, run_cli
+from conftest import RepoPlace, agent_call, guest_sh, run_cli
 
 from freezeframe.backup.repository import Repository
-from freezeframe.backup.store import LocalStore
+from freezeframe.backup.store import open_store
 from freezeframe.config import Home
 from freezeframe.lab.vm import LabVM
 
@@ -21,12 +21,13 @@ def cli_json(home: Home, *args: str, env: dict[str, str] | None = None) -> tuple
     return (json.loads(done.stdout) if done.stdout.strip() else None), done
 
 
-def init_repo(home: Home, repo: Path, *args: str) -> None:
+def init_repo(home: Home, repo: Path | RepoPlace, *args: str) -> None:
     done = run_cli(home, "repo", "init", str(repo), *args)
     assert done.returncode == 0, done.stderr
 
 
-def backup(home: Home, vm: LabVM, repo: Path, *args: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+def backup(home: Home, vm: LabVM, repo: Path | RepoPlace, *args: str,
+           env: dict[str, str] | None = None) -> dict[str, Any]:
     data, done = cli_json(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
                           *args, env=env)
     assert done.returncode == 0, done.stderr
@@ -57,7 +58,12 @@ def e2fsck_clean(raw: Path) -> bool:
     return subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, check=False).returncode == 0
 
 
-def chunks_of(repo: Path, backup_id: str) -> set[str]:
+def chunks_of(repo: Path | RepoPlace, backup_id: str) -> set[str]:
     """The chunks a backup's indexes name."""
-    opened = Repository.open(LocalStore(repo))
+    opened = Repository.open(open_store(str(repo)))
     return {c for disk in opened.manifest(backup_id)["disks"] for c in opened.index(disk["index"]).chunks if c}
+
+
+def objects(repo: Path | RepoPlace, prefix: str) -> list[str]:
+    """The names of the repository's objects under ``prefix`` (through its store)."""
+    return [info.name for info in open_store(str(repo)).list(prefix)]

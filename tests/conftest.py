@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from servers import S3_KEY, S3_SECRET, S3Server, s3_server
 
 from freezeframe.agent.qga import GuestAgent
 from freezeframe.catalog import Catalog
@@ -50,6 +51,49 @@ def unique(prefix: str) -> str:
 
 
 LabFactory = Callable[..., lab_vm.LabVM]
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server for the session, bucket "ff"; its credentials in the environment
+    (where freezeframe reads them), never on a command line."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "FREEZEFRAME_S3_RETRY_S")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET, FREEZEFRAME_S3_RETRY_S="20")
+    try:
+        with s3_server(tmp_path_factory.mktemp("s3"), ("ff",)) as server:
+            yield server
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+class RepoPlace:
+    """A repository for a test: ``str()`` is its location for the CLI; ``/`` reaches its
+    objects on disk (a local repository, or the folder the S3 server serves)."""
+
+    def __init__(self, location: str, root: Path) -> None:
+        self.location = location
+        self.root = root
+
+    def __str__(self) -> str:
+        return self.location
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / name
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_repo(request: pytest.FixtureRequest, tmp_path: Path) -> RepoPlace:
+    """The same test on a local repository and on an S3 one."""
+    if request.param == "local":
+        return RepoPlace(str(tmp_path / "repo"), tmp_path / "repo")
+    server: S3Server = request.getfixturevalue("s3")
+    prefix = unique("repo")
+    return RepoPlace(f"s3://ff/{prefix}?endpoint={server.endpoint}", server.root / "ff" / prefix)
 
 
 @pytest.fixture

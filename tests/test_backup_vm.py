@@ -9,18 +9,20 @@ import hashlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from backups import backup, cli_json, e2fsck_clean, guest, init_repo, restore, write_random
-from conftest import LabFactory, run_cli
+from backups import backup, cli_json, e2fsck_clean, guest, init_repo, objects, restore, write_random
+from conftest import LabFactory, RepoPlace, run_cli, unique
 from oracles import assert_in_step, ext4_needs_recovery, ext4_read, sequence
+from servers import S3Server
 
 from freezeframe.agent.qmp import Monitor
 from freezeframe.backup.repository import Repository
-from freezeframe.backup.store import LocalStore
+from freezeframe.backup.store import LocalStore, open_store
 from freezeframe.config import Home
 from freezeframe.engine.backup import restore_backup
 from freezeframe.lab import vm as lab_vm
@@ -56,8 +58,8 @@ def assert_left_as_it_was(vm: LabVM) -> dict[str, Any]:
 
 
 def test_full_then_incremental_restore_consistent_and_damage_is_named(
-        home: Home, lab: LabFactory, tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
+        home: Home, lab: LabFactory, tmp_path: Path, any_repo: RepoPlace) -> None:
+    repo = any_repo
     init_repo(home, repo)
     vm = lab(disks=2, workload=True)
 
@@ -91,7 +93,7 @@ def test_full_then_incremental_restore_consistent_and_damage_is_named(
     assert ext4_read(images["full"]["ffdata1"], "/between.bin") == b""
 
     # The repository alone tells what the backup is: its manifest carries the point's evidence.
-    opened = Repository.open(LocalStore(repo))
+    opened = Repository.open(open_store(str(repo)))
     manifest = opened.manifest(inc["id"])
     assert (manifest["type"], manifest["parent"], manifest["consistency"]) == ("incremental", full["id"], "filesystem")
     assert sorted(fs["mountpoint"] for fs in manifest["point"]["filesystems"]) == ["/mnt/ffdata0", "/mnt/ffdata1"]
@@ -243,8 +245,8 @@ def test_bitmaps_survive_a_clean_restart_and_a_killed_qemu_forces_a_full_read(
 
 
 def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reuses_chunks(
-        home: Home, lab: LabFactory, tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
+        home: Home, lab: LabFactory, tmp_path: Path, any_repo: RepoPlace) -> None:
+    repo = any_repo
     init_repo(home, repo)
     vm = lab(disks=1)
     full = backup(home, vm, repo)
@@ -286,12 +288,12 @@ def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reus
 
     # The killed run's lock on the repository is stale (its process is gone): garbage
     # collection removes it instead of waiting for it.
-    assert [p.name for p in (repo / "locks").iterdir()] == [f"backup-{everything[1]['id']}"]
+    assert objects(repo, "locks/") == [f"locks/backup-{everything[1]['id']}"]
     unused = cli_json(home, "repo", "stats", str(repo))[0]["unreferenced_chunks"]
     collected, done = cli_json(home, "repo", "gc", str(repo), "--wait", "0")
     assert done.returncode == 0, done.stderr
     assert collected["chunks_deleted"] == unused
-    assert list((repo / "locks").iterdir()) == []
+    assert objects(repo, "locks/") == []
     checked, done = cli_json(home, "backup", "verify", "--all", "--repo", str(repo))
     assert done.returncode == 0, checked
 
@@ -349,3 +351,43 @@ def test_encrypted_repository_hides_plaintext_and_needs_the_passphrase(
     raw = restore(home, done["id"], tmp_path / "right", env={"FREEZEFRAME_PASSPHRASE": "correct horse battery staple"})
     assert ext4_read(raw["ffdata0"], "/marker.txt") == (marker + b"\n") * (1048576 // (len(marker) + 1)) + \
         (marker + b"\n")[:1048576 % (len(marker) + 1)]
+
+
+def test_s3_server_killed_mid_upload_then_back_leaves_a_repository_that_verifies(
+        home: Home, lab: LabFactory, tmp_path: Path, s3: S3Server) -> None:
+    repo = RepoPlace(f"s3://ff/{unique('killed')}?endpoint={s3.endpoint}", s3.root / "ff")
+    init_repo(home, repo)
+    vm = lab(disks=1)
+    digest = write_random(vm, "/mnt/ffdata0/big.bin", 80)
+    before = vm_state(vm)
+    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root), FREEZEFRAME_S3_RETRY_S="3")
+    running = subprocess.Popen([sys.executable, "-m", "freezeframe", "backup", "create", vm.name, "--repo", str(repo),
+                                "--consistency", "filesystem", "--type", "full", "-o", "json"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(objects(repo, "chunks/")) < 3 and time.monotonic() < deadline:
+            assert running.poll() is None, running.communicate()
+            time.sleep(0.02)
+        s3.kill()  # mid-upload: the backup has stored some chunks and is storing more
+        _, err = running.communicate(timeout=180)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+        if s3.process is None or s3.process.poll() is not None:
+            s3.start()
+    assert running.returncode == 7, err
+    assert "in the repository s3://" in err, err
+    assert assert_left_as_it_was(vm) == before, "the failed backup left its view in the VM"
+    listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
+    assert listed == []
+
+    rerun = backup(home, vm, repo)
+    assert rerun["type"] == "full"
+    assert rerun["disks"][0]["bytes_reused"] > 0, "the rerun stored again what the killed upload had stored"
+    checked, done = cli_json(home, "backup", "verify", "--all", "--repo", str(repo))
+    assert done.returncode == 0, checked
+    assert checked["backups"] == [rerun["id"]]
+    raw = restore(home, rerun["id"], tmp_path / "r")["ffdata0"]
+    assert hashlib.sha256(ext4_read(raw, "/big.bin")).hexdigest() == digest

@@ -124,6 +124,15 @@ class LocalStore:
             self._path(name).unlink()
 
 
+def open_store(location: str | Path) -> ObjectStore:
+    """The store at ``location``: ``s3://BUCKET/PREFIX[?endpoint=URL]``, else a directory."""
+    if str(location).startswith("s3://"):
+        from freezeframe.backup.s3 import S3Store
+
+        return S3Store(str(location))
+    return LocalStore(Path(location))
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:

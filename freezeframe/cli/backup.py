@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from freezeframe.backup.repository import is_repository
-from freezeframe.backup.store import LocalStore
+from freezeframe.backup.store import open_store
 from freezeframe.catalog.store import validate_name
 from freezeframe.cli.context import (
     App,
@@ -75,7 +75,7 @@ def _show(backup: Backup, fmt: str) -> None:
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel reads. Default: two per core.")
 @output_option
 @pass_app
-def create(app: App, /, instance: str, kind: str | None, repo_path: Path | None, passphrase_file: Path | None,
+def create(app: App, /, instance: str, kind: str | None, repo_path: str | None, passphrase_file: Path | None,
            passphrase_env: str | None, fleecing_dir: Path | None, workers: int | None, fmt: str,
            **point: Any) -> None:
     """Back up every disk of INSTANCE at one consistent instant into the repository."""
@@ -144,7 +144,7 @@ def show(app: App, backup: str, fmt: str) -> None:
 @output_option
 @pass_app
 def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple[str, ...],
-            new_instance: str | None, repo_path: Path | None, passphrase_file: Path | None,
+            new_instance: str | None, repo_path: str | None, passphrase_file: Path | None,
             passphrase_env: str | None, workers: int | None, fmt: str) -> None:
     """Restore BACKUP's disks as complete images: sparse, every chunk checked against its hash.
 
@@ -199,8 +199,8 @@ def delete(app: App, backup: str, passphrase_file: Path | None, passphrase_env: 
     only marked deleted."""
     found = app.catalog.backup(backup)
     if found.state is BackupState.CREATED:
-        where = Path(found.repository)
-        if is_repository(LocalStore(where)):
+        where = found.repository
+        if is_repository(open_store(where)):
             repo = app.repository(where, read_passphrase(passphrase_file, passphrase_env))
             repo.delete_backup(found.id)
         else:
@@ -223,7 +223,7 @@ def delete(app: App, backup: str, passphrase_file: Path | None, passphrase_env: 
 @output_option
 @pass_app
 def verify(app: App, backups: tuple[str, ...], everything: bool, subset: float, outdated_after: float | None,
-           repo_path: Path | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+           repo_path: str | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
     """Read back every chunk of BACKUPS (or --all) and check each against its hash (and its
     authentication tag when encrypted); check that every index names only stored chunks.
 
@@ -291,7 +291,7 @@ def verify(app: App, backups: tuple[str, ...], everything: bool, subset: float, 
 @passphrase_options
 @output_option
 @pass_app
-def test(app: App, backup: str, boot: bool, scratch: Path | None, keep: bool, repo_path: Path | None,
+def test(app: App, backup: str, boot: bool, scratch: Path | None, keep: bool, repo_path: str | None,
          passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
     """Restore BACKUP to scratch images and prove it works.
 
@@ -363,7 +363,7 @@ def prune_(app: App, instance: str | None, dry_run: bool, passphrase_file: Path 
     decisions = plan_prune(app.catalog, instance)
     if not dry_run:
         passphrase = read_passphrase(passphrase_file, passphrase_env)
-        prune(app.catalog, decisions, lambda where: app.repository(Path(where), passphrase))
+        prune(app.catalog, decisions, lambda where: app.repository(where, passphrase))
     rows = [{"instance": d.instance, "backup": d.backup, "created_at": d.created_at, "repository": d.repository,
              "action": "keep" if d.kept_by else ("would delete" if dry_run else "deleted"), "rule": d.kept_by}
             for d in decisions]

@@ -13,7 +13,8 @@ from typing import Any
 import click
 
 from freezeframe.backup.repository import Repository
-from freezeframe.backup.store import LocalStore
+from freezeframe.backup.s3 import is_s3, s3_location
+from freezeframe.backup.store import open_store
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home, config_path, load_config_writers
 from freezeframe.errors import InvalidInput, NotFound, RepositoryError
@@ -69,11 +70,17 @@ class App:
             validate_options(writer_class(spec.kind), spec.options)
         return added + declared
 
-    def repository_path(self, path: Path | None) -> Path:
-        return (path or self.home.repository).absolute()
+    def repository_location(self, location: str | None, endpoint: str | None = None) -> str:
+        """Where a repository is, as the catalog records it: ``s3://BUCKET/PREFIX[?endpoint=URL]``,
+        or an absolute directory (default: repo/ in the home)."""
+        if location is not None and is_s3(location):
+            return s3_location(location, endpoint)
+        if endpoint is not None:
+            raise InvalidInput("--endpoint is for s3:// repositories")
+        return str(Path(location or self.home.repository).absolute())
 
-    def repository(self, path: Path | None, passphrase: bytes | None) -> Repository:
-        return Repository.open(LocalStore(self.repository_path(path)), passphrase=passphrase)
+    def repository(self, location: str | None, passphrase: bytes | None) -> Repository:
+        return Repository.open(open_store(self.repository_location(location)), passphrase=passphrase)
 
     def close(self) -> None:
         if self._catalog is not None:
@@ -84,9 +91,11 @@ pass_app = click.make_pass_decorator(App)
 
 
 def repo_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--repo", "repo_path", type=click.Path(file_okay=False, path_type=Path),
+    return click.option("--repo", "repo_path", metavar="PATH|s3://BUCKET/PREFIX[?endpoint=URL]",
                         envvar="FREEZEFRAME_REPO",
-                        help="The backup repository. Default: $FREEZEFRAME_REPO, else repo/ in the home.")(f)
+                        help="The backup repository: a directory, or an S3 bucket and prefix (credentials from "
+                             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or ~/.aws/credentials). "
+                             "Default: $FREEZEFRAME_REPO, else repo/ in the home.")(f)
 
 
 def passphrase_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -115,7 +124,7 @@ def read_passphrase(passphrase_file: Path | None, passphrase_env: str | None) ->
     return value.encode() if value is not None else None
 
 
-def locate_backup(app: App, ref: str, repo_path: Path | None, passphrase: bytes | None) -> tuple[Repository, str]:
+def locate_backup(app: App, ref: str, repo_path: str | None, passphrase: bytes | None) -> tuple[Repository, str]:
     """The repository and full id of a complete backup: from the catalog, else (restoring
     without the original catalog) from the repository's own list."""
     try:
@@ -129,4 +138,4 @@ def locate_backup(app: App, ref: str, repo_path: Path | None, passphrase: bytes 
         return repo, matches[0]
     if found.state is not BackupState.CREATED:
         raise InvalidInput(f"backup {found.id[:8]} is {found.state.value}: only complete backups can be restored")
-    return app.repository(repo_path or Path(found.repository), passphrase), found.id
+    return app.repository(repo_path or found.repository, passphrase), found.id

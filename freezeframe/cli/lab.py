@@ -64,7 +64,7 @@ def build(app: App) -> None:
 @pass_app
 def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool, workload_sync: bool,
        application: str | None, hooks: tuple[str, ...], hook_policy: str, hook_timeout: float,
-       template: str | None, from_backup: str | None, repo_path: Path | None, passphrase_file: Path | None,
+       template: str | None, from_backup: str | None, repo_path: str | None, passphrase_file: Path | None,
        passphrase_env: str | None, fmt: str) -> None:
     """Start lab VM NAME and register it as instance NAME."""
     # Check names before the slow part, so a clash is reported at once.

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from freezeframe.backup.repository import DEFAULT_CHUNK_SIZE, Repository, is_repository
-from freezeframe.backup.store import LocalStore
+from freezeframe.backup.store import open_store
 from freezeframe.cli.context import App, pass_app, passphrase_options, read_passphrase
 from freezeframe.cli.output import emit_json, human_size, output_option, record_table, stdout
 from freezeframe.errors import InvalidInput, RepositoryError
@@ -18,8 +18,13 @@ def group() -> None:
     """Create and inspect backup repositories."""
 
 
+_LOCATION = "PATH|s3://BUCKET/PREFIX"
+
+
 @group.command("init")
-@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", required=False, metavar=_LOCATION)
+@click.option("--endpoint", metavar="URL", help="The S3 endpoint, for an s3:// repository not on AWS "
+                                                "(MinIO, Ceph, rclone ...). Kept in the repository's location.")
 @click.option("--encryption", is_flag=True,
               help="Encrypt and authenticate every object (AES-256-GCM), with keys protected by a passphrase.")
 @click.option("--chunk-size", type=click.IntRange(64, 65536), default=DEFAULT_CHUNK_SIZE >> 10, show_default=True,
@@ -27,21 +32,26 @@ def group() -> None:
 @passphrase_options
 @output_option
 @pass_app
-def init(app: App, path: Path | None, encryption: bool, chunk_size: int, passphrase_file: Path | None,
-         passphrase_env: str | None, fmt: str) -> None:
-    """Create a repository at PATH (default: repo/ in the home).
+def init(app: App, path: str | None, endpoint: str | None, encryption: bool, chunk_size: int,
+         passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+    """Create a repository at PATH (default: repo/ in the home), or in an S3 bucket under a
+    prefix: s3://BUCKET/PREFIX [--endpoint URL]. The bucket must exist; the S3 credentials
+    come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or ~/.aws/credentials, and are
+    never stored.
 
     With --encryption the passphrase comes from --passphrase-file, --passphrase-env or
     FREEZEFRAME_PASSPHRASE. Keep it safe: without it the backups cannot be read."""
-    where = app.repository_path(path)
+    where = app.repository_location(path, endpoint)
     passphrase = read_passphrase(passphrase_file, passphrase_env) if encryption else None
     if encryption and passphrase is None:
         raise InvalidInput("--encryption needs a passphrase",
                            hint="give --passphrase-file PATH, --passphrase-env VAR, or set FREEZEFRAME_PASSPHRASE")
-    if where.exists() and any(where.iterdir()) and not is_repository(LocalStore(where)):
-        raise RepositoryError(f"{where} is not empty and not a repository", hint="choose an empty directory")
-    repo = Repository.init(LocalStore(where), passphrase=passphrase, chunk_size=chunk_size << 10)
-    record = {"path": str(where), "encryption": repo.config["encryption"], "chunk_size": repo.chunk_size,
+    store = open_store(where)
+    if not is_repository(store) and next(iter(store.list("")), None) is not None:
+        raise RepositoryError(f"{where} is not empty and not a repository",
+                              hint="choose an empty directory or prefix")
+    repo = Repository.init(store, passphrase=passphrase, chunk_size=chunk_size << 10)
+    record = {"path": where, "encryption": repo.config["encryption"], "chunk_size": repo.chunk_size,
               "compression": f"zstd level {repo.level}", "hash": repo.config["hash"], "id": repo.config["id"]}
     if fmt == "json":
         emit_json(record)
@@ -50,11 +60,11 @@ def init(app: App, path: Path | None, encryption: bool, chunk_size: int, passphr
 
 
 @group.command("stats")
-@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", required=False, metavar=_LOCATION)
 @passphrase_options
 @output_option
 @pass_app
-def stats(app: App, path: Path | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+def stats(app: App, path: str | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
     """Logical and stored bytes, deduplication and compression ratios, chunk count."""
     repo = app.repository(path, read_passphrase(passphrase_file, passphrase_env))
     s = repo.stats()
@@ -71,11 +81,11 @@ def stats(app: App, path: Path | None, passphrase_file: Path | None, passphrase_
 
 
 @group.command("check")
-@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", required=False, metavar=_LOCATION)
 @passphrase_options
 @output_option
 @pass_app
-def check(app: App, path: Path | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+def check(app: App, path: str | None, passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
     """Check the repository's structure: every backup's manifest and indexes open, and every
     chunk they name exists. Exits 11 when something is missing or damaged."""
     repo = app.repository(path, read_passphrase(passphrase_file, passphrase_env))
@@ -91,13 +101,13 @@ def check(app: App, path: Path | None, passphrase_file: Path | None, passphrase_
 
 
 @group.command("gc")
-@click.argument("path", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.argument("path", required=False, metavar=_LOCATION)
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=3600, show_default=True, metavar="SECONDS",
               help="How long to wait for running backups to finish before giving up (exit 4).")
 @passphrase_options
 @output_option
 @pass_app
-def gc(app: App, path: Path | None, wait_s: float, passphrase_file: Path | None, passphrase_env: str | None,
+def gc(app: App, path: str | None, wait_s: float, passphrase_file: Path | None, passphrase_env: str | None,
        fmt: str) -> None:
     """Delete the chunks no backup names any more (left by deleted and pruned backups, and
     by interrupted ones). Waits for running backups to finish; backups that start meanwhile
