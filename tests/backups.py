@@ -21,7 +21,7 @@ def cli_json(home: Home, *args: str, env: dict[str, str] | None = None) -> tuple
     return (json.loads(done.stdout) if done.stdout.strip() else None), done
 
 
-def init_repo(home: Home, repo: Path | RepoPlace, *args: str) -> None:
+def init_repo(home: Home, repo: Path | RepoPlace | str, *args: str) -> None:
     done = run_cli(home, "repo", "init", str(repo), *args)
     assert done.returncode == 0, done.stderr
 

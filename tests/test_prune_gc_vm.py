@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 from backups import backup, chunks_of, cli_json, e2fsck_clean, guest, init_repo, restore, write_random
-from conftest import LabFactory, run_cli
+from conftest import LabFactory, run_cli, unique
 from oracles import ext4_read
+from servers import S3Server
 
 from freezeframe.config import Home
 
@@ -93,3 +94,35 @@ def test_prune_keeps_the_policy_and_gc_during_a_backup_frees_only_the_unused(
     raw = restore(home, during, tmp_path / "during")["ffdata0"]
     assert e2fsck_clean(raw)
     assert hashlib.sha256(ext4_read(raw, "/during.bin")).hexdigest() == digest
+
+
+def test_sync_to_s3_sends_only_what_the_copy_lacks_and_the_copy_restores(
+        home: Home, lab: LabFactory, tmp_path: Path, s3: S3Server) -> None:
+    local = tmp_path / "repo"
+    init_repo(home, local)
+    offsite = f"s3://ff/{unique('offsite')}?endpoint={s3.endpoint}"
+    init_repo(home, offsite)
+    vm = lab(disks=1)
+    write_random(vm, "/mnt/ffdata0/base.bin", 16)
+    full = backup(home, vm, local)["id"]
+
+    first, done = cli_json(home, "repo", "sync", str(local), offsite)
+    assert done.returncode == 0, done.stderr
+    assert first["copied"] == [full]
+    assert first["chunks_sent"] == len(chunks_of(local, full))
+    again, _ = cli_json(home, "repo", "sync", str(local), offsite)
+    assert (again["copied"], again["already_there"], again["chunks_sent"]) == ([], [full], 0)
+
+    digest = write_random(vm, "/mnt/ffdata0/later.bin", 4)
+    inc = backup(home, vm, local)["id"]
+    new_here = chunks_of(local, inc) - chunks_of(local, full)
+    third, _ = cli_json(home, "repo", "sync", str(local), offsite, "--backup", inc[:8])
+    assert third["copied"] == [inc]
+    assert third["chunks_sent"] == len(new_here), "only the chunks the copy lacked are sent"
+
+    checked, done = cli_json(home, "backup", "verify", "--all", "--repo", offsite)
+    assert done.returncode == 0, checked
+    assert sorted(checked["backups"]) == sorted([full, inc])
+    raw = restore(home, inc, tmp_path / "from-offsite", "--repo", offsite)["ffdata0"]
+    assert e2fsck_clean(raw)
+    assert hashlib.sha256(ext4_read(raw, "/later.bin")).hexdigest() == digest

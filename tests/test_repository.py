@@ -16,6 +16,7 @@ from freezeframe.backup.pipeline import restore_disk
 from freezeframe.backup.reader import Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository, chunk_name
 from freezeframe.backup.store import LocalStore
+from freezeframe.backup.sync import sync
 from freezeframe.backup.verify import verify
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
@@ -253,3 +254,40 @@ def test_restore_writes_every_chunk_in_place_and_leaves_holes(tmp_path: Path, wh
     assert written == 2 * CHUNK + 1000
     assert image == parts[0] + parts[1] + bytes(CHUNK) + parts[3]
     assert blocks * 512 < size, "the zero chunk was written instead of left as a hole"
+
+
+def test_sync_renames_chunks_between_keys_sends_only_what_is_missing_and_spreads_no_damage(tmp_path: Path) -> None:
+    src, dst = sealed(tmp_path, "src", b"one"), sealed(tmp_path, "dst", b"two")
+    chunks = [os.urandom(CHUNK) for _ in range(6)]
+    ids = [src.put_chunk(c)[0] for c in chunks]
+    for backup, mine in (("b1", ids[:4]), ("b2", ids[2:])):
+        name = src.put_index(DiskIndex(backup=backup, device="vda", virtual_size=len(mine) * CHUNK,
+                                       chunk_size=CHUNK, chunks=list(mine)), 0)
+        src.put_manifest(backup, {"id": backup, "disks": [{"device": "vda", "index": name}]})
+    first = sync(src, dst, ["b1"])
+    assert (first.backups, first.chunks_sent, first.chunks_skipped) == (["b1"], 4, 0)
+    second = sync(src, dst, ["b1", "b2"])
+    assert (second.backups, second.present, second.chunks_sent, second.chunks_skipped) == (["b2"], ["b1"], 2, 2)
+    copied = dst.index(dst.manifest("b2")["disks"][0]["index"])
+    assert not set(copied.chunks) & set(ids), "the copy must name chunks under its own key"
+    assert [dst.get_chunk(c, CHUNK) for c in copied.chunks if c] == chunks[2:]
+
+    # A damaged chunk is not spread: the copy fails, naming it, and lists nothing.
+    plain_src, plain_dst = plain(tmp_path, "p1"), plain(tmp_path, "p2")
+    kept = [plain_src.put_chunk(c)[0] for c in chunks[:2]]
+    name = plain_src.put_index(DiskIndex(backup="p", device="vda", virtual_size=2 * CHUNK, chunk_size=CHUNK,
+                                         chunks=list(kept)), 0)
+    plain_src.put_manifest("p", {"id": "p", "disks": [{"device": "vda", "index": name}]})
+    path = tmp_path / "p1" / chunk_name(kept[1])
+    flipped = bytearray(path.read_bytes())
+    flipped[-1] ^= 1
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(DamagedObject, match=kept[1]):
+        sync(plain_src, plain_dst, ["p"])
+    assert plain_dst.backup_ids() == []
+    path.write_bytes(bytes(flipped[:-1] + bytes([flipped[-1] ^ 1])))  # repaired: the rerun completes
+    again = sync(plain_src, plain_dst, ["p"])
+    assert again.backups == ["p"]
+    assert again.chunks_sent + again.chunks_skipped == 2
+    assert again.chunks_sent >= 1, "the damaged chunk was never sent"
+    assert plain_dst.get_chunk(kept[1], CHUNK) == chunks[1]

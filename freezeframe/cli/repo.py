@@ -124,3 +124,53 @@ def gc(app: App, path: str | None, wait_s: float, passphrase_file: Path | None, 
         emit_json(record)
     else:
         stdout.print(record_table({**record, "bytes_freed": human_size(report.bytes)}))
+
+
+@group.command("sync")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", metavar="DST")
+@click.option("--backup", "backups", multiple=True, metavar="ID",
+              help="Copy only this backup (id or prefix; repeatable). Default: every backup in SRC.")
+@passphrase_options
+@click.option("--dst-passphrase-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="DST's passphrase, from this file. Default: the same as SRC's.")
+@click.option("--dst-passphrase-env", metavar="VAR", help="DST's passphrase, from this variable.")
+@output_option
+@pass_app
+def sync(app: App, src: str, dst: str, backups: tuple[str, ...], passphrase_file: Path | None,
+         passphrase_env: str | None, dst_passphrase_file: Path | None, dst_passphrase_env: str | None,
+         fmt: str) -> None:
+    """Copy backups from repository SRC to repository DST (a directory or s3://...), sending
+    only the chunks DST lacks: the off-site copy. Backups DST has already are left alone; an
+    interrupted copy is never listed in DST, and a rerun sends only what is still missing.
+    Every chunk is checked as it is read. Restore from the copy with: backup restore ID
+    --repo DST."""
+    from freezeframe.cli.output import byte_progress
+    from freezeframe.engine.sync import sync_backups
+
+    src_pass = read_passphrase(passphrase_file, passphrase_env)
+    dst_pass = (read_passphrase(dst_passphrase_file, dst_passphrase_env)
+                if dst_passphrase_file or dst_passphrase_env else src_pass)
+    source, target = app.repository(src, src_pass), app.repository(dst, dst_pass)
+    if source.location == target.location:
+        raise InvalidInput("SRC and DST are the same repository")
+    ids: list[str] | None = None
+    if backups:
+        known = source.backup_ids()
+        ids = []
+        for ref in backups:
+            matches = [b for b in known if b.startswith(ref)]
+            if len(matches) != 1:
+                raise InvalidInput(f"{ref!r} names {len(matches)} backups in {source.location}",
+                                   hint="give a longer id; see: freezeframe backup list")
+            ids.append(matches[0])
+    with byte_progress("sync", enabled=fmt != "json") as bar:
+        report = sync_backups(source, target, ids, progress=lambda done, total: bar(done, total, ""))
+    record = {"src": source.location, "dst": target.location, "copied": report.backups,
+              "already_there": report.present, "chunks_sent": report.chunks_sent, "bytes_sent": report.bytes_sent,
+              "chunks_skipped": report.chunks_skipped}
+    if fmt == "json":
+        emit_json(record)
+    else:
+        stdout.print(record_table({**record, "copied": len(report.backups), "already_there": len(report.present),
+                                   "bytes_sent": human_size(report.bytes_sent)}))
