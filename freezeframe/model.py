@@ -281,3 +281,27 @@ class Retention:
 
     def to_json(self) -> dict[str, int | None]:
         return {rule: getattr(self, rule) for rule in RETENTION_RULES}
+
+
+@dataclass(slots=True, kw_only=True)
+class Schedule:
+    """When the daemon backs an instance up, and what it does around each backup."""
+
+    instance: str
+    #: Exactly one of: a fixed interval (anchored at ``created_at``) or a cron expression
+    #: (5 fields, the host's local time).
+    every_s: float | None = None
+    cron: str | None = None
+    backup_type: str | None = None  # None: incremental once a full exists
+    repository: str | None = None  # None: the default repository
+    consistency: str | None = None  # None: the instance's own setting
+    #: Verify the instance's backups, and restore-test its newest one, this often (None: never).
+    verify_every_s: float | None = None
+    test_every_s: float | None = None
+    #: Prune the instance by its retention policy after each backup.
+    prune: bool = False
+    created_at: str = ""
+    #: The last slot a backup ran for, and when the last verify and restore test ran.
+    last_slot: str | None = None
+    last_verify_at: str | None = None
+    last_test_at: str | None = None

@@ -7,6 +7,7 @@ from version i to i+1, inside one transaction, so a catalog is never half-migrat
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from freezeframe.model import (
     Instance,
     Level,
     Retention,
+    Schedule,
     Snapshot,
     SnapshotDisk,
     SnapshotState,
@@ -154,6 +156,17 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at TEXT NOT NULL
     )
     """,
+    # 8: schedules: one per instance (the options as JSON, so adding one needs no migration).
+    """
+    CREATE TABLE schedules (
+        instance TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        last_slot TEXT,
+        last_verify_at TEXT,
+        last_test_at TEXT
+    )
+    """,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -169,7 +182,12 @@ def validate_name(kind: str, name: str) -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Now, as records keep it. ``FREEZEFRAME_NOW`` (an ISO time) stands in for the clock: the
+    daemon sets it for the jobs it runs on a simulated clock (``daemon --clock``), so that a
+    test can run weeks of schedule and retention in a minute."""
+    fixed = os.environ.get("FREEZEFRAME_NOW")
+    moment = datetime.fromisoformat(fixed.replace("Z", "+00:00")) if fixed else datetime.now(UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Catalog:
@@ -359,6 +377,9 @@ class Catalog:
                 "WHERE instance = ? AND state != 'failed' AND purpose = 'snapshot'",
                 (name,),
             )
+            # Its schedule goes with it (nothing is left to back up); its retention policy stays,
+            # since its backups outlive it and prune still applies the policy to them.
+            db.execute("DELETE FROM schedules WHERE instance = ?", (name,))
             db.execute("DELETE FROM instances WHERE name = ?", (name,))
 
     # -- writers -----------------------------------------------------------------------
@@ -497,6 +518,30 @@ class Catalog:
             manifest=json.loads(row["manifest"]),
             purpose=row["purpose"],
         )
+
+    # -- schedules ---------------------------------------------------------------------
+
+    _SPEC = ("every_s", "cron", "backup_type", "repository", "consistency", "verify_every_s", "test_every_s",
+             "prune")
+
+    def save_schedule(self, schedule: Schedule) -> None:
+        self.instance(schedule.instance)
+        spec = {key: getattr(schedule, key) for key in self._SPEC}
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO schedules VALUES (?, ?, ?, ?, ?, ?)",
+                       (schedule.instance, json.dumps(spec), schedule.created_at or utc_now(), schedule.last_slot,
+                        schedule.last_verify_at, schedule.last_test_at))
+
+    def remove_schedule(self, instance: str) -> None:
+        with self._tx() as db:
+            if db.execute("DELETE FROM schedules WHERE instance = ?", (instance,)).rowcount == 0:
+                raise NotFound(f"instance {instance!r} has no schedule", hint="see: freezeframe schedule list")
+
+    def schedules(self) -> list[Schedule]:
+        return [Schedule(instance=row["instance"], **json.loads(row["spec"]), created_at=row["created_at"],
+                         last_slot=row["last_slot"], last_verify_at=row["last_verify_at"],
+                         last_test_at=row["last_test_at"])
+                for row in self._db.execute("SELECT * FROM schedules ORDER BY instance").fetchall()]
 
     # -- retention ---------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ _GROUPS = {
     "backup": ("backup", "group"),
     "repo": ("repo", "group"),
     "policy": ("policy", "group"),
+    "schedule": ("schedule", "group"),
+    "daemon": ("schedule", "daemon"),
     "writer": ("writer", "group"),
     "instance": ("instance", "instance_group"),
     "template": ("instance", "template_group"),
