@@ -77,6 +77,9 @@ def test_verify_names_exactly_the_backups_a_damaged_or_missing_chunk_breaks(
     assert alone_ok["backups"] == [first]
     raw = restore(home, first, tmp_path / "first")["ffdata0"]
     assert e2fsck_clean(raw)
+    tested, done = cli_json(home, "backup", "test", first, "--scratch", str(tmp_path / "scratch"))
+    assert done.returncode == 0, tested
+    assert tested["outcome"] == "passed"
 
     # Only what is due: the first was verified just now; the broken ones always are due.
     due, code = verify(home, "--all", "--outdated-after", "1", "--repo", str(repo))
