@@ -57,6 +57,10 @@ echo
 "$ff" backup list --instance "$vm"
 "$ff" repo stats "$repo"
 echo
+echo "== verify: every chunk read back and checked; then a restore test of the incremental"
+"$ff" backup verify --all --repo "$repo"
+"$ff" backup test "$id" --repo "$repo"
+echo
 echo "== restore the incremental backup as a new lab VM, and boot it"
 "$ff" lab up "$restored" --from-backup "$id" --repo "$repo" -o json | grep -E '"(name|running)"' || true
 "$ff" lab list
