@@ -132,7 +132,10 @@ def _check_ext(result: RestoreCheck, device: str, where: str, level: Level | Non
         replay = _run(["e2fsck", "-E", "journal_only", "-y", device])
         result.add("journal replay (crash level)", where, replay.returncode in (0, 1), _tail(replay) or "replayed")
     fsck = _run(["e2fsck", "-fn", device])
-    result.add("e2fsck -fn", where, fsck.returncode == 0, _tail(fsck))
+    # A clean run says it in its summary line (files and blocks); a failing one needs all of it.
+    summary = next((line.strip() for line in fsck.stdout.splitlines() if " files (" in line), None)
+    result.add("e2fsck -fn", where, fsck.returncode == 0,
+               summary if fsck.returncode == 0 and summary else _tail(fsck))
 
 
 def _xfs_log_quiesced(device: str) -> tuple[bool | None, str]:
