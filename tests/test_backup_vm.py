@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -390,4 +391,37 @@ def test_s3_server_killed_mid_upload_then_back_leaves_a_repository_that_verifies
     assert done.returncode == 0, checked
     assert checked["backups"] == [rerun["id"]]
     raw = restore(home, rerun["id"], tmp_path / "r")["ffdata0"]
+    assert hashlib.sha256(ext4_read(raw, "/big.bin")).hexdigest() == digest
+
+
+def test_s3_server_back_within_the_retry_window_and_the_backup_completes(
+        home: Home, lab: LabFactory, tmp_path: Path, s3: S3Server) -> None:
+    repo = RepoPlace(f"s3://ff/{unique('retried')}?endpoint={s3.endpoint}", s3.root / "ff")
+    init_repo(home, repo)
+    vm = lab(disks=1)
+    digest = write_random(vm, "/mnt/ffdata0/big.bin", 80)
+    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root), FREEZEFRAME_S3_RETRY_S="60")
+    running = subprocess.Popen([sys.executable, "-m", "freezeframe", "backup", "create", vm.name, "--repo", str(repo),
+                                "--consistency", "filesystem", "-o", "json"],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while len(objects(repo, "chunks/")) < 3 and time.monotonic() < deadline:
+            assert running.poll() is None, running.communicate()
+            time.sleep(0.02)
+        s3.kill()
+        time.sleep(2)  # requests fail meanwhile (connection refused): they are retried
+        s3.start()
+        out, err = running.communicate(timeout=180)
+    finally:
+        if running.poll() is None:
+            running.kill()
+            running.wait()
+        if s3.process is None or s3.process.poll() is not None:
+            s3.start()
+    assert running.returncode == 0, err
+    made = json.loads(out)
+    checked, done = cli_json(home, "backup", "verify", made["id"], "--repo", str(repo))
+    assert done.returncode == 0, checked
+    raw = restore(home, made["id"], tmp_path / "r")["ffdata0"]
     assert hashlib.sha256(ext4_read(raw, "/big.bin")).hexdigest() == digest

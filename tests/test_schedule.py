@@ -3,8 +3,11 @@ calendar parser against cronsim), and bad schedules refused."""
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -111,3 +114,21 @@ def test_bad_schedules_are_refused(home: Home, catalog: Catalog) -> None:
     assert run_cli(home, "schedule", "add", "sched-host", "--every", "1h").returncode == 0
     catalog.remove_instance("sched-host")
     assert [s.instance for s in catalog.schedules() if s.instance == "sched-host"] == []
+
+
+def test_the_shipped_daemon_unit_runs_a_command_that_works(tmp_path: Path) -> None:
+    from importlib.resources import files
+
+    unit = (files("freezeframe.units") / "freezeframe-daemon.service").read_text()
+    exec_start = next(line.split("=", 1)[1] for line in unit.splitlines() if line.startswith("ExecStart="))
+    program, *args = shlex.split(exec_start)
+    assert program.endswith("/freezeframe")
+    assert args[0] == "daemon"
+    metrics = tmp_path / "m.prom"
+    args = [a if not a.endswith(".prom") else str(metrics) for a in args]
+    done = subprocess.run([sys.executable, "-m", "freezeframe", "--home", str(tmp_path / "home"), *args,
+                           "--run-for", "0.5", "--tick", "0.1"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["event"] for line in done.stdout.splitlines()] == ["daemon started", "daemon stopped"]
+    assert metrics.exists(), "the daemon wrote no metrics file"

@@ -172,7 +172,9 @@ class Repository:
                   "zstd_level": DEFAULT_ZSTD_LEVEL, "hash": "blake3-keyed" if keys else "blake3",
                   "encryption": "aes-256-gcm" if keys else "none"}
         # The config goes last: a directory without it is not a repository yet.
+        store.flush()
         store.put(CONFIG, json.dumps(config, indent=1).encode())
+        store.flush()
         return cls(store, config, Sealer(keys))
 
     @classmethod
@@ -244,8 +246,12 @@ class Repository:
             raise DamagedObject(name, f"it does not decompress: {err}") from err
 
     def _put_json(self, name: str, data: dict[str, Any]) -> None:
+        """An index or manifest: everything stored before it (the objects it names) is made
+        durable first, and it is durable when this returns."""
+        self.store.flush()
         if not self.store.put(name, self._encode(name, json.dumps(data).encode())):
             raise RepositoryError(f"{name} exists already in the repository {self.location}")
+        self.store.flush()
 
     def _get_json(self, name: str) -> dict[str, Any]:
         raw = self._decode(name, self.store.get(name), 1 << 30)

@@ -137,6 +137,9 @@ class S3Store:
             raise self._fail("write", name, err) from err
         return True
 
+    def flush(self) -> None:
+        """An S3 object is durable once its PUT is answered."""
+
     def get(self, name: str) -> bytes:
         import obstore
 

@@ -81,7 +81,8 @@ def unit_files(schedules: list[Schedule], *, home: Path, executable: str) -> dic
     files = {"freezeframe-daemon.service": "\n".join([
         "[Unit]", "Description=freezeframe scheduler daemon", "After=network-online.target", "",
         "[Service]", f"ExecStart={shlex.join([*base, 'daemon', '--metrics-file', METRICS_FILE])}",
-        "Restart=on-failure", "", "[Install]", "WantedBy=multi-user.target"]) + "\n"}
+        # Only the daemon gets the stop signal: a job's guard and sentinel must finish their work.
+        "Restart=on-failure", "KillMode=process", "", "[Install]", "WantedBy=multi-user.target"]) + "\n"}
     for s in schedules:
         repo = ["--repo", s.repository] if s.repository else []
         backup = [*base, "backup", "create", s.instance, *repo]
