@@ -8,9 +8,11 @@ import os
 import random
 import subprocess
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
-from conftest import run_cli
+from conftest import run_cli, unique
+from servers import S3Server
 
 from freezeframe.backup.pipeline import restore_disk
 from freezeframe.backup.reader import Need, plan_chunks
@@ -291,3 +293,27 @@ def test_sync_renames_chunks_between_keys_sends_only_what_is_missing_and_spreads
     assert again.chunks_sent + again.chunks_skipped == 2
     assert again.chunks_sent >= 1, "the damaged chunk was never sent"
     assert plain_dst.get_chunk(kept[1], CHUNK) == chunks[1]
+
+
+def test_s3_mistakes_are_named(home: Home, s3: S3Server) -> None:
+    where = f"s3://ff/{unique('named')}"
+    missing = run_cli(home, "repo", "init", "s3://nosuchbucket/x", "--endpoint", s3.endpoint)
+    assert missing.returncode == 10
+    assert "nosuchbucket" in missing.stderr
+    wrong = run_cli(home, "repo", "init", where, "--endpoint", s3.endpoint,
+                    env={"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert wrong.returncode == 10
+    assert "privileges" in wrong.stderr
+    bare = run_cli(home, "repo", "init", where, "--endpoint", s3.endpoint,
+                   env={"AWS_ACCESS_KEY_ID": "", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"})
+    assert bare.returncode == 10
+    assert "no S3 credentials" in bare.stderr
+    bad_endpoint = run_cli(home, "repo", "init", where, "--endpoint", "ftp://x")
+    assert bad_endpoint.returncode == 2
+    assert "--endpoint 'ftp://x' is not an http(s) URL" in bad_endpoint.stderr
+    made = run_cli(home, "repo", "init", where, "--endpoint", s3.endpoint, "-o", "json")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(made.stdout)["path"] == f"{where}?endpoint={quote(s3.endpoint, safe='')}"
+    again = run_cli(home, "repo", "init", where, "--endpoint", s3.endpoint)
+    assert again.returncode == 10
+    assert "is a repository already" in again.stderr

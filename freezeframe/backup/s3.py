@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import configparser
 import os
+import random
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -103,10 +105,12 @@ class S3Store:
         options: ClientConfig = {"timeout": timedelta(seconds=60), "connect_timeout": timedelta(seconds=10)}
         if endpoint and endpoint.startswith("http://"):
             options["allow_http"] = True
-        retry_s = float(os.environ.get("FREEZEFRAME_S3_RETRY_S", "120"))
+        retry_s = self._retry_s = float(os.environ.get("FREEZEFRAME_S3_RETRY_S", "120"))
         self._client = Client(
             parts.netloc, prefix=parts.path.strip("/") or None, config=config, client_options=options,
-            retry_config={"max_retries": 10, "retry_timeout": timedelta(seconds=retry_s),
+            # The time bounds the retries, not their count: with backoff from 0.1 s, 10 retries
+            # (obstore's default) were spent in 1.4 s, too soon for a server restarting.
+            retry_config={"max_retries": 1000, "retry_timeout": timedelta(seconds=retry_s),
                           "backoff": {"init_backoff": timedelta(milliseconds=100),
                                       "max_backoff": timedelta(seconds=10), "base": 2}},
         )
@@ -125,17 +129,34 @@ class S3Store:
 
     def put(self, name: str, data: bytes) -> bool:
         import obstore
-        from obstore.exceptions import AlreadyExistsError, PreconditionError
+        from obstore.exceptions import (
+            AlreadyExistsError,
+            PermissionDeniedError,
+            PreconditionError,
+            UnauthenticatedError,
+        )
 
-        if self.exists(name):
-            return False
-        try:
-            obstore.put(self._client, self._check(name), data, mode="create")
-        except (FileExistsError, AlreadyExistsError, PreconditionError):
-            return False
-        except Exception as err:  # obstore raises its own tree; all are failures to store
-            raise self._fail("write", name, err) from err
-        return True
+        # obstore does not retry a PUT whose connection broke while it was sent (it cannot
+        # know the request is safe to repeat). Ours are: an object is immutable, so sending it
+        # again stores the same bytes. Retried here, within the same time as the rest.
+        deadline = time.monotonic() + self._retry_s
+        pause = 0.1
+        while True:
+            if self.exists(name):
+                return False
+            try:
+                obstore.put(self._client, self._check(name), data, mode="create")
+            except (FileExistsError, AlreadyExistsError, PreconditionError):
+                return False
+            except (FileNotFoundError, PermissionError, PermissionDeniedError, UnauthenticatedError) as err:
+                raise self._fail("write", name, err) from err  # no such bucket, or not allowed: final
+            except Exception as err:  # obstore raises its own tree: transport errors among them
+                if time.monotonic() + pause > deadline:
+                    raise self._fail("write", name, err) from err
+                time.sleep(pause * random.uniform(0.5, 1.0))
+                pause = min(pause * 2, 10.0)
+                continue
+            return True
 
     def flush(self) -> None:
         """An S3 object is durable once its PUT is answered."""
