@@ -73,8 +73,11 @@ def test_prune_keeps_the_policy_and_gc_during_a_backup_frees_only_the_unused(
             assert running.poll() is None, running.communicate()
             time.sleep(0.05)
         assert list((repo / "locks").glob("backup-*")), "the backup never held the repository"
+        began = time.monotonic()
         collected, done = cli_json(home, "repo", "gc", str(repo))
-        assert running.poll() is not None, "gc did not wait for the running backup"
+        waited = time.monotonic() - began
+        assert not list((repo / "locks").glob("backup-*")), "gc swept while the backup still held the repository"
+        assert waited > 2, f"gc did not wait for the running backup (it took {waited:.1f} s; the backup stalls 4 s)"
         out, err = running.communicate(timeout=120)
     finally:
         if running.poll() is None:
