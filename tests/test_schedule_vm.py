@@ -78,6 +78,7 @@ def test_three_simulated_days_keep_exactly_the_policy_and_every_kept_backup_pass
     assert values[("freezeframe_backup_last_success_timestamp_seconds", vm.name)] == now.timestamp()
     assert values[("freezeframe_backup_last_level", vm.name)] == 2  # filesystem
     assert values[("freezeframe_backup_failed_since_last_success", vm.name)] == 0
+    assert run_cli(home, "schedule", "remove", vm.name).returncode == 0  # the session's catalog is shared
 
 
 def test_the_daemon_runs_on_a_real_clock_one_job_per_instance_and_logs_json(
