@@ -354,14 +354,12 @@ def test_encrypted_repository_hides_plaintext_and_needs_the_passphrase(
         (marker + b"\n")[:1048576 % (len(marker) + 1)]
 
 
-def test_s3_server_killed_mid_upload_then_back_leaves_a_repository_that_verifies(
-        home: Home, lab: LabFactory, tmp_path: Path, s3: S3Server) -> None:
-    repo = RepoPlace(f"s3://ff/{unique('killed')}?endpoint={s3.endpoint}", s3.root / "ff")
-    init_repo(home, repo)
-    vm = lab(disks=1)
-    digest = write_random(vm, "/mnt/ffdata0/big.bin", 80)
-    before = vm_state(vm)
-    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root), FREEZEFRAME_S3_RETRY_S="3")
+def s3_outage(home: Home, vm: LabVM, repo: RepoPlace, s3: S3Server, *, retry_s: float,
+              down_s: float | None) -> tuple[int, str, str]:
+    """Back ``vm`` up into ``repo``; once 3 chunks are stored, SIGKILL the S3 server and start
+    it again ``down_s`` seconds later (None: after the backup ended). The backup's exit code,
+    stdout and stderr."""
+    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root), FREEZEFRAME_S3_RETRY_S=str(retry_s))
     running = subprocess.Popen([sys.executable, "-m", "freezeframe", "backup", "create", vm.name, "--repo", str(repo),
                                 "--consistency", "filesystem", "--type", "full", "-o", "json"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -371,14 +369,28 @@ def test_s3_server_killed_mid_upload_then_back_leaves_a_repository_that_verifies
             assert running.poll() is None, running.communicate()
             time.sleep(0.02)
         s3.kill()  # mid-upload: the backup has stored some chunks and is storing more
-        _, err = running.communicate(timeout=180)
+        if down_s is not None:
+            time.sleep(down_s)  # requests fail meanwhile (connection refused)
+            s3.start()
+        out, err = running.communicate(timeout=180)
     finally:
         if running.poll() is None:
             running.kill()
             running.wait()
         if s3.process is None or s3.process.poll() is not None:
             s3.start()
-    assert running.returncode == 7, err
+    return running.returncode, out, err
+
+
+def test_s3_server_killed_mid_upload_then_back_leaves_a_repository_that_verifies(
+        home: Home, lab: LabFactory, tmp_path: Path, s3: S3Server) -> None:
+    repo = RepoPlace(f"s3://ff/{unique('killed')}?endpoint={s3.endpoint}", s3.root / "ff")
+    init_repo(home, repo)
+    vm = lab(disks=1)
+    digest = write_random(vm, "/mnt/ffdata0/big.bin", 80)
+    before = vm_state(vm)
+    code, _, err = s3_outage(home, vm, repo, s3, retry_s=3, down_s=None)
+    assert code == 7, err
     assert "in the repository s3://" in err, err
     assert assert_left_as_it_was(vm) == before, "the failed backup left its view in the VM"
     listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
@@ -400,26 +412,8 @@ def test_s3_server_back_within_the_retry_window_and_the_backup_completes(
     init_repo(home, repo)
     vm = lab(disks=1)
     digest = write_random(vm, "/mnt/ffdata0/big.bin", 80)
-    env = dict(os.environ, FREEZEFRAME_HOME=str(home.root), FREEZEFRAME_S3_RETRY_S="60")
-    running = subprocess.Popen([sys.executable, "-m", "freezeframe", "backup", "create", vm.name, "--repo", str(repo),
-                                "--consistency", "filesystem", "-o", "json"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while len(objects(repo, "chunks/")) < 3 and time.monotonic() < deadline:
-            assert running.poll() is None, running.communicate()
-            time.sleep(0.02)
-        s3.kill()
-        time.sleep(2)  # requests fail meanwhile (connection refused): they are retried
-        s3.start()
-        out, err = running.communicate(timeout=180)
-    finally:
-        if running.poll() is None:
-            running.kill()
-            running.wait()
-        if s3.process is None or s3.process.poll() is not None:
-            s3.start()
-    assert running.returncode == 0, err
+    code, out, err = s3_outage(home, vm, repo, s3, retry_s=60, down_s=2)
+    assert code == 0, err
     made = json.loads(out)
     checked, done = cli_json(home, "backup", "verify", made["id"], "--repo", str(repo))
     assert done.returncode == 0, checked
