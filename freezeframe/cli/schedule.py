@@ -74,14 +74,24 @@ def add(app: App, instance: str, every: str | None, cron: str | None, kind: str 
     _emit([schedule], fmt)
 
 
+def _interval(seconds: float | None) -> str | None:
+    """An interval as it was most likely written: 6h, 1w, 90s."""
+    if seconds is None:
+        return None
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
 def _emit(schedules: list[Schedule], fmt: str) -> None:
     rows = [_row(s) for s in schedules]
     if fmt == "json":
         emit_json(rows)
     else:
-        shown = [{**r, "when": f"every {r['every_s']:g}s" if r["every_s"] else r["cron"]} for r in rows]
-        stdout.print(records_table(shown, ["instance", "when", "type", "verify_every_s", "test_every_s", "prune",
-                                           "last_slot"]))
+        shown = [{**r, "when": f"every {_interval(r['every_s'])}" if r["every_s"] else f"cron {r['cron']}",
+                  "verify": _interval(r["verify_every_s"]), "test": _interval(r["test_every_s"])} for r in rows]
+        stdout.print(records_table(shown, ["instance", "when", "type", "verify", "test", "prune", "last_slot"]))
 
 
 @group.command("list")
