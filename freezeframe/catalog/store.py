@@ -186,8 +186,14 @@ def utc_now() -> str:
     daemon sets it for the jobs it runs on a simulated clock (``daemon --clock``), so that a
     test can run weeks of schedule and retention in a minute."""
     fixed = os.environ.get("FREEZEFRAME_NOW")
-    moment = datetime.fromisoformat(fixed.replace("Z", "+00:00")) if fixed else datetime.now(UTC)
+    moment = parse_time(fixed) if fixed else datetime.now(UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> datetime:
+    """A time as records keep it (ISO 8601, ``Z`` or an offset), in this host's local zone:
+    the zone retention periods and cron schedules are counted in."""
+    return datetime.fromisoformat(text).astimezone()
 
 
 class Catalog:

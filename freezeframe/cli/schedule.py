@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 
-from freezeframe.catalog.store import utc_now
+from freezeframe.catalog.store import parse_time, utc_now
 from freezeframe.cli.context import App, pass_app
 from freezeframe.cli.output import emit_json, output_option, records_table, stdout
-from freezeframe.engine.schedule import check_cron, parse_every, parse_time
+from freezeframe.engine.schedule import check_cron, parse_every
 from freezeframe.engine.systemd import unit_files
 from freezeframe.errors import InvalidInput
 from freezeframe.model import BackupType, Level, Schedule

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.catalog import Catalog
+from freezeframe.catalog.store import parse_time
 from freezeframe.engine.schedule import Due, due
 from freezeframe.model import BackupState, Level, Schedule
 
@@ -229,7 +230,7 @@ class Daemon:
                     failed.labels(name).set(sum(1 for b in every if b.state is BackupState.FAILED))
                     continue
                 newest = good[-1]
-                last.labels(name).set(datetime.fromisoformat(newest.created_at.replace("Z", "+00:00")).timestamp())
+                last.labels(name).set(parse_time(newest.created_at).timestamp())
                 duration.labels(name).set(newest.duration_s or 0)
                 read.labels(name).set(sum(d.bytes_read for d in newest.disks))
                 new.labels(name).set(sum(d.bytes_new for d in newest.disks))

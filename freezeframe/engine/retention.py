@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+from freezeframe.catalog.store import parse_time
 from freezeframe.model import Retention
 
 _PERIOD: dict[str, Callable[[datetime], str]] = {
@@ -33,10 +34,6 @@ _PERIOD: dict[str, Callable[[datetime], str]] = {
     "monthly": lambda t: t.strftime("%Y-%m"),
     "yearly": lambda t: t.strftime("%Y"),
 }
-
-
-def _local(created_at: str) -> datetime:
-    return datetime.fromisoformat(created_at.replace("Z", "+00:00")).astimezone()
 
 
 def select(policy: Retention, backups: list[tuple[str, str]]) -> dict[str, str | None]:
@@ -53,12 +50,12 @@ def select(policy: Retention, backups: list[tuple[str, str]]) -> dict[str, str |
         wanted = getattr(policy, rule) or 0
         if not wanted:
             continue
-        covered = {period(_local(at)) for backup_id, at in ordered if backup_id in kept}
+        covered = {period(parse_time(at)) for backup_id, at in ordered if backup_id in kept}
         chosen: set[str] = set()
         for backup_id, at in ordered:
             if backup_id in kept:
                 continue
-            key = period(_local(at))
+            key = period(parse_time(at))
             if key in covered or key in chosen:
                 continue
             if len(chosen) >= wanted:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from freezeframe.catalog.store import parse_time
 from freezeframe.errors import InvalidInput
 from freezeframe.model import Schedule
 
@@ -29,10 +30,6 @@ class Due:
     missed: int
     verify: bool
     test: bool
-
-
-def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone()
 
 
 def check_cron(expression: str) -> str:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from freezeframe.backup.repository import Repository
 from freezeframe.backup.verify import VerifyProgress, VerifyReport, verify
 from freezeframe.catalog import Catalog
-from freezeframe.catalog.store import utc_now
+from freezeframe.catalog.store import parse_time, utc_now
 from freezeframe.errors import InvalidInput
 from freezeframe.model import Backup, BackupState, VerifyState
 
@@ -43,7 +43,7 @@ def due(catalog: Catalog, repository: str, *, outdated_after_days: float | None,
     limit = (now or datetime.now(UTC)) - timedelta(days=outdated_after_days)
     return [b.id for b in found
             if b.verified_at is None or b.verify_state is not VerifyState.OK
-            or datetime.fromisoformat(b.verified_at.replace("Z", "+00:00")) < limit]
+            or parse_time(b.verified_at) < limit]
 
 
 def verify_backups(catalog: Catalog, repo: Repository, backup_ids: list[str], *, subset: float = 100.0,
