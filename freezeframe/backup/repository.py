@@ -30,7 +30,7 @@ import zstandard
 
 from freezeframe.backup.crypto import Sealer, Tampered, new_key_object, open_key_object
 from freezeframe.backup.store import ObjectStore
-from freezeframe.errors import DamagedObject, InvalidInput, RepositoryError
+from freezeframe.errors import DamagedObject, InvalidInput, NotFound, RepositoryError
 
 FORMAT = "freezeframe-repository/1"
 INDEX_FORMAT = "freezeframe-index/1"
@@ -367,6 +367,16 @@ class Repository:
 
     def backup_ids(self) -> list[str]:
         return sorted(info.name.split("/", 1)[1] for info in self.store.list("backups/"))
+
+    def resolve(self, ref: str) -> str:
+        """The published backup that ``ref`` (an id or a unique prefix of one) names."""
+        matches = [b for b in self.backup_ids() if b.startswith(ref)]
+        if not matches:
+            raise NotFound(f"no backup {ref!r} in the repository {self.location}",
+                           hint="see: freezeframe backup list")
+        if len(matches) > 1 and ref not in matches:
+            raise InvalidInput(f"{ref!r} names {len(matches)} backups in {self.location}", hint="give more of the id")
+        return ref if ref in matches else matches[0]
 
     def delete_backup(self, backup_id: str) -> None:
         """Unpublish a backup (manifest first, so it is never half-listed), then its indexes.

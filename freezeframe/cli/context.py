@@ -131,11 +131,7 @@ def locate_backup(app: App, ref: str, repo_path: str | None, passphrase: bytes |
         found = app.catalog.backup(ref)
     except NotFound:
         repo = app.repository(repo_path, passphrase)
-        matches = [b for b in repo.backup_ids() if b.startswith(ref)]
-        if len(matches) != 1:
-            raise NotFound(f"no backup {ref!r} in the catalog or in the repository {repo.location}",
-                           hint="see: freezeframe backup list") from None
-        return repo, matches[0]
+        return repo, repo.resolve(ref)
     if found.state is not BackupState.CREATED:
         raise InvalidInput(f"backup {found.id[:8]} is {found.state.value}: only complete backups can be restored")
     return app.repository(repo_path or found.repository, passphrase), found.id

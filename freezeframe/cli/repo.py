@@ -154,16 +154,7 @@ def sync(app: App, src: str, dst: str, backups: tuple[str, ...], passphrase_file
     source, target = app.repository(src, src_pass), app.repository(dst, dst_pass)
     if source.location == target.location:
         raise InvalidInput("SRC and DST are the same repository")
-    ids: list[str] | None = None
-    if backups:
-        known = source.backup_ids()
-        ids = []
-        for ref in backups:
-            matches = [b for b in known if b.startswith(ref)]
-            if len(matches) != 1:
-                raise InvalidInput(f"{ref!r} names {len(matches)} backups in {source.location}",
-                                   hint="give a longer id; see: freezeframe backup list")
-            ids.append(matches[0])
+    ids = [source.resolve(ref) for ref in backups] if backups else None
     with byte_progress("sync", enabled=fmt != "json") as bar:
         report = sync_backups(source, target, ids, progress=lambda done, total: bar(done, total, ""))
     record = {"src": source.location, "dst": target.location, "copied": report.backups,
