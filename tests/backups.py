@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import zstandard
 from conftest import RepoPlace, agent_call, guest_sh, run_cli
 
 from freezeframe.backup.repository import Repository
@@ -67,3 +68,34 @@ def chunks_of(repo: Path | RepoPlace, backup_id: str) -> set[str]:
 def objects(repo: Path | RepoPlace, prefix: str) -> list[str]:
     """The names of the repository's objects under ``prefix`` (through its store)."""
     return [info.name for info in open_store(str(repo)).list(prefix)]
+
+
+def damage_chunk(path: Path) -> None:
+    """Flip one byte of a stored (unencrypted) chunk so that what it holds changes.
+
+    Not every byte of a zstd frame matters: some bits are padding the decoder never looks
+    at, and a flip there leaves the chunk's content, and so its hash, as they were (seen
+    here: the middle byte of a 5 KB frame). That is no damage to find, so this flips the
+    first byte from the middle on whose flip the object no longer decodes to the same
+    content."""
+    original = path.read_bytes()
+    before = _decoded(original)
+    for offset in range(len(original) // 2, len(original)):
+        flipped = bytearray(original)
+        flipped[offset] ^= 0x01
+        if _decoded(bytes(flipped)) != before:
+            path.write_bytes(bytes(flipped))
+            return
+    raise AssertionError(f"no byte of {path} changes its content")
+
+
+def _decoded(sealed: bytes) -> bytes | None:
+    """A plain repository's chunk object as it decodes: a kind byte (0 stored as is,
+    1 zstd) then the body; None when it does not decode."""
+    if sealed[0] == 0:
+        return sealed[1:]
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(sealed[1:]) as reader:
+            return reader.read(64 << 20)
+    except (zstandard.ZstdError, MemoryError):
+        return None

@@ -16,7 +16,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backups import backup, cli_json, e2fsck_clean, guest, init_repo, objects, restore, write_random
+from backups import (
+    backup,
+    chunks_of,
+    cli_json,
+    damage_chunk,
+    e2fsck_clean,
+    guest,
+    init_repo,
+    objects,
+    restore,
+    write_random,
+)
 from conftest import LabFactory, RepoPlace, run_cli, unique
 from oracles import assert_in_step, ext4_needs_recovery, ext4_read, sequence
 from servers import S3Server
@@ -102,14 +113,10 @@ def test_full_then_incremental_restore_consistent_and_damage_is_named(
     assert [d["index"] for d in manifest["disks"]] == [d["index"] for d in inc["disks"]]
 
     # Flip one byte of a chunk only the incremental uses.
-    named = {b: set(opened.index(d["index"]).chunks) - {None} for b, d in
-             ((r["id"], disk) for r in (full, inc) for disk in r["disks"])}
-    only_inc = sorted(named[inc["id"]] - named[full["id"]])
+    only_inc = sorted(chunks_of(repo, inc["id"]) - chunks_of(repo, full["id"]))
     assert only_inc
     victim = repo / "chunks" / only_inc[0][:2] / only_inc[0]
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    victim.write_bytes(bytes(data))
+    damage_chunk(victim)
     failed = run_cli(home, "backup", "restore", inc["id"], "--to", str(tmp_path / "damaged"))
     assert failed.returncode == 11, failed.stderr
     assert only_inc[0] in failed.stderr

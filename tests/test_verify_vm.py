@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from backups import backup, chunks_of, cli_json, e2fsck_clean, init_repo, restore, write_random
+from backups import backup, chunks_of, cli_json, damage_chunk, e2fsck_clean, init_repo, restore, write_random
 from conftest import LabFactory
 
 from freezeframe.backup.repository import chunk_name
@@ -50,9 +50,7 @@ def test_verify_names_exactly_the_backups_a_damaged_or_missing_chunk_breaks(
     shared = sorted(chunks_of(repo, second) & chunks_of(repo, third) - chunks_of(repo, first))[0]
     alone = sorted(chunks_of(repo, third) - chunks_of(repo, second) - chunks_of(repo, first))[0]
     path = repo / chunk_name(shared)
-    damaged = bytearray(path.read_bytes())
-    damaged[len(damaged) // 2] ^= 0x01
-    path.write_bytes(bytes(damaged))
+    damage_chunk(path)
     (repo / chunk_name(alone)).unlink()
 
     found, code = verify(home, "--all", "--repo", str(repo))
