@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
-import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import psycopg
 import pymysql
 import pytest
 import redis
+from clients import Load, check_copy_rows
 from conftest import run_cli, unique
 from hostfs import btrfs_fs, data_fs, mounted_copy
 from oracles import ext4_needs_recovery, xfs_log_quiesced
@@ -27,36 +26,6 @@ from freezeframe.catalog import Catalog
 from freezeframe.config import Home
 
 pytestmark = pytest.mark.host
-
-
-class Load(threading.Thread):
-    """A client committing numbered rows as fast as it can, noting when each was acknowledged."""
-
-    def __init__(self, commit: Callable[[int], None]) -> None:
-        super().__init__(daemon=True)
-        self.commit = commit
-        self.acked: list[tuple[int, float]] = []
-        self.errors: list[str] = []
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        n = 0
-        while not self._halt.is_set():
-            n += 1
-            try:
-                self.commit(n)
-            except Exception as err:  # noted, and the test fails on it
-                self.errors.append(repr(err))
-                return
-            self.acked.append((n, time.time()))
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(30)
-
-    def acked_before(self, instant: str) -> set[int]:
-        limit = datetime.fromisoformat(instant.replace("Z", "+00:00")).timestamp()
-        return {n for n, at in self.acked if at < limit}
 
 
 def snapshot_app(home: Home, instance: str, *args: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -159,13 +128,6 @@ def delete_and_check_gone(home: Home, snapshot_id: str, copy: Path) -> None:
     assert deleted.returncode == 0, deleted.stderr
     assert json.loads(deleted.stdout)["state"] == "deleted"
     assert not copy.exists()
-
-
-def check_copy_rows(present: set[int], load: Load, manifest: dict[str, Any]) -> None:
-    must_have = load.acked_before(manifest["window"]["writers_freeze_started_at"])
-    assert must_have, "the load committed nothing before the freeze"
-    missing = must_have - present
-    assert not missing, f"lost {len(missing)} acknowledged commits, e.g. {sorted(missing)[:5]}"
 
 
 def test_postgresql_on_ext4_over_xfs(home: Home) -> None:

@@ -14,9 +14,11 @@ from freezeframe.cli.context import App, locate_backup, pass_app, passphrase_opt
 from freezeframe.cli.output import emit_json, output_option, progress, record_table, records_table, stdout
 from freezeframe.engine.backup import restore_backup
 from freezeframe.errors import NotFound
+from freezeframe.lab import apps as lab_apps
 from freezeframe.lab import image as lab_image
 from freezeframe.lab import vm as lab_vm
 from freezeframe.lab.image import SAMPLE_HOOKS
+from freezeframe.model import WriterSpec
 
 
 @click.group("lab")
@@ -46,8 +48,10 @@ def build(app: App) -> None:
 @click.option("--no-agent", is_flag=True, help="Do not run qemu-ga in the guest.")
 @click.option("--workload", is_flag=True, help="Keep appending sequence numbers to every data disk.")
 @click.option("--workload-sync", is_flag=True, help="With --workload: fdatasync after every write.")
-@click.option("--app", "application", type=click.Choice(["sqlite"]),
-              help="Run an application in the guest: sqlite commits rows to /mnt/ffdata0/app.db.")
+@click.option("--app", "application", type=click.Choice(["sqlite", "postgresql", "mariadb"]),
+              help="Run an application in the guest: sqlite commits rows to /mnt/ffdata0/app.db; postgresql "
+                   "and mariadb run the host's server on /mnt/ffdata0, reachable on a port of 127.0.0.1 "
+                   "(app_port), with its writer registered.")
 @click.option("--hook", "hooks", multiple=True, type=click.Choice(sorted(SAMPLE_HOOKS)),
               help="Install a sample freeze hook, run by freezeframe's guest hook runner (repeatable, in order): "
                    "sqlite holds the app's write lock; ok, fail, hang and badowner show the failure policies.")
@@ -89,7 +93,11 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
                        hook_policy=hook_policy, hook_timeout=hook_timeout, disk_images=images)
     try:
         app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
-                                 qga_socket=vm.qga_socket if vm.agent else None, template=template, lab=True)
+                                 qga_socket=vm.qga_socket if vm.agent else None, template=template, lab=True,
+                                 application_consistent=True if vm.app in lab_apps.DATABASES else None)
+        if vm.app in lab_apps.DATABASES and vm.app_port is not None:
+            kind, options = lab_apps.writer_for(vm.app, vm.app_port)
+            app.catalog.add_writer(name, WriterSpec(name=kind, kind=kind, options=options))
     except BaseException:
         lab_vm.down(app.home.lab, name)
         raise

@@ -12,8 +12,10 @@ Per file system found on a restored image (a bare one, or each partition):
 At crash level a journal that needs recovery is expected: it is replayed on the scratch
 copy first, as a boot would, and the check runs after. SQLite databases the guest's hook
 held (the freeze hook names them) are copied out of a read-only mount and pass ``PRAGMA
-integrity_check``. Everything runs on loop devices this module attaches and always
-detaches; nothing is ever frozen.
+integrity_check``; PostgreSQL and MariaDB data directories their writers recorded are
+started on a copy and checked by the server's own tool (``engine/app_check.py``).
+Everything runs on loop devices this module attaches and always detaches; nothing is ever
+frozen.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 from freezeframe.backup.repository import Repository
 from freezeframe.catalog import Catalog
 from freezeframe.catalog.store import utc_now
+from freezeframe.engine.app_check import RecordedApp, check_app, recorded_apps
 from freezeframe.engine.backup import restore_backup
 from freezeframe.errors import FreezeframeError, InvalidInput
 from freezeframe.model import Backup, BackupState, Level
@@ -186,17 +189,30 @@ def _relative_candidates(path: str, manifest: dict[str, Any]) -> list[str]:
     return found or [path.lstrip("/")]
 
 
+def _find(result: RestoreCheck, what: str, path: str, manifest: dict[str, Any], mounted: dict[str, Path],
+          exists: Callable[[Path], bool]) -> tuple[str, Path] | None:
+    """The one restored file system holding the guest's ``path``, and where; else a failed check."""
+    if ".." in Path(path).parts:
+        result.add(what, path, False, "the path the backup recorded climbs out with '..': not followed")
+        return None
+    # The file systems are the guest's: a symbolic link there must not lead into this host.
+    hits = [(where, root / rel) for rel in _relative_candidates(path, manifest)[:1]
+            for where, root in mounted.items()
+            if exists(root / rel) and (root / rel).resolve().is_relative_to(root.resolve())]
+    if len(hits) != 1:
+        result.add(what, path, False, "not found on any restored file system" if not hits
+                   else f"found on {len(hits)} file systems: {', '.join(w for w, _ in hits)}")
+        return None
+    return hits[0]
+
+
 def _check_sqlite(result: RestoreCheck, mounted: dict[str, Path], databases: list[str],
                   manifest: dict[str, Any], scratch: Path) -> None:
     for database in databases:
-        hits = [(where, root / rel) for rel in _relative_candidates(database, manifest)[:1]
-                for where, root in mounted.items() if (root / rel).is_file()]
-        if len(hits) != 1:
-            result.add("sqlite integrity_check", database, False,
-                       "not found on any restored file system" if not hits
-                       else f"found on {len(hits)} file systems: {', '.join(w for w, _ in hits)}")
+        found = _find(result, "sqlite integrity_check", database, manifest, mounted, Path.is_file)
+        if found is None:
             continue
-        where, source = hits[0]
+        where, source = found
         copy = scratch / f"sqlite-{len(result.checks)}.db"
         shutil.copyfile(source, copy)
         for suffix in ("-wal", "-journal"):  # what a crash-level copy may still need
@@ -208,6 +224,14 @@ def _check_sqlite(result: RestoreCheck, mounted: dict[str, Path], databases: lis
         except sqlite3.DatabaseError as err:
             answer = [f"cannot open: {err}"]
         result.add("sqlite integrity_check", f"{database} ({where})", answer == ["ok"], "; ".join(answer)[:600])
+
+
+def _check_app(result: RestoreCheck, mounted: dict[str, Path], app: RecordedApp, manifest: dict[str, Any]) -> None:
+    found = _find(result, f"{app.kind} data directory", app.data_directory, manifest, mounted, Path.is_dir)
+    if found is not None:
+        where, source = found
+        label = f"{app.data_directory} ({where}, writer {app.writer})"
+        check_app(app, source, lambda what, passed, detail: result.add(what, label, passed, detail))
 
 
 def check_restore(catalog: Catalog, repo: Repository, backup_id: str, *, scratch: Path,
@@ -226,6 +250,7 @@ def check_restore(catalog: Catalog, repo: Repository, backup_id: str, *, scratch
         images = restore_backup(repo, backup_id, work, fmt="raw", progress=progress)
         result.add("restore", "every disk", True, f"{len(images)} disks restored, every chunk checked")
         databases = _guest_databases(manifest)
+        apps = recorded_apps(manifest)
         with contextlib.ExitStack() as stack:
             mounted: dict[str, Path] = {}
             for device, image in images:
@@ -242,10 +267,12 @@ def check_restore(catalog: Catalog, repo: Repository, backup_id: str, *, scratch
                     else:
                         result.add("file system", where, True, f"{kind or 'no file system'}: not checked")
                         continue
-                    if databases:
+                    if databases or apps:
                         mounted[where] = stack.enter_context(_mounted(part, options))
             if databases:
                 _check_sqlite(result, mounted, databases, manifest, work)
+            for app in apps:
+                _check_app(result, mounted, app, manifest)
         if boot is not None:
             try:
                 result.add("boot", "restored VM", True, boot(images))

@@ -24,7 +24,7 @@ from pathlib import Path
 from freezeframe.errors import LabError
 
 #: Bump when the image layout or /init changes, so cached images are rebuilt.
-IMAGE_FORMAT = 6
+IMAGE_FORMAT = 7
 
 #: Modules the guest needs; their dependencies are added from modules.dep.
 #: crc32c_generic comes first: ext4 (metadata_csum) and xfs ask the crypto API for
@@ -37,6 +37,10 @@ WANTED_MODULES = (
     "ext4",
     "xfs",
     "dm_snapshot",  # LVM snapshots, tested in the guest since some hosts have no device-mapper
+    # The database applications: the host's /usr over 9p, and a network for their port.
+    "9pnet_virtio",
+    "9p",
+    "virtio_net",
 )
 
 GUEST_AGENT = Path("/usr/sbin/qemu-ga")
@@ -112,6 +116,39 @@ if [ "$(arg ff.app)" = sqlite ] && [ -d /mnt/ffdata0 ]; then
     n=0
     while [ ! -s /run/ff-sqlite-app.acked ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n + 1)); done
     [ -s /run/ff-sqlite-app.acked ] || echo "ff-lab: the sqlite application did not start"
+fi
+
+# A database server (ff.app=postgresql|mariadb, see freezeframe/lab/apps.py): the host's
+# binaries from its /usr over 9p, the data directory the lab made on the first data disk,
+# and the user-mode network the host forwards a port to.
+app="$(arg ff.app)"
+if [ "$app" = postgresql ] || [ "$app" = mariadb ]; then
+    mkdir -p /host/usr /dev/shm /usr/share
+    mount -t tmpfs -o mode=1777 shm /dev/shm
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro hostusr /host/usr || echo "ff-lab: cannot mount the host's /usr"
+    ln -sfn /host/usr/share/zoneinfo /usr/share/zoneinfo
+    ip link set lo up
+    ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+    libs=/host/usr/lib/x86_64-linux-gnu
+    if [ "$app" = postgresql ]; then
+        data=/mnt/ffdata0/pg
+        owner=$(stat -c %u:%g $data)
+        echo "postgres:x:${owner%:*}:${owner#*:}:postgres:/run/postgresql:/bin/sh" >> /etc/passwd
+        mkdir -p /run/postgresql && chown $owner /run/postgresql
+        bin=/host/usr/lib/postgresql/$(cat $data/PG_VERSION)/bin
+        su -s /bin/sh postgres -c "LD_LIBRARY_PATH=$libs $bin/postgres -D $data >/run/postgresql/log 2>&1 &"
+        ready=/run/postgresql/.s.PGSQL.5432
+    else
+        LD_LIBRARY_PATH=$libs /host/usr/sbin/mariadbd --no-defaults --user=root --datadir=/mnt/ffdata0/mysql \
+            --basedir=/host/usr --lc-messages-dir=/host/usr/share/mysql --plugin-dir=/host/usr/lib/mysql/plugin \
+            --socket=/run/mysqld.sock --pid-file=/run/mysqld.pid --log-error=/run/mariadb.err --port=3306 \
+            --bind-address=0.0.0.0 --skip-name-resolve --innodb-buffer-pool-size=16M --log-bin=binlog \
+            --server-id=1 --init-file=/mnt/ffdata0/ff-lab-init.sql </dev/null >/dev/null 2>&1 &
+        ready=/run/mysqld.sock
+    fi
+    n=0
+    while [ ! -S $ready ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
+    [ -S $ready ] || echo "ff-lab: the $app server did not start"
 fi
 
 if [ "$(arg ff.agent)" != 0 ]; then

@@ -14,11 +14,13 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from freezeframe.errors import Conflict, LabError, NotFound
+from freezeframe.lab import apps
 from freezeframe.lab.image import SAMPLE_HOOKS, GuestImage, ensure_image
 
 READY_MARKER = b"ff-lab: ready"
@@ -44,6 +46,10 @@ class LabVM:
     #: What the guest was booted with, so that ``restart`` boots it the same way.
     cmdline: str = ""
     memory_mib: int = 256
+    #: The application the guest runs (sqlite, postgresql, mariadb), and for a database
+    #: server the port on 127.0.0.1 that QEMU forwards to it.
+    app: str | None = None
+    app_port: int | None = None
 
     @property
     def running(self) -> bool:
@@ -69,14 +75,16 @@ def _is_our_qemu(pid: int, directory: str) -> bool:
     return b"qemu-system" in cmdline and directory.encode() in cmdline
 
 
-def make_disk(path: Path, *, fs: str, size_mib: int) -> None:
-    """A qcow2 disk holding one empty, unmounted-clean file system."""
+def make_disk(path: Path, *, fs: str, size_mib: int, content: Path | None = None) -> None:
+    """A qcow2 disk holding one unmounted-clean file system: empty, or (ext4 only) holding
+    a copy of ``content``, owners and modes kept."""
     raw = path.with_suffix(".raw")
     try:
         with open(raw, "wb") as handle:
             handle.truncate(size_mib << 20)
         if fs == "ext4":
-            _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", str(raw)],
+            _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+                  *(["-d", str(content)] if content is not None else []), str(raw)],
                  f"format {path.name} as ext4")
         else:
             _run(["mkfs.xfs", "-q", "-f", str(raw)], f"format {path.name} as xfs")
@@ -87,7 +95,7 @@ def make_disk(path: Path, *, fs: str, size_mib: int) -> None:
 
 
 def _qemu_argv(vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str, cmdline: str,
-               memory_mib: int) -> list[str]:
+               memory_mib: int, extra: list[str]) -> list[str]:
     argv = [
         "qemu-system-x86_64", "-name", vm_dir.name, "-machine", "q35", "-accel", accel,
         "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-display", "none", "-no-reboot",
@@ -97,7 +105,7 @@ def _qemu_argv(vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str
         "-chardev", f"socket,path={vm_dir / 'qga.sock'},server=on,wait=off,id=qga0",
         "-device", "virtio-serial-pci",
         "-device", f"virtserialport,chardev=qga0,name={AGENT_CHANNEL}",
-        "-pidfile", str(vm_dir / "qemu.pid"), "-daemonize",
+        "-pidfile", str(vm_dir / "qemu.pid"), "-daemonize", *extra,
     ]
     if accel == "kvm":
         argv += ["-cpu", "max"]
@@ -145,10 +153,11 @@ def _stop_pid(pid: int, directory: str, timeout: float = 10.0) -> None:
 
 
 def _boot(vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str, cmdline: str,
-          memory_mib: int, timeout: float) -> int | None:
+          memory_mib: int, timeout: float, extra: list[str] | None = None) -> int | None:
     """Start QEMU and wait for the guest; returns its pid, or None if it did not come up."""
     (vm_dir / "console.log").unlink(missing_ok=True)
-    argv = _qemu_argv(vm_dir, image, disks, accel=accel, cmdline=cmdline, memory_mib=memory_mib)
+    argv = _qemu_argv(vm_dir, image, disks, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
+                      extra=extra or [])
     _run(argv, f"start QEMU ({accel})")
     pid = int((vm_dir / "qemu.pid").read_text().strip())
     if _wait_ready(vm_dir, pid, timeout):
@@ -230,8 +239,10 @@ def up(
         raise LabError(f"no sample hook named {', '.join(unknown)}", hint=f"hooks: {', '.join(SAMPLE_HOOKS)}")
     if hook_policy not in ("fail", "continue"):
         raise LabError(f"hook policy is fail or continue, not {hook_policy!r}")
-    if app not in (None, "sqlite"):
-        raise LabError(f"unknown lab application {app!r}", hint="the lab has: sqlite")
+    if app not in (None, "sqlite", *apps.DATABASES):
+        raise LabError(f"unknown lab application {app!r}", hint=f"the lab has: sqlite, {', '.join(apps.DATABASES)}")
+    if app in apps.DATABASES and (fs != "ext4" or disk_images is not None):
+        raise LabError(f"the lab's {app} runs on a new ext4 first disk", hint="use --fs ext4, without --from-backup")
     if any(c in arg for arg in agent_args for c in " +"):
         raise LabError("guest-agent arguments cannot contain spaces or '+' (they travel on the kernel command line)")
     vm_dir = (lab_root / name).resolve()
@@ -246,8 +257,16 @@ def up(
         for index, path in enumerate(disk_paths):
             if disk_images is not None:
                 shutil.move(disk_images[index], path)
+            elif index == 0 and app in apps.DATABASES:
+                # Under /tmp: initdb runs as postgres, who may not reach into the home.
+                with tempfile.TemporaryDirectory(prefix="ff-lab-app-") as content:
+                    apps.populate(app, Path(content))
+                    make_disk(path, fs=fs, size_mib=disk_mib, content=Path(content))
             else:
                 make_disk(path, fs=fs, size_mib=disk_mib)
+        app_port = apps.free_port() if app in apps.DATABASES else None
+        if app in apps.DATABASES:
+            memory_mib = max(memory_mib, 512)  # the server, beside the initramfs the guest runs from
         cmdline = " ".join([
             "console=ttyS0", "quiet", "panic=-1",
             f"ff.agent={int(agent)}", f"ff.workload={int(workload)}",
@@ -259,14 +278,14 @@ def up(
             f"ff.app={app}" if app else "",
         ]).strip()
         pid = _boot(vm_dir, image, disk_paths, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
-                    timeout=boot_timeout)
+                    timeout=boot_timeout, extra=_app_args(app, app_port))
         if pid is None:
             raise LabError(f"lab VM {name} did not boot within {boot_timeout:g}s; console:\n{_console_tail(vm_dir)}")
         vm = LabVM(
             name=name, directory=str(vm_dir), qmp_socket=str(vm_dir / "qmp.sock"),
             qga_socket=str(vm_dir / "qga.sock"), console=str(vm_dir / "console.log"), pid=pid,
             disks=[str(p) for p in disk_paths], fs=fs, agent=agent, workload=workload, accel=accel,
-            cmdline=cmdline, memory_mib=memory_mib,
+            cmdline=cmdline, memory_mib=memory_mib, app=app, app_port=app_port,
         )
         (vm_dir / "vm.json").write_text(json.dumps(asdict(vm), indent=2))
         return vm
@@ -275,6 +294,10 @@ def up(
             _stop_pid(int((vm_dir / "qemu.pid").read_text()), str(vm_dir))
         shutil.rmtree(vm_dir, ignore_errors=True)
         raise
+
+
+def _app_args(app: str | None, port: int | None) -> list[str]:
+    return apps.qemu_args(app, port) if app in apps.DATABASES and port is not None else []
 
 
 def stop(lab_root: Path, name: str) -> None:
@@ -294,7 +317,8 @@ def restart(lab_root: Path, image_cache: Path, name: str, *, boot_timeout: float
         raise LabError(f"lab VM {name} was made by an older freezeframe and cannot be restarted")
     vm_dir = Path(vm.directory)
     pid = _boot(vm_dir, ensure_image(image_cache), [Path(d) for d in vm.disks], accel=vm.accel,
-                cmdline=vm.cmdline, memory_mib=vm.memory_mib, timeout=boot_timeout)
+                cmdline=vm.cmdline, memory_mib=vm.memory_mib, timeout=boot_timeout,
+                extra=_app_args(vm.app, vm.app_port))
     if pid is None:
         raise LabError(f"lab VM {name} did not boot again within {boot_timeout:g}s; console:\n{_console_tail(vm_dir)}")
     restarted = LabVM(**{**asdict(vm), "pid": pid})

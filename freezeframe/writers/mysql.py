@@ -84,8 +84,9 @@ class MySQLWriter(Writer):
 
     async def prepare(self) -> None:
         def work() -> None:
-            row = self._query("SELECT @@version AS version, @@version_comment AS comment")[0]
+            row = self._query("SELECT @@version AS version, @@version_comment AS comment, @@datadir AS datadir")[0]
             self.record["server_version"] = f"{row['version']} ({row['comment']})"
+            self.record["data_directory"] = str(row["datadir"]).rstrip("/") or "/"
             self._query("FLUSH TABLES")  # the slow part, while commits still go on
 
         await self._call(work)

@@ -72,7 +72,9 @@ class PostgresWriter(Writer):
     async def prepare(self) -> None:
         (version,) = await self._one("SHOW server_version")
         (data_directory,) = await self._one("SHOW data_directory")
-        self.record.update({"server_version": version, "data_directory": data_directory})
+        # The role initdb made (oid 10): a restore test connects to the copy as it.
+        (superuser,) = await self._one("SELECT rolname FROM pg_roles WHERE oid = 10")
+        self.record.update({"server_version": version, "data_directory": data_directory, "superuser": superuser})
         tablespaces = await self._tablespaces()
         if tablespaces:
             self.record["tablespaces"] = tablespaces
