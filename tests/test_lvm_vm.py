@@ -36,7 +36,8 @@ async def main(action, mount, image=None):
     try:
         await target.connect()
         if action == "remove":
-            await target.remove([SnapshotDisk(device=mount, node="lvm", image=image, virtual_size=0, allocated_size=0)])
+            await target.remove([SnapshotDisk(device=mount, node="lvm", image=image, virtual_size=0, allocated_size=0)],
+                                lambda old, new: None)
             return {"removed": image}
         probe = await target.probe_freeze(agent_timeout=1, command_timeout=10)
         await target.prepare("0123abcd-0000-0000-0000-000000000000")

@@ -8,9 +8,9 @@ connection each, read in parallel.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from freezeframe.errors import HypervisorError
@@ -46,9 +46,11 @@ def _require_nbd() -> Any:
 class NbdExport:
     """One read-only NBD export on a unix socket; a connection per thread."""
 
-    def __init__(self, socket: str, export: str) -> None:
+    def __init__(self, socket: str, export: str, on_connect: Callable[[int], None] | None = None) -> None:
+        """``on_connect`` gets the socket of every connection made (to keep it open elsewhere)."""
         self.socket = socket
         self.export = export
+        self._on_connect = on_connect
         self._local = threading.local()
         self._handles: list[Any] = []
         self._lock = threading.Lock()
@@ -64,6 +66,8 @@ class NbdExport:
             handle.connect_unix(self.socket)
         except module.Error as err:
             raise HypervisorError(f"cannot read NBD export {self.export} at {self.socket}: {err}") from err
+        if self._on_connect is not None:
+            self._on_connect(handle.aio_get_fd())
         with self._lock:
             self._handles.append(handle)
         return handle
@@ -114,12 +118,12 @@ class NbdExport:
         return found
 
     def close(self) -> None:
+        """Let go of every connection. Call it after the export is deleted: the server has
+        closed them then, and no disconnect request is sent (see engine/backup.py on why
+        QEMU must be the one to close). libnbd closes the sockets when the handles go."""
         with self._lock:
-            handles, self._handles = self._handles, []
-        for handle in handles:
-            # The export may be gone already; libnbd frees the handle when it is collected.
-            with contextlib.suppress(Exception):
-                handle.shutdown()
+            self._handles = []
+        self._local = threading.local()
 
 
 

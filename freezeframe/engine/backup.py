@@ -291,13 +291,18 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
         timings["point"] = round(time.monotonic() - clock, 3)
         backup.point = point
         success = False
+        # Connections to the exports stay open until teardown has deleted the exports: then
+        # QEMU closes them itself, in its main loop. A client that lets go first is handled
+        # in the disk's iothread, and QEMU 7.2 (Debian 12) aborts on that (the VM dies):
+        # "nbd_blockdev_client_closed: Assertion `qemu_in_main_thread() && nbd_server' failed".
+        sources: list[NbdExport] = []
         async with Monitor(instance.qmp_socket) as monitor:
             try:
                 async with exported(monitor, layout):
                     say("read")
                     clock = time.monotonic()
                     counters = await asyncio.to_thread(_read_all, plan, backup, layout, parent_indexes,
-                                                     transfer)
+                                                     transfer, sources, watcher.hold)
                     timings["read_store"] = round(time.monotonic() - clock, 3)
                 timings.update({f"{k}_thread_s": round(sum(c.seconds[k] for c in counters), 3) for k in STEPS})
                 say("publish")
@@ -306,7 +311,11 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
             finally:
                 clock = time.monotonic()
                 say("teardown")
-                problems = await teardown(monitor, layout, success=success)
+                try:
+                    problems = await teardown(monitor, layout, success=success)
+                finally:
+                    for source in sources:
+                        source.close()
                 torn_down = not problems
                 timings["teardown"] = round(time.monotonic() - clock, 3)
                 if problems:
@@ -330,44 +339,42 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
 
 
 def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: list[str | None],
-              transfer: TransferProgress | None) -> list[Counters]:
-    """In a thread: block status of every disk first (so the total is known), then the reads."""
+              transfer: TransferProgress | None, sources: list[NbdExport],
+              hold: Callable[[int], None]) -> list[Counters]:
+    """In a thread: block status of every disk first (so the total is known), then the reads.
+    The exports opened are added to ``sources``, for the caller to close after teardown;
+    ``hold`` gets every connection's socket (the sentinel keeps it open if we die)."""
     repo = plan.repository
     fault_after = _fault_after()
-    sources: list[NbdExport] = []
-    try:
-        plans: list[list[Need]] = []
-        parents: list[DiskIndex | None] = []
-        for disk, parent_name in zip(layout.disks, parent_indexes, strict=True):
-            source = NbdExport(layout.nbd_socket, disk.export)
-            sources.append(source)
-            allocation = source.extents(ALLOCATION)
-            dirty = source.extents(f"qemu:dirty-bitmap:{disk.frozen}") if disk.frozen else None
-            plans.append(plan_chunks(source.size, repo.chunk_size, allocation, dirty))
-            parents.append(repo.index(parent_name) if dirty is not None and parent_name else None)
-        total = sum(min(repo.chunk_size, s.size - i * repo.chunk_size)
-                    for s, p in zip(sources, plans, strict=True) for i, n in enumerate(p) if n is Need.READ)
-        done_before = 0
-        results: list[Counters] = []
-        for position, (disk, record, source) in enumerate(zip(layout.disks, backup.disks, sources, strict=True)):
+    plans: list[list[Need]] = []
+    parents: list[DiskIndex | None] = []
+    for disk, parent_name in zip(layout.disks, parent_indexes, strict=True):
+        source = NbdExport(layout.nbd_socket, disk.export, on_connect=hold)
+        sources.append(source)
+        allocation = source.extents(ALLOCATION)
+        dirty = source.extents(f"qemu:dirty-bitmap:{disk.frozen}") if disk.frozen else None
+        plans.append(plan_chunks(source.size, repo.chunk_size, allocation, dirty))
+        parents.append(repo.index(parent_name) if dirty is not None and parent_name else None)
+    total = sum(min(repo.chunk_size, s.size - i * repo.chunk_size)
+                for s, p in zip(sources, plans, strict=True) for i, n in enumerate(p) if n is Need.READ)
+    done_before = 0
+    results: list[Counters] = []
+    for position, (disk, record, source) in enumerate(zip(layout.disks, backup.disks, sources, strict=True)):
 
-            def report(read: int, counters: Counters, base: int = done_before) -> None:
-                if fault_after is not None and counters.new >= fault_after:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if transfer is not None:
-                    transfer(Transfer(total, base + read, counters))
+        def report(read: int, counters: Counters, base: int = done_before) -> None:
+            if fault_after is not None and counters.new >= fault_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if transfer is not None:
+                transfer(Transfer(total, base + read, counters))
 
-            index, counters = back_up_disk(repo, source, plans[position], backup_id=backup.id, device=disk.device,
-                                           parent=parents[position], workers=plan.workers, progress=report)
-            record.index = repo.put_index(index, position)
-            record.bytes_read, record.bytes_new, record.bytes_reused = counters.read, counters.new, counters.reused
-            record.bytes_unchanged, record.bytes_stored = counters.unchanged, counters.stored
-            done_before += counters.read
-            results.append(counters)
-        return results
-    finally:
-        for source in sources:
-            source.close()
+        index, counters = back_up_disk(repo, source, plans[position], backup_id=backup.id, device=disk.device,
+                                       parent=parents[position], workers=plan.workers, progress=report)
+        record.index = repo.put_index(index, position)
+        record.bytes_read, record.bytes_new, record.bytes_reused = counters.read, counters.new, counters.reused
+        record.bytes_unchanged, record.bytes_stored = counters.unchanged, counters.stored
+        done_before += counters.read
+        results.append(counters)
+    return results
 
 
 def _fault_after() -> int | None:

@@ -22,8 +22,10 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,20 +58,37 @@ class Watcher:
     ``arm`` hands it its task later and waits until it holds it. One never armed is let go
     with ``cancel``."""
 
-    def __init__(self, process: subprocess.Popen[bytes], what: str) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], what: str, channel: socket.socket | None = None) -> None:
         self._process = process
         self.what = what
         self.armed = False
+        self._channel = channel
+        self._channel_lock = threading.Lock()
 
     @classmethod
-    def start(cls, module: str, *, what: str) -> Watcher:
-        """Start ``python -m module`` in its own session (a signal to our group does not reach it)."""
-        process = subprocess.Popen(
-            [sys.executable, "-m", module],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
-        )
-        return cls(process, what)
+    def start(cls, module: str, *, what: str, holds_fds: bool = False) -> Watcher:
+        """Start ``python -m module`` in its own session (a signal to our group does not reach it).
+        ``holds_fds``: give it a socket over which ``hold`` passes it file descriptors."""
+        ours, theirs = socket.socketpair() if holds_fds else (None, None)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", module, *([str(theirs.fileno())] if theirs else [])],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True, pass_fds=[theirs.fileno()] if theirs else [],
+            )
+        finally:
+            if theirs is not None:
+                theirs.close()
+        return cls(process, what, ours)
+
+    def hold(self, fd: int) -> None:
+        """Have the watcher keep a duplicate of ``fd`` open until it exits, so what ``fd``
+        connects to outlives this process (see sentinel.py on why). Best effort: a watcher
+        that is gone cannot hold anything, and ``confirm`` reports it."""
+        if self._channel is None:
+            raise ValueError(f"{self.what} was started without a channel for file descriptors")
+        with self._channel_lock, contextlib.suppress(OSError):
+            socket.send_fds(self._channel, [b"h"], [fd])
 
     def arm(self, payload: dict[str, Any]) -> None:
         """Hand over the task and wait for 'armed'. Raises when the process does not hold it."""
@@ -126,6 +145,8 @@ class Watcher:
         """Not waited for: it exits by itself once it has read the pipe, and the run
         need not spend tens of milliseconds (a Python start-up, at worst) watching it go.
         ``subprocess`` reaps it later."""
+        if self._channel is not None:
+            self._channel.close()
         self._process.poll()
 
 

@@ -552,7 +552,8 @@ class _Run:
         """Remove a snapshot we must not keep."""
         if self.snap.disks:
             with contextlib.suppress(FreezeframeError):
-                await target.remove(self.snap.disks)
+                # Only this run's own overlays sit above its copies: nothing another record names moves.
+                await target.remove(self.snap.disks, lambda old, new: None)
         self.snap.disks = []
 
 
@@ -577,9 +578,8 @@ async def delete_snapshot(catalog: Catalog, ref: str, *, lock_dir: Path,
             say("remove")
             await target.connect()
             try:
-                for old, new in await target.remove(snap.disks):
-                    # The copy of another snapshot now lives in this file.
-                    catalog.repoint_image(old, new)
+                # The copy of another snapshot may move into this one's file: recorded at once.
+                await target.remove(snap.disks, catalog.repoint_image)
             finally:
                 await target.close()
         snap.state = SnapshotState.DELETED

@@ -7,6 +7,13 @@ disarm it connects to QMP (the dead process's connection is gone, so QEMU accept
 one), removes the export, the job, the fleecing nodes and files and the bitmaps the
 backup started, and marks the backup failed in the catalog. The bitmap of the last good
 backup is left recording, so the next backup still sees every change.
+
+It also holds a duplicate of every NBD connection the backup opens (``Watcher.hold``), so
+that a backup process that dies does not close them: QEMU 7.2 aborts, and the VM with it,
+when a client of an export of a disk in an iothread disconnects first
+("nbd_blockdev_client_closed: Assertion `qemu_in_main_thread() && nbd_server' failed").
+The teardown deletes the exports, QEMU closes the connections itself, and only then does
+the sentinel exit and let go of its duplicates.
 """
 
 from __future__ import annotations
@@ -29,7 +36,23 @@ PATIENCE = 60.0
 
 def start() -> Watcher:
     """Start a sentinel process; hand it its task with ``send`` once the layout is known."""
-    return Watcher.start("freezeframe.engine.sentinel", what="the backup sentinel")
+    return Watcher.start("freezeframe.engine.sentinel", what="the backup sentinel", holds_fds=True)
+
+
+def _hold_fds(channel_fd: int) -> None:
+    """In a thread: keep every file descriptor the backup passes, until this process exits."""
+    import socket
+
+    channel = socket.socket(fileno=channel_fd)
+    held: list[int] = []
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(channel, 1, 16)
+        except OSError:
+            return
+        held += fds
+        if not message:
+            return  # the backup closed its end
 
 
 def send(watcher: Watcher, catalog: Path, layout: Layout) -> None:
@@ -74,6 +97,10 @@ def main() -> int:
     if not line:
         return 0  # cancelled before it was armed: nothing to watch
     data: dict[str, Any] = json.loads(line)
+    if len(sys.argv) > 1:
+        import threading
+
+        threading.Thread(target=_hold_fds, args=(int(sys.argv[1]),), daemon=True).start()
     print("armed", flush=True)
     if wait_for_owner(float("inf")) == "disarm":
         return 0

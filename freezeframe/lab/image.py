@@ -24,7 +24,7 @@ from pathlib import Path
 from freezeframe.errors import LabError
 
 #: Bump when the image layout or /init changes, so cached images are rebuilt.
-IMAGE_FORMAT = 7
+IMAGE_FORMAT = 9
 
 #: Modules the guest needs; their dependencies are added from modules.dep.
 #: crc32c_generic comes first: ext4 (metadata_csum) and xfs ask the crypto API for
@@ -33,6 +33,8 @@ WANTED_MODULES = (
     "crc32c_generic",
     "virtio_pci",
     "virtio_blk",
+    "virtio_scsi",  # disks on a virtio-scsi controller (sd*)
+    "sd_mod",
     "virtio_console",
     "ext4",
     "xfs",
@@ -76,11 +78,13 @@ for p in /sys/class/virtio-ports/*; do
 done
 
 # Data disks carry a serial (ffdata0, ffdata1, ...) and are mounted at /mnt/<serial>.
+# A SCSI disk's serial is in its unit serial number page (VPD 0x80), after a 4-byte header.
 files=""
-for b in /sys/block/vd*; do
+for b in /sys/block/vd* /sys/block/sd*; do
     [ -e "$b" ] || continue
     dev=/dev/${b##*/}
     serial=$(cat $b/serial 2>/dev/null)
+    [ -n "$serial" ] || serial=$(tail -c +5 $b/device/vpd_pg80 2>/dev/null | tr -cd 'A-Za-z0-9_-')
     [ -n "$serial" ] || continue
     mkdir -p /mnt/$serial
     if mount "$dev" /mnt/$serial; then

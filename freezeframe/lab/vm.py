@@ -16,7 +16,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from freezeframe.errors import Conflict, LabError, NotFound
@@ -50,6 +50,9 @@ class LabVM:
     #: server the port on 127.0.0.1 that QEMU forwards to it.
     app: str | None = None
     app_port: int | None = None
+    #: QEMU arguments attaching disks laid out by the caller (``up_attached``) instead of
+    #: the lab's own; ``disks`` then lists their files for information only.
+    attach: list[str] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
@@ -296,6 +299,39 @@ def up(
         raise
 
 
+def up_attached(lab_root: Path, image_cache: Path, name: str, *, attach: list[str], disks: list[str],
+                workload: bool = False, memory_mib: int = 256, boot_timeout: float = 90.0) -> LabVM:
+    """Boot the lab guest on disks attached the caller's way (``attach``: ``-drive``,
+    ``-device``, ``-object`` arguments, as a VM started by hand or by another tool has
+    them). The guest mounts every disk that has a serial, or a file system label, at
+    /mnt/<serial or label>."""
+    vm_dir = (lab_root / name).resolve()
+    if vm_dir.exists():
+        raise Conflict(f"a lab VM named {name!r} exists already", hint=f"stop it with: freezeframe lab down {name}")
+    image = ensure_image(image_cache)
+    lab_root.mkdir(parents=True, exist_ok=True)
+    accel = choose_accel(lab_root, image)
+    vm_dir.mkdir(parents=True)
+    cmdline = (f"console=ttyS0 quiet panic=-1 ff.agent=1 ff.workload={int(workload)} ff.workload_sync=0 "
+               "ff.workload_interval_us=2000")
+    try:
+        pid = _boot(vm_dir, image, [], accel=accel, cmdline=cmdline, memory_mib=memory_mib, timeout=boot_timeout,
+                    extra=attach)
+        if pid is None:
+            raise LabError(f"lab VM {name} did not boot within {boot_timeout:g}s; console:\n{_console_tail(vm_dir)}")
+        vm = LabVM(name=name, directory=str(vm_dir), qmp_socket=str(vm_dir / "qmp.sock"),
+                   qga_socket=str(vm_dir / "qga.sock"), console=str(vm_dir / "console.log"), pid=pid, disks=disks,
+                   fs="ext4", agent=True, workload=workload, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
+                   attach=attach)
+        (vm_dir / "vm.json").write_text(json.dumps(asdict(vm), indent=2))
+        return vm
+    except BaseException:
+        with contextlib.suppress(OSError, ValueError):
+            _stop_pid(int((vm_dir / "qemu.pid").read_text()), str(vm_dir))
+        shutil.rmtree(vm_dir, ignore_errors=True)
+        raise
+
+
 def _app_args(app: str | None, port: int | None) -> list[str]:
     return apps.qemu_args(app, port) if app in apps.DATABASES and port is not None else []
 
@@ -316,9 +352,9 @@ def restart(lab_root: Path, image_cache: Path, name: str, *, boot_timeout: float
     if not vm.cmdline:
         raise LabError(f"lab VM {name} was made by an older freezeframe and cannot be restarted")
     vm_dir = Path(vm.directory)
-    pid = _boot(vm_dir, ensure_image(image_cache), [Path(d) for d in vm.disks], accel=vm.accel,
-                cmdline=vm.cmdline, memory_mib=vm.memory_mib, timeout=boot_timeout,
-                extra=_app_args(vm.app, vm.app_port))
+    pid = _boot(vm_dir, ensure_image(image_cache), [] if vm.attach else [Path(d) for d in vm.disks],
+                accel=vm.accel, cmdline=vm.cmdline, memory_mib=vm.memory_mib, timeout=boot_timeout,
+                extra=_app_args(vm.app, vm.app_port) + vm.attach)
     if pid is None:
         raise LabError(f"lab VM {name} did not boot again within {boot_timeout:g}s; console:\n{_console_tail(vm_dir)}")
     restarted = LabVM(**{**asdict(vm), "pid": pid})

@@ -6,6 +6,7 @@ copy); the engine decides the policy (what a failure means for the level).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +56,8 @@ class Target(Protocol):
         """After the thaw: what the writers inside the instance reported (``{"writers": [...],
         "summary": {...}}``), or None when it has none. Raises AgentError on a bad report."""
 
-    async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
-        """Delete a snapshot's copies. Returns (old, new) image paths for copies of other
-        snapshots that now live in another file (a merge moved them)."""
+    async def remove(self, disks: list[SnapshotDisk], moved: Callable[[str, str], None]) -> None:
+        """Delete a snapshot's copies. ``moved(old, new)`` is called, as soon as it happens,
+        for the copy of another snapshot that now lives in another file (a merge moved it),
+        so that a delete that fails halfway leaves no record naming a file that is gone.
+        Copies already removed are skipped, so a failed or killed delete can run again."""

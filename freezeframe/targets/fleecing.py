@@ -238,10 +238,9 @@ class FleecingTarget(QemuTarget):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(disk.file)
 
-    async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
+    async def remove(self, disks: list[SnapshotDisk], moved: Callable[[str, str], None]) -> None:
         """The engine undoes a point the policy refused: take the view down."""
         await teardown(self.monitor, self.layout, success=False)
-        return []
 
 
 @contextlib.asynccontextmanager
@@ -284,9 +283,13 @@ async def teardown(monitor: Monitor, layout: Layout, *, success: bool) -> list[s
             problems.append(str(err))
 
     exports = {str(e["id"]) for e in await monitor.execute("query-block-exports")}
-    for disk in layout.disks:
-        if disk.export in exports:
-            await attempt("block-export-del", {"id": disk.export, "mode": "hard"})
+    ours = {d.export for d in layout.disks} & exports
+    for export in sorted(ours):
+        await attempt("block-export-del", {"id": export, "mode": "hard"})
+    # An export goes only once its clients are released. Stopping the server before that
+    # crashes QEMU 7.2 (Debian 12) when a client of a disk in an iothread lets go late:
+    # "nbd_blockdev_client_closed: Assertion `qemu_in_main_thread() && nbd_server' failed".
+    await _wait_exports_gone(monitor, ours)
     if not any(not e.startswith("ffl") for e in exports):
         with contextlib.suppress(MonitorCommandError):  # not running: nothing to stop
             await monitor.execute("nbd-server-stop")
@@ -316,6 +319,15 @@ async def teardown(monitor: Monitor, layout: Layout, *, success: bool) -> list[s
         if (node, bitmap) in present:
             await attempt("block-dirty-bitmap-remove", {"node": node, "name": bitmap})
     return problems
+
+
+async def _wait_exports_gone(monitor: Monitor, exports: set[str], timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while exports and loop.time() < deadline:
+        if not exports & {str(e["id"]) for e in await monitor.execute("query-block-exports")}:
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _wait_jobs_gone(monitor: Monitor, jobs: set[str], timeout: float = 30.0) -> None:

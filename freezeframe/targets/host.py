@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,8 @@ class HostTarget:
     async def inner_writers(self) -> dict[str, Any] | None:
         return None  # on a host, every writer runs in freezeframe itself
 
-    async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
+    async def remove(self, disks: list[SnapshotDisk], moved: Callable[[str, str], None]) -> None:
+        # Host copies are volumes, files or subvolumes of their own: removing one moves none.
         for disk in disks:
             if disk.node == "lvm" and disk.image:
                 if os.path.exists(disk.image):
@@ -279,7 +280,6 @@ class HostTarget:
                     os.unlink(disk.image)
             elif disk.path and os.path.exists(disk.path):
                 await _run(["btrfs", "subvolume", "delete", disk.path], f"delete {disk.path}")
-        return []
 
 
 def logical_volume(device: str) -> LogicalVolume | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
 import subprocess
@@ -134,6 +135,9 @@ class QemuTarget:
 
     async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
         probe = FreezeProbe()
+        skipped = await skipped_drives(self.monitor)
+        if skipped:
+            probe.details["skipped_disks"] = skipped
         try:
             agent = await self.connect_agent(agent_timeout, command_timeout)
             # First the freeze state: while frozen, qemu-ga reports most commands disabled,
@@ -300,15 +304,13 @@ class QemuTarget:
 
     # -- deletion ----------------------------------------------------------------------
 
-    async def remove(self, disks: list[SnapshotDisk]) -> list[tuple[str, str]]:
-        moved = []
+    async def remove(self, disks: list[SnapshotDisk], moved: Callable[[str, str], None]) -> None:
         for disk in disks:
             if disk.image is None:
                 continue
             merged = await self.merge_down(disk.image)
             if merged is not None:
-                moved.append((merged, disk.image))
-        return moved
+                moved(merged, disk.image)
 
     async def merge_down(self, image: str) -> str | None:
         """Remove ``image`` from its disk's chain by committing the layer above into it.
@@ -323,9 +325,12 @@ class QemuTarget:
                 continue
             position = chain.index(image)
             if position == 0:
-                raise HypervisorError(f"{image} is the VM's active image, not a snapshot")
+                # A snapshot's image always has the disk's overlay above it. As the active
+                # image it was merged already: by a delete killed before it was recorded,
+                # or by hand (virsh blockcommit). Nothing is left to remove.
+                return None
             above = chain[position - 1]
-            job = f"ff-commit-{nodes[image]['node-name']}"[:31]
+            job = qemu_id("ff-commit", nodes[image]["node-name"])
             args: dict[str, Any] = {"job-id": job, "device": disk.node, "base-node": nodes[image]["node-name"]}
             active = position == 1
             if not active:
@@ -381,10 +386,29 @@ async def discard_agent(task: asyncio.Task[GuestAgent] | None) -> None:
 
 async def block_disks(monitor: Monitor) -> list[BlockDisk]:
     """Every writable disk with a medium; read-only and empty drives are not snapshotted."""
+    found, _ = _drives(await monitor.execute("query-block"))
+    if not found:
+        raise HypervisorError("the VM has no writable disk to snapshot")
+    return found
+
+
+async def skipped_drives(monitor: Monitor) -> list[dict[str, str]]:
+    """The drives left out, and why (for the manifest): nothing the guest writes is on them."""
+    _, skipped = _drives(await monitor.execute("query-block"))
+    return skipped
+
+
+def _drives(entries: list[dict[str, Any]]) -> tuple[list[BlockDisk], list[dict[str, str]]]:
     found = []
-    for entry in await monitor.execute("query-block"):
+    skipped = []
+    for entry in entries:
         inserted = entry.get("inserted")
-        if not inserted or inserted.get("ro"):
+        if not inserted:
+            skipped.append({"device": _device_name(entry, ""), "reason": "no medium (an empty drive)"})
+            continue
+        if inserted.get("ro"):
+            skipped.append({"device": _device_name(entry, inserted.get("node-name", "")),
+                            "reason": f"read-only ({inserted.get('file', '')})"})
             continue
         image = inserted["image"]
         found.append(
@@ -396,9 +420,21 @@ async def block_disks(monitor: Monitor) -> list[BlockDisk]:
                 virtual_size=int(image["virtual-size"]),
             )
         )
-    if not found:
-        raise HypervisorError("the VM has no writable disk to snapshot")
-    return found
+    return found, skipped
+
+
+def qemu_id(prefix: str, name: str) -> str:
+    """A QEMU identifier (job id, node name) for ``prefix`` and ``name``.
+
+    QEMU takes a letter, then letters, digits, '-', '.' and '_', at most 31 characters of
+    it for a node name. Names QEMU made itself (``#block126`` for a ``-drive``) or long
+    ones do not fit; then the id carries a hash of the name, so two names never share one."""
+    candidate = f"{prefix}-{name}"
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]{0,30}", candidate):
+        return candidate
+    digest = hashlib.blake2s(name.encode(), digest_size=4).hexdigest()
+    clean = re.sub(r"[^A-Za-z0-9._-]", "", name)
+    return f"{prefix}-{clean[:31 - len(prefix) - 10]}-{digest}"
 
 
 def short_tag(snapshot_id: str) -> str:
