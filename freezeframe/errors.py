@@ -71,6 +71,11 @@ class AgentProtocolError(AgentError):
     pass
 
 
+class FreezeNotHeld(AgentError):
+    """The guest thawed, but had let go of the freeze before the thaw (Windows VSS holds
+    writes for 10 s at most): a copy taken in between is not file-system consistent."""
+
+
 class AgentCommandError(AgentError):
     def __init__(self, command: str, error_class: str, desc: str) -> None:
         super().__init__(f"guest agent refused {command}: {error_class}: {desc}")

@@ -29,12 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from freezeframe.agent import vss
 from freezeframe.errors import (
     AgentCommandError,
     AgentError,
     AgentProtocolError,
     AgentTimeout,
     AgentUnavailable,
+    FreezeNotHeld,
 )
 
 DEFAULT_TIMEOUT = 10.0
@@ -75,6 +77,23 @@ class GuestFilesystem:
     mountpoint: str
     type: str
     disks: tuple[GuestDisk, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GuestOS:
+    id: str | None = None
+    name: str | None = None
+    pretty_name: str | None = None
+    version: str | None = None
+    kernel_release: str | None = None
+    machine: str | None = None
+
+    @property
+    def windows(self) -> bool:
+        return vss.is_windows(self.id)
+
+    def describe(self) -> str:
+        return self.pretty_name or self.name or self.id or "unknown"
 
 
 class GuestAgent:
@@ -301,8 +320,22 @@ class GuestAgent:
         return _count(result, "guest-fsfreeze-freeze")
 
     async def fsfreeze_thaw(self, *, timeout: float | None = None) -> int:
-        """Thaw every frozen file system; returns how many were thawed (0: none were frozen)."""
-        return _count(await self.execute("guest-fsfreeze-thaw", timeout=timeout), "guest-fsfreeze-thaw")
+        """Thaw every frozen file system; returns how many were thawed (0: none were frozen).
+        Raises FreezeNotHeld when the guest had let go of the freeze already (Windows VSS)."""
+        try:
+            result = await self.execute("guest-fsfreeze-thaw", timeout=timeout)
+        except AgentCommandError as err:
+            if vss.held_too_long(err.desc):
+                raise FreezeNotHeld(f"the guest could not hold the freeze until the thaw: {err.desc}") from err
+            raise
+        return _count(result, "guest-fsfreeze-thaw")
+
+    async def osinfo(self) -> GuestOS:
+        """What the guest says it runs (guest-get-osinfo; every field is optional)."""
+        result = _dict(await self.execute("guest-get-osinfo"), "guest-get-osinfo")
+        return GuestOS(**{field: _opt_str(result, key, "guest-get-osinfo") for field, key in (
+            ("id", "id"), ("name", "name"), ("pretty_name", "pretty-name"), ("version", "version"),
+            ("kernel_release", "kernel-release"), ("machine", "machine"))})
 
     async def get_fsinfo(self) -> list[GuestFilesystem]:
         found = []

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from freezeframe.agent import vss
 from freezeframe.agent.qga import FreezeState, GuestAgent
 from freezeframe.agent.qmp import Monitor
 from freezeframe.errors import AgentCommandError, FreezeframeError, InvalidInput
@@ -101,7 +102,18 @@ async def _check_qemu(instance: Instance, findings: list[Finding], agent_timeout
 async def _check_agent(agent: GuestAgent, findings: list[Finding]) -> tuple[bool, bool]:
     info = await agent.info()
     findings.append(Finding("agent", "ok", f"qemu-ga {info.version}"))
-    state = await agent.fsfreeze_status()
+    if info.allows("guest-get-osinfo"):
+        guest_os = await agent.osinfo()
+        findings.append(Finding("guest os", "ok", guest_os.describe() + (
+            f"; freezes through VSS, which holds writes for at most {vss.HOLD_LIMIT_S:g} s: the freeze budget "
+            f"is {vss.WINDOWS_FREEZE_BUDGET_S:g} s at most" if guest_os.windows else "")))
+    try:
+        state = await agent.fsfreeze_status()
+    except AgentCommandError as err:
+        if not vss.provider_missing(err.desc):
+            raise
+        findings.append(Finding("freeze", "fail", f"{vss.explain(err.desc)}: crash-consistent only"))
+        return False, False
     if state is FreezeState.FROZEN:
         findings.append(Finding("freeze state", "warn", "frozen now (a run died?); the next snapshot thaws it first"))
         findings.append(Finding("commands", "info", "cannot be judged while frozen"))

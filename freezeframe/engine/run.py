@@ -28,10 +28,11 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+from freezeframe.agent import vss
 from freezeframe.catalog.store import Catalog, utc_now
 from freezeframe.engine.guard import Arming, Watcher, start_time
 from freezeframe.engine.plan import SnapshotPlan
@@ -40,6 +41,7 @@ from freezeframe.errors import (
     AgentError,
     Conflict,
     FreezeframeError,
+    FreezeNotHeld,
     HypervisorError,
     InvalidInput,
     SnapshotFailed,
@@ -261,6 +263,8 @@ class _Run:
         #: Started early (see ``execute``), armed just before the first freeze.
         self._spare_guard: Watcher | None = None
         self.budget_cut: str | None = None
+        #: Set when the guest reports it let go of the freeze before our thaw (Windows VSS).
+        self.freeze_not_held: str | None = None
         self.inner_writers: list[dict[str, Any]] = []
         self.inner_problem: str | None = None
         self._window_start = 0
@@ -341,6 +345,11 @@ class _Run:
                 inner_expected = probe.inner_writers
                 if probe.unusable:
                     self.ladder.step_down(Level.CRASH, probe.unusable)
+                elif probe.freeze_limit is not None and self.policy.freeze_budget > probe.freeze_limit[0]:
+                    limit, why = probe.freeze_limit
+                    self.event(f"freeze budget lowered from {self.policy.freeze_budget:g}s to {limit:g}s: {why}")
+                    self.policy = replace(self.policy, freeze_budget=limit)
+                self.manifest["policy"]["freeze_budget_s"] = self.policy.freeze_budget
             # Writers inside the guest (its freeze hooks) only report after the thaw; without
             # them or host writers there is nothing that could make the level application.
             if self.ladder.level is Level.APPLICATION and not self.plan.writers and not inner_expected:
@@ -450,6 +459,9 @@ class _Run:
                 self._disarm_guard(confirmed=released)
         if self.budget_cut is not None:
             self.ladder.step_down(Level.CRASH, self.budget_cut)
+        elif self.freeze_not_held is not None:
+            self.ladder.step_down(Level.CRASH, f"{self.freeze_not_held} (Windows VSS holds writes for at most "
+                                               f"{vss.HOLD_LIMIT_S:g} s): the copy is not file-system consistent")
         elif frozen > 0 and thawed == 0:
             # Someone thawed the file systems while we held the freeze: the snapshot may
             # have caught them mid-write.
@@ -533,6 +545,20 @@ class _Run:
                     if self.freeze_window_ms is None:
                         self.freeze_window_ms = round((self.clock.now() - self._window_start) / 1e6, 3)
                     still_frozen = await target.is_frozen(timeout)
+                except FreezeNotHeld as err:
+                    # The guest thawed (qemu-ga lets go whatever VSS said), but not at our
+                    # thaw: the copy may postdate the hold. Confirm, then step down.
+                    self.freeze_not_held = err.message
+                    self.event(f"thaw attempt {attempt}: {err.message}")
+                    self.manifest["window"].setdefault("thawed_at", utc_now())
+                    if self.freeze_window_ms is None:
+                        self.freeze_window_ms = round((self.clock.now() - self._window_start) / 1e6, 3)
+                    try:
+                        if not await target.is_frozen(timeout):
+                            return total
+                    except (AgentError, HypervisorError) as check:
+                        last = check
+                    continue
                 except (AgentError, HypervisorError) as err:
                     last = err
                     self.event(f"thaw attempt {attempt} failed: {err}")

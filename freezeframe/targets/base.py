@@ -25,6 +25,8 @@ class FreezeProbe:
     details: dict[str, Any] = field(default_factory=dict)
     #: Writers run inside the instance (guest freeze hooks) and will report after the thaw.
     inner_writers: bool = False
+    #: The longest the instance can hold a freeze (Windows VSS), and why; None: no limit known.
+    freeze_limit: tuple[float, str] | None = None
 
 
 class Target(Protocol):

@@ -24,10 +24,11 @@ import os
 import re
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from freezeframe.agent import vss
 from freezeframe.agent.qga import FreezeState, GuestAgent
 from freezeframe.agent.qmp import Monitor
 from freezeframe.errors import (
@@ -78,6 +79,8 @@ class QemuTarget:
         self.agent: GuestAgent | None = None
         self._agent_task = agent
         self._prepared: list[_Overlay] = []
+        #: The guest runs Windows (learnt in preflight): freeze errors are VSS errors.
+        self._windows = False
         self._hooks = False
 
     async def __aenter__(self) -> QemuTarget:
@@ -138,11 +141,18 @@ class QemuTarget:
         skipped = await skipped_drives(self.monitor)
         if skipped:
             probe.details["skipped_disks"] = skipped
+        no_vss: str | None = None
         try:
             agent = await self.connect_agent(agent_timeout, command_timeout)
             # First the freeze state: while frozen, qemu-ga reports most commands disabled,
             # so what it allows can only be judged once it is thawed.
-            if await agent.fsfreeze_status() is FreezeState.FROZEN:
+            try:
+                state = await agent.fsfreeze_status()
+            except AgentCommandError as err:
+                if not vss.provider_missing(err.desc):
+                    raise
+                no_vss, state = err.desc, FreezeState.THAWED  # Windows without its VSS provider
+            if state is FreezeState.FROZEN:
                 thawed = await agent.fsfreeze_thaw()
                 probe.events.append(f"the guest was found frozen before the snapshot (a previous run died?); "
                                     f"thawed {thawed} file systems")
@@ -150,10 +160,20 @@ class QemuTarget:
                     raise HypervisorError("the guest was found frozen and stays frozen after a thaw",
                                           hint="check qemu-ga in the guest")
             info = await agent.info()
+            guest_os = await agent.osinfo() if info.allows("guest-get-osinfo") else None
         except AgentError as err:
             probe.unusable = f"no usable guest agent: {err}"
             return probe
         probe.details["agent"] = {"version": info.version}
+        if guest_os is not None:
+            probe.details["guest_os"] = asdict(guest_os)
+            self._windows = guest_os.windows
+            if guest_os.windows:
+                probe.freeze_limit = (vss.WINDOWS_FREEZE_BUDGET_S, f"Windows VSS holds writes for at most "
+                                      f"{vss.HOLD_LIMIT_S:g} s ({guest_os.describe()})")
+        if no_vss is not None:
+            probe.unusable = vss.explain(no_vss)
+            return probe
         blocked = [c for c in self.FREEZE_COMMANDS if not info.allows(c)]
         if blocked:
             probe.unusable = f"the guest agent does not allow {', '.join(blocked)} (blocked by its configuration)"
@@ -202,7 +222,12 @@ class QemuTarget:
         return await self._agent().fsfreeze_status(timeout=timeout) is FreezeState.FROZEN
 
     async def freeze(self, timeout: float) -> int:
-        return await self._agent().fsfreeze_freeze(timeout=timeout)
+        try:
+            return await self._agent().fsfreeze_freeze(timeout=timeout)
+        except AgentCommandError as err:
+            if self._windows:
+                raise AgentError(vss.explain(err.desc)) from err
+            raise
 
     async def thaw(self, timeout: float) -> int:
         return await self._agent().fsfreeze_thaw(timeout=timeout)
