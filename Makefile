@@ -13,7 +13,7 @@ export FREEZEFRAME_TEST_HOME ?= $(CURDIR)/.test-home
 # compileall: bytecode, as a pip-installed package has it; every run (and its guard)
 # starts faster, even where PYTHONDONTWRITEBYTECODE keeps Python from caching it.
 setup: system $(STAMP)
-	@bash scripts/link-libnbd.sh $(VENV)
+	@bash scripts/link-debian-modules.sh $(VENV)
 	@$(BIN)/python -m compileall -q freezeframe
 
 system:

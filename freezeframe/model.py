@@ -118,7 +118,7 @@ class Template:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Instance:
     name: str
-    kind: str  # "qemu" or "host"
+    kind: str  # "qemu", "libvirt" or "host"
     qmp_socket: str | None
     qga_socket: str | None
     template: str | None
@@ -132,6 +132,9 @@ class Instance:
     mounts: tuple[str, ...] = ()
     #: The longest this instance may stay frozen, when a snapshot does not say.
     freeze_budget: float | None = None
+    #: libvirt domains: the connection URI and the domain's name.
+    libvirt_uri: str | None = None
+    libvirt_domain: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

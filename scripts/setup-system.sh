@@ -12,6 +12,7 @@ packages=(
     postgresql mariadb-server redis-server sqlite3  # real servers the writer tests quiesce
     python3 python3-venv
     python3-libnbd                                # reading backups over NBD (linked into the venv)
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt  # libvirt domains
 )
 # `setup-system.sh bench`: the peers the benchmarks compare with, too.
 if [[ ${1:-} == bench ]]; then
@@ -33,4 +34,19 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# libvirt without libvirt-daemon-system (whose systemd units, sockets and users a machine
+# without systemd cannot use): the account and group its QEMU driver resolves at start,
+# its log folder, and, only where no qemu.conf exists, one that runs QEMU as root
+# without a security driver, as the lab's own QEMU runs.
+if ! getent group libvirt-qemu >/dev/null; then groupadd --system libvirt-qemu; fi
+if ! getent passwd libvirt-qemu >/dev/null; then
+    useradd --system --gid libvirt-qemu --home-dir /var/lib/libvirt --no-create-home \
+        --shell /usr/sbin/nologin libvirt-qemu
+fi
+mkdir -p /var/log/libvirt /var/lib/libvirt
+if [[ ! -e /etc/libvirt/qemu.conf ]]; then
+    printf 'user = "root"\ngroup = "root"\ndynamic_ownership = 0\nsecurity_driver = "none"\n' \
+        > /etc/libvirt/qemu.conf
 fi

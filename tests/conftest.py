@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import uuid
@@ -17,9 +20,12 @@ import pytest
 from servers import S3_KEY, S3_SECRET, S3Server, s3_server
 
 from freezeframe.agent.qga import GuestAgent
+from freezeframe.agent.qmp import Monitor
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
+from freezeframe.lab import libvirt as lab_libvirt
 from freezeframe.lab import vm as lab_vm
+from freezeframe.targets.libvirt import LibvirtTarget
 
 
 @pytest.fixture(scope="session")
@@ -140,14 +146,113 @@ def shared_vm(home: Home) -> Iterator[lab_vm.LabVM]:
         lab_vm.down(home.lab, name)
 
 
-def agent_call(socket: str, fn: Callable[[Any], Any], timeout: float = 10.0) -> Any:
-    """Run ``await fn(agent)`` on a fresh guest-agent connection."""
+@pytest.fixture(scope="session")
+def libvirtd() -> Iterator[str]:
+    """A libvirtd to define lab domains on: the one running, or one started here (virtlogd
+    and libvirtd), stopped by pid at the end of the session. Yields its URI."""
+    started = lab_libvirt.ensure_daemons(lab_libvirt.DEFAULT_URI)
+    try:
+        yield lab_libvirt.DEFAULT_URI
+    finally:
+        for pid in reversed(started):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def shared_libvirt_vm(home: Home, libvirtd: str) -> Iterator[lab_vm.LabVM]:
+    """The shared VM's twin as a transient libvirt domain, registered with --libvirt."""
+    name = unique("shared-lv")
+    vm = lab_vm.up(home.lab, home.images, name, disks=2, workload=True, libvirt_uri=libvirtd)
+    try:
+        with Catalog.open(home.catalog) as cat:
+            cat.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, lab=True,
+                             libvirt_uri=libvirtd, libvirt_domain=name)
+        yield vm
+    finally:
+        lab_vm.down(home.lab, name)
+
+
+@pytest.fixture(params=["qemu", "libvirt"])
+def any_vm(request: pytest.FixtureRequest) -> lab_vm.LabVM:
+    """The same test on a VM under plain QEMU and on a libvirt domain."""
+    return request.getfixturevalue("shared_vm" if request.param == "qemu" else "shared_libvirt_vm")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=["qemu", "libvirt"])
+def any_lab(request: pytest.FixtureRequest, home: Home, catalog: Catalog) -> Iterator[LabFactory]:
+    """Like ``lab``, under plain QEMU and as a libvirt domain."""
+    uri = request.getfixturevalue("libvirtd") if request.param == "libvirt" else None
+    started: list[str] = []
+
+    def start(**options: Any) -> lab_vm.LabVM:
+        name = unique("vm")
+        started.append(name)
+        vm = lab_vm.up(home.lab, home.images, name, libvirt_uri=uri, **options)
+        if uri is not None:
+            catalog.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, lab=True,
+                                 libvirt_uri=uri, libvirt_domain=name)
+        else:
+            catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
+                                 qga_socket=vm.qga_socket if vm.agent else None, lab=True)
+        return vm
+
+    yield start
+    for name in started:
+        try:
+            lab_vm.down(home.lab, name)
+        except Exception as err:  # keep stopping the others
+            print(f"could not stop lab VM {name}: {err}", file=sys.stderr)
+
+
+def agent_call(where: str | lab_vm.LabVM, fn: Callable[[Any], Any], timeout: float = 10.0) -> Any:
+    """Run ``await fn(agent)`` on a fresh guest-agent connection: a socket, or a lab VM's
+    agent (through libvirt for a libvirt domain)."""
 
     async def go() -> Any:
+        if isinstance(where, lab_vm.LabVM) and where.libvirt_uri is not None:
+            async with LibvirtTarget(uri=where.libvirt_uri, domain=where.name) as target:
+                return await fn(await target.connect_agent(timeout, timeout))
+        socket = where.qga_socket if isinstance(where, lab_vm.LabVM) else where
         async with GuestAgent(socket, timeout=timeout) as agent:
             return await fn(agent)
 
     return asyncio.run(go())
+
+
+def vm_status(vm: lab_vm.LabVM) -> str:
+    """What the hypervisor says the VM is doing (running, paused, ...)."""
+    async def qmp() -> str:
+        async with Monitor(vm.qmp_socket) as monitor:
+            return str((await monitor.execute("query-status"))["status"])
+
+    if vm.libvirt_uri is None:
+        return asyncio.run(qmp())
+    import libvirt
+
+    conn = libvirt.open(vm.libvirt_uri)
+    try:
+        state = conn.lookupByName(vm.name).state()[0]
+    finally:
+        conn.close()
+    return "running" if state == libvirt.VIR_DOMAIN_RUNNING else f"libvirt state {state}"
+
+
+def active_images(vm: lab_vm.LabVM) -> list[str]:
+    """The active image of each writable disk, as QEMU has it (for a libvirt domain, asked
+    through libvirt's monitor pass-through: what libvirt says is checked against it)."""
+    query = '{"execute": "query-block"}'
+    if vm.libvirt_uri is None:
+        async def qmp() -> list[dict[str, Any]]:
+            async with Monitor(vm.qmp_socket) as monitor:
+                return list(await monitor.execute("query-block"))
+
+        blocks = asyncio.run(qmp())
+    else:
+        done = subprocess.run(["virsh", "-c", vm.libvirt_uri, "qemu-monitor-command", vm.name, query],
+                              capture_output=True, text=True, check=True)
+        blocks = json.loads(done.stdout)["return"]
+    return [b["inserted"]["file"] for b in blocks if b.get("inserted") and not b["inserted"].get("ro")]
 
 
 async def guest_sh(agent: GuestAgent, script: str, timeout: float = 120) -> tuple[int, str]:

@@ -4,7 +4,6 @@ the kills come from the engine's own fault points (FREEZEFRAME_FAULT)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import sqlite3
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LabFactory, agent_call, run_cli, unique
+from conftest import LabFactory, active_images, agent_call, run_cli, unique
 from hostfs import data_fs
 from oracles import backing_chain
 from test_host_apps import add_host, add_writer
@@ -24,7 +23,6 @@ from test_snapshot_vm import assert_guest_writable, created
 from test_writer_failures import assert_writable, sqlite_db
 
 from freezeframe.agent.qga import FreezeState
-from freezeframe.agent.qmp import Monitor
 from freezeframe.config import Home
 from freezeframe.lab.vm import LabVM
 
@@ -37,12 +35,7 @@ def killed_run(home: Home, instance: str, point: str, *args: str) -> subprocess.
 
 
 def assert_no_orphan_images(vm: LabVM) -> None:
-    async def chains() -> set[str]:
-        async with Monitor(vm.qmp_socket) as monitor:
-            tops = [b["inserted"]["file"] for b in await monitor.execute("query-block")]
-        return {image for top in tops for image in backing_chain(top)}
-
-    in_use = asyncio.run(chains())
+    in_use = {image for top in active_images(vm) for image in backing_chain(top)}
     on_disk = {str(p) for p in Path(vm.directory).glob("*.qcow2")}
     assert on_disk == in_use, f"files no chain uses: {sorted(on_disk - in_use)}"
 
@@ -64,13 +57,13 @@ def wait_for_record(home: Home, instance: str, within: float) -> dict[str, Any]:
 
 @pytest.mark.vm
 @pytest.mark.parametrize("point", ["after-freeze", "before-snapshot", "during-snapshot", "after-snapshot"])
-def test_a_killed_snapshot_process_never_leaves_the_guest_frozen(home: Home, shared_vm: LabVM, point: str) -> None:
+def test_a_killed_snapshot_process_never_leaves_the_guest_frozen(home: Home, any_vm: LabVM, point: str) -> None:
     start = time.monotonic()
-    killed_run(home, shared_vm.name, point, "--consistency", "filesystem")
+    killed_run(home, any_vm.name, point, "--consistency", "filesystem")
 
     def thawed_within(seconds: float) -> float:
         while time.monotonic() - start < seconds:
-            state = agent_call(shared_vm.qga_socket, lambda a: a.fsfreeze_status(), timeout=5)
+            state = agent_call(any_vm, lambda a: a.fsfreeze_status(), timeout=5)
             if state is FreezeState.THAWED:
                 return time.monotonic() - start
             time.sleep(0.2)
@@ -78,23 +71,23 @@ def test_a_killed_snapshot_process_never_leaves_the_guest_frozen(home: Home, sha
 
     # The guard acts on the death at once: well within the budget (10 s) + 5 s.
     took = thawed_within(10 + 5)
-    assert_guest_writable(shared_vm, 2)
-    record = wait_for_record(home, shared_vm.name, 10)
+    assert_guest_writable(any_vm, 2)
+    record = wait_for_record(home, any_vm.name, 10)
     assert record["state"] == "failed"
     assert "the snapshot process died" in record["error"], record["error"]
     assert "the guard thawed" in record["error"]
     print(f"{point}: guest thawed {took:.1f}s after the run started", file=sys.stderr)
     # Nothing the dead run made is lost track of: every image file is in the VM's chains...
-    assert_no_orphan_images(shared_vm)
+    assert_no_orphan_images(any_vm)
     if point == "after-snapshot":
         # ...and a snapshot it had taken is in the record, so deleting merges it back.
         assert len(record["disks"]) == 2, record
     if record["disks"]:
         deleted = run_cli(home, "snapshot", "delete", record["id"])
         assert deleted.returncode == 0, deleted.stderr
-        assert_no_orphan_images(shared_vm)
+        assert_no_orphan_images(any_vm)
 
-    snap = created(home, shared_vm.name, "--consistency", "filesystem")  # the next one just works
+    snap = created(home, any_vm.name, "--consistency", "filesystem")  # the next one just works
     assert snap["consistency"] == "filesystem"
 
 

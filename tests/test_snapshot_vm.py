@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LabFactory, agent_call, run_cli, unique
+from conftest import LabFactory, active_images, agent_call, run_cli, unique, vm_status
 from oracles import (
     assert_in_step,
     backing_chain,
@@ -58,21 +58,18 @@ def assert_guest_writable(vm: LabVM, disks: int) -> None:
             assert await agent.file_write(handle, b"still writable\n", timeout=5) == 15
             await agent.file_close(handle)
 
-    agent_call(vm.qga_socket, probe)
+    agent_call(vm, probe)
 
 
-def vm_status(vm: LabVM) -> str:
-    async def status() -> str:
-        async with Monitor(vm.qmp_socket) as monitor:
-            return str((await monitor.execute("query-status"))["status"])
-
-    return asyncio.run(status())
+def disk_names(vm: LabVM) -> list[str]:
+    """How freezeframe names the shared VMs' disks: by QEMU's device id, or libvirt's target."""
+    return ["vda", "vdb"] if vm.libvirt_uri else ["ffdata0", "ffdata1"]
 
 
 def test_filesystem_snapshot_has_clean_journals_and_guest_stays_writable(
-    home: Home, shared_vm: LabVM, tmp_path: Path
+    home: Home, any_vm: LabVM, tmp_path: Path
 ) -> None:
-    snap = created(home, shared_vm.name, "--consistency", "filesystem")
+    snap = created(home, any_vm.name, "--consistency", "filesystem")
 
     assert snap["consistency"] == "filesystem"
     assert snap["requested_consistency"] == "filesystem"
@@ -80,7 +77,7 @@ def test_filesystem_snapshot_has_clean_journals_and_guest_stays_writable(
     assert snap["application_consistent"] is False
     assert 0 < snap["freeze_window_ms"] < 10_000
     assert {"preflight", "prepare", "freeze", "snapshot", "thaw"} <= set(snap["timings_ms"])
-    assert [d["device"] for d in snap["disks"]] == ["ffdata0", "ffdata1"]
+    assert [d["device"] for d in snap["disks"]] == disk_names(any_vm)
     for index, disk in enumerate(snap["disks"]):
         raw = export_raw(disk["image"], tmp_path / f"d{index}.raw")
         assert not ext4_needs_recovery(raw), f"{disk['device']}: journal not clean in a frozen snapshot"
@@ -94,14 +91,14 @@ def test_filesystem_snapshot_has_clean_journals_and_guest_stays_writable(
     assert sorted(fs["mountpoint"] for fs in manifest["filesystems"]) == ["/mnt/ffdata0", "/mnt/ffdata1"]
     assert manifest["agent"]["version"]
 
-    assert vm_status(shared_vm) == "running"
-    assert_guest_writable(shared_vm, 2)
+    assert vm_status(any_vm) == "running"
+    assert_guest_writable(any_vm, 2)
 
 
 def test_crash_snapshot_under_writes_needs_journal_recovery(
-    home: Home, shared_vm: LabVM, tmp_path: Path
+    home: Home, any_vm: LabVM, tmp_path: Path
 ) -> None:
-    snap = created(home, shared_vm.name, "--consistency", "crash")
+    snap = created(home, any_vm.name, "--consistency", "crash")
 
     assert snap["consistency"] == "crash"
     assert snap["freeze_window_ms"] is None
@@ -110,7 +107,7 @@ def test_crash_snapshot_under_writes_needs_journal_recovery(
         raw = export_raw(disk["image"], tmp_path / f"d{index}.raw")
         # The oracle really tells the levels apart: unfrozen, a mounted ext4 needs recovery.
         assert ext4_needs_recovery(raw), f"{disk['device']}: a crash snapshot should need recovery"
-    assert_guest_writable(shared_vm, 2)
+    assert_guest_writable(any_vm, 2)
 
 
 def test_template_default_asks_for_application_and_records_why_it_stepped_down(
@@ -134,54 +131,55 @@ def test_template_default_asks_for_application_and_records_why_it_stepped_down(
         run_cli(home, "instance", "update", shared_vm.name, "--no-template")
 
 
-def test_guest_left_frozen_is_thawed_first(home: Home, shared_vm: LabVM) -> None:
+def test_guest_left_frozen_is_thawed_first(home: Home, any_vm: LabVM) -> None:
     async def freeze(agent: GuestAgent) -> FreezeState:
         await agent.fsfreeze_freeze()
         return await agent.fsfreeze_status()
 
-    assert agent_call(shared_vm.qga_socket, freeze) is FreezeState.FROZEN  # as if a run had died
+    assert agent_call(any_vm, freeze) is FreezeState.FROZEN  # as if a run had died
 
-    snap = created(home, shared_vm.name, "--consistency", "filesystem")
+    snap = created(home, any_vm.name, "--consistency", "filesystem")
 
     assert snap["consistency"] == "filesystem"
     manifest = json.loads(run_cli(home, "snapshot", "manifest", snap["id"]).stdout)
     assert any("found frozen" in e["event"] for e in manifest["events"]), manifest["events"]
-    assert_guest_writable(shared_vm, 2)
+    assert_guest_writable(any_vm, 2)
 
 
 def test_deleting_snapshots_keeps_a_valid_chain_and_the_data(
-    home: Home, shared_vm: LabVM, tmp_path: Path
+    home: Home, any_vm: LabVM, tmp_path: Path
 ) -> None:
-    snaps = [created(home, shared_vm.name, "--consistency", "filesystem") for _ in range(3)]
+    snaps = [created(home, any_vm.name, "--consistency", "filesystem") for _ in range(3)]
     first = sequence(export_raw(snaps[0]["disks"][0]["image"], tmp_path / "first.raw"))
 
     for victim in (snaps[1], snaps[0], snaps[2]):  # the middle, the oldest, the newest
         done = run_cli(home, "snapshot", "delete", victim["id"], "-o", "json")
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["state"] == "deleted"
-        assert vm_status(shared_vm) == "running"
+        assert vm_status(any_vm) == "running"
         # Every remaining snapshot image and the whole active chain are valid qcow2.
-        live = json.loads(run_cli(home, "snapshot", "list", "--instance", shared_vm.name, "-o", "json").stdout)
+        live = json.loads(run_cli(home, "snapshot", "list", "--instance", any_vm.name, "-o", "json").stdout)
         for snap in live:
             for disk in snap["disks"]:
                 assert Path(disk["image"]).exists(), f"{snap['name']} lost its image {disk['image']}"
                 qemu_img_check(disk["image"])
 
-    async def active_files() -> list[str]:
-        async with Monitor(shared_vm.qmp_socket) as monitor:
-            return [b["inserted"]["file"] for b in await monitor.execute("query-block")]
-
-    for active in asyncio.run(active_files()):
+    for active in active_images(any_vm):
         for image in backing_chain(active):
             qemu_img_check(image)
+    if any_vm.libvirt_uri:
+        # libvirt knows the chain QEMU runs on: domblklist names the same active images.
+        listed = subprocess.run(["virsh", "-c", any_vm.libvirt_uri, "domblklist", any_vm.name],
+                                capture_output=True, text=True, check=True).stdout.split()
+        assert [path for path in listed if path.startswith("/")] == active_images(any_vm)
 
     # Nothing written before, between or after the deleted snapshots was lost.
-    final = created(home, shared_vm.name, "--consistency", "filesystem")
+    final = created(home, any_vm.name, "--consistency", "filesystem")
     disk0 = sequence(export_raw(final["disks"][0]["image"], tmp_path / "f0.raw"))
     disk1 = sequence(export_raw(final["disks"][1]["image"], tmp_path / "f1.raw"))
     assert_in_step(disk0, disk1)
     assert len(disk0) > len(first)
-    assert_guest_writable(shared_vm, 2)
+    assert_guest_writable(any_vm, 2)
 
 
 def test_xfs_frozen_log_is_quiesced_and_crash_log_is_not(home: Home, lab: LabFactory, tmp_path: Path) -> None:
@@ -200,12 +198,12 @@ def test_xfs_frozen_log_is_quiesced_and_crash_log_is_not(home: Home, lab: LabFac
 
 
 def test_snapshot_is_atomic_across_disks_and_blocked_freeze_is_named(
-    home: Home, lab: LabFactory, tmp_path: Path
+    home: Home, any_lab: LabFactory, tmp_path: Path
 ) -> None:
     # Every write is synced, so what reached each disk is exactly what the writer did, in
     # order: only the atomicity of the QMP transaction keeps the two disks in step. The
     # agent refuses to freeze, as operators sometimes configure it.
-    vm = lab(disks=2, workload=True, workload_sync=True,
+    vm = any_lab(disks=2, workload=True, workload_sync=True,
              agent_args=("--block-rpcs=guest-fsfreeze-freeze,guest-fsfreeze-freeze-list",))
     time.sleep(2)
 
@@ -223,8 +221,8 @@ def test_snapshot_is_atomic_across_disks_and_blocked_freeze_is_named(
         assert_in_step(sequence(raws[0]), sequence(raws[1]))
 
 
-def test_without_agent_steps_down_fast_or_fails_by_policy(home: Home, lab: LabFactory) -> None:
-    vm = lab(disks=1, agent=False, workload=True)
+def test_without_agent_steps_down_fast_or_fails_by_policy(home: Home, any_lab: LabFactory) -> None:
+    vm = any_lab(disks=1, agent=False, workload=True)
 
     start = time.monotonic()
     snap = created(home, vm.name, "--consistency", "application", "--agent-timeout", "2")

@@ -93,7 +93,8 @@ class GuestOS:
         return vss.is_windows(self.id)
 
     def describe(self) -> str:
-        return self.pretty_name or self.name or self.id or "unknown"
+        kernel = f"kernel {self.kernel_release}" if self.kernel_release else None
+        return self.pretty_name or self.name or kernel or self.id or "unknown"
 
 
 class GuestAgent:

@@ -167,6 +167,11 @@ MIGRATIONS: tuple[str, ...] = (
         last_test_at TEXT
     )
     """,
+    # 9: libvirt domains (kind 'libvirt'): the connection URI and the domain's name.
+    """
+    ALTER TABLE instances ADD COLUMN libvirt_uri TEXT;
+    ALTER TABLE instances ADD COLUMN libvirt_domain TEXT
+    """,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -312,6 +317,8 @@ class Catalog:
         lab: bool = False,
         mounts: tuple[str, ...] = (),
         freeze_budget: float | None = None,
+        libvirt_uri: str | None = None,
+        libvirt_domain: str | None = None,
     ) -> Instance:
         validate_name("instance", name)
         with self._tx() as db:
@@ -321,11 +328,11 @@ class Catalog:
                 self.template(template)
             db.execute(
                 """INSERT INTO instances (name, kind, qmp_socket, qga_socket, template,
-                   application_consistent, lab, created_at, mounts, freeze_budget)
-                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                   application_consistent, lab, created_at, mounts, freeze_budget, libvirt_uri, libvirt_domain)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 (name, kind, qmp_socket, qga_socket, template,
                  None if application_consistent is None else int(application_consistent),
-                 int(lab), utc_now(), json.dumps(list(mounts)), freeze_budget),
+                 int(lab), utc_now(), json.dumps(list(mounts)), freeze_budget, libvirt_uri, libvirt_domain),
             )
         return self.instance(name)
 
@@ -651,4 +658,6 @@ def _instance(row: sqlite3.Row) -> Instance:
         lab=bool(row["lab"]),
         mounts=tuple(json.loads(row["mounts"])),
         freeze_budget=row["freeze_budget"],
+        libvirt_uri=row["libvirt_uri"],
+        libvirt_domain=row["libvirt_domain"],
     )

@@ -50,6 +50,9 @@ def instance_group() -> None:
 @click.argument("name")
 @click.option("--qmp", "qmp", help="Path of the VM's QMP unix socket.")
 @click.option("--qga", "qga", help="Path of the VM's guest-agent unix socket (needed above crash level).")
+@click.option("--libvirt", "domain", metavar="DOMAIN",
+              help="A running libvirt domain: disks, agent and snapshots all go through libvirt.")
+@click.option("--uri", default="qemu:///system", show_default=True, help="With --libvirt: the libvirt connection.")
 @click.option("--host", "host", is_flag=True, help="This Linux host, with the file systems given by --mount.")
 @click.option("--mount", "mounts", multiple=True, help="With --host: a mount point to snapshot (repeatable).")
 @click.option("--template", help="Template whose defaults the instance inherits.")
@@ -57,10 +60,18 @@ def instance_group() -> None:
 @click.option("--freeze-budget", type=click.FloatRange(0.1, 3600), help=_BUDGET_HELP)
 @output_option
 @pass_app
-def instance_add(app: App, name: str, qmp: str | None, qga: str | None, host: bool, mounts: tuple[str, ...],
-                 template: str | None, app_consistent: bool | None, freeze_budget: float | None, fmt: str) -> None:
-    """Register instance NAME: a running QEMU VM (--qmp, --qga) or this host (--host --mount ...)."""
-    if host:
+def instance_add(app: App, name: str, qmp: str | None, qga: str | None, domain: str | None, uri: str, host: bool,
+                 mounts: tuple[str, ...], template: str | None, app_consistent: bool | None,
+                 freeze_budget: float | None, fmt: str) -> None:
+    """Register instance NAME: a running QEMU VM (--qmp, --qga), a libvirt domain (--libvirt
+    DOMAIN [--uri URI]) or this host (--host --mount ...)."""
+    if domain is not None:
+        if qmp or qga or host or mounts:
+            raise click.UsageError("--libvirt instances have no --qmp, --qga, --host or --mount: libvirt owns them")
+        inst = app.catalog.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, template=template,
+                                        application_consistent=app_consistent, freeze_budget=freeze_budget,
+                                        libvirt_uri=uri, libvirt_domain=domain)
+    elif host:
         if qmp or qga:
             raise click.UsageError("--host instances have no --qmp or --qga")
         if not mounts:

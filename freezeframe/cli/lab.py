@@ -59,6 +59,9 @@ def build(app: App) -> None:
               help="What a failing hook does: fail the freeze, or continue and report it.")
 @click.option("--hook-timeout", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
               help="Seconds each hook may take before its process group is killed.")
+@click.option("--libvirt", "libvirt", is_flag=True,
+              help="Run it as a transient libvirt domain (starting virtlogd and libvirtd if none runs).")
+@click.option("--uri", default="qemu:///system", show_default=True, help="With --libvirt: the libvirt connection.")
 @click.option("--template", help="Template the new instance inherits from.")
 @click.option("--from-backup", "from_backup", metavar="BACKUP",
               help="Boot on the disks of this backup (restored as qcow2 first) instead of new empty ones.")
@@ -68,8 +71,8 @@ def build(app: App) -> None:
 @pass_app
 def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool, workload_sync: bool,
        application: str | None, hooks: tuple[str, ...], hook_policy: str, hook_timeout: float,
-       template: str | None, from_backup: str | None, repo_path: str | None, passphrase_file: Path | None,
-       passphrase_env: str | None, fmt: str) -> None:
+       libvirt: bool, uri: str, template: str | None, from_backup: str | None, repo_path: str | None,
+       passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
     """Start lab VM NAME and register it as instance NAME."""
     # Check names before the slow part, so a clash is reported at once.
     try:
@@ -90,11 +93,16 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
         say("booting")
         vm = lab_vm.up(app.home.lab, app.home.images, name, disks=disks, fs=fs, agent=not no_agent,
                        workload=workload, workload_sync=workload_sync, app=application, hooks=hooks,
-                       hook_policy=hook_policy, hook_timeout=hook_timeout, disk_images=images)
+                       hook_policy=hook_policy, hook_timeout=hook_timeout, disk_images=images,
+                       libvirt_uri=uri if libvirt else None)
     try:
-        app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
-                                 qga_socket=vm.qga_socket if vm.agent else None, template=template, lab=True,
-                                 application_consistent=True if vm.app in lab_apps.DATABASES else None)
+        if vm.libvirt_uri is not None:
+            app.catalog.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, template=template,
+                                     lab=True, libvirt_uri=vm.libvirt_uri, libvirt_domain=vm.name)
+        else:
+            app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
+                                     qga_socket=vm.qga_socket if vm.agent else None, template=template, lab=True,
+                                     application_consistent=True if vm.app in lab_apps.DATABASES else None)
         if vm.app in lab_apps.DATABASES and vm.app_port is not None:
             kind, options = lab_apps.writer_for(vm.app, vm.app_port)
             app.catalog.add_writer(name, WriterSpec(name=kind, kind=kind, options=options))

@@ -171,6 +171,8 @@ def instance_json(inst: Instance) -> dict[str, Any]:
         "lab": inst.lab,
         "mounts": list(inst.mounts),
         "freeze_budget": inst.freeze_budget,
+        "libvirt_uri": inst.libvirt_uri,
+        "libvirt_domain": inst.libvirt_domain,
         "created_at": inst.created_at,
     }
 

@@ -109,6 +109,9 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
     """Back up every disk of the instance into the repository; returns the listed backup.
     Raises BackupFailed (the failed record kept, nothing listed) when it cannot."""
     instance = plan.point.instance
+    if instance.kind == "libvirt":
+        raise InvalidInput(f"instance {instance.name!r} is a libvirt domain: freezeframe does not drive libvirt's "
+                           "backup API yet", hint="take snapshots of it with: freezeframe snapshot create")
     if instance.kind != "qemu" or not instance.qmp_socket:
         raise InvalidInput(f"instance {instance.name!r} is not a QEMU VM: backups are of VMs for now",
                            hint="snapshot a host instance with: freezeframe snapshot create")

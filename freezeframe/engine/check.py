@@ -45,6 +45,8 @@ async def check_instance(instance: Instance, writers: Sequence[WriterSpec], *, a
     findings: list[Finding] = []
     if instance.kind == "host":
         can_copy, can_freeze, inner = _check_host(instance, findings), True, False
+    elif instance.kind == "libvirt":
+        can_copy, can_freeze, inner = await _check_libvirt(instance, findings, agent_timeout)
     else:
         can_copy, can_freeze, inner = await _check_qemu(instance, findings, agent_timeout)
     writers_ok = await _check_writers(writers, findings)
@@ -71,6 +73,32 @@ def _check_host(instance: Instance, findings: list[Finding]) -> bool:
             detail = f"{plan.mount.fstype} on {plan.mount.source}: copied by {plan.provider}"
             findings.append(Finding(f"mount {mount}", "ok", detail))
     return ok
+
+
+async def _check_libvirt(instance: Instance, findings: list[Finding],
+                         agent_timeout: float) -> tuple[bool, bool, bool]:
+    from freezeframe.targets.libvirt import LibvirtTarget  # libvirt loads only for its domains
+
+    assert instance.libvirt_uri is not None
+    assert instance.libvirt_domain is not None
+    target = LibvirtTarget(uri=instance.libvirt_uri, domain=instance.libvirt_domain)
+    try:
+        await target.connect()
+        findings.append(Finding("libvirt", "ok", f"domain {instance.libvirt_domain} running at {instance.libvirt_uri}"))
+        disks = await target.disks()
+        findings.append(Finding("disks", "ok", ", ".join(f"{d.device} ({d.filename})" for d in disks)))
+    except FreezeframeError as err:
+        findings.append(Finding("libvirt", "fail", str(err)))
+        await target.close()
+        return False, False, False
+    try:
+        agent = await target.connect_agent(agent_timeout, 10)
+        return True, *await _check_agent(agent, findings)
+    except FreezeframeError as err:
+        findings.append(Finding("agent", "fail", f"{err}: crash-consistent only"))
+        return True, False, False
+    finally:
+        await target.close()
 
 
 async def _check_qemu(instance: Instance, findings: list[Finding], agent_timeout: float) -> tuple[bool, bool, bool]:

@@ -45,10 +45,12 @@ class Arming:
     #: The owner's start time (/proc/PID/stat), so a reused pid is never killed.
     owner_start: int
     deadline_s: float  # seconds from arming
-    kind: str  # "qemu" or "host"
+    kind: str  # "qemu", "libvirt" or "host"
     qga_socket: str | None = None
     qmp_socket: str | None = None
     mounts: tuple[str, ...] = ()
+    libvirt_uri: str | None = None
+    libvirt_domain: str | None = None
 
 
 class Watcher:
@@ -224,11 +226,42 @@ def _thaw_host(mounts: tuple[str, ...]) -> int:
     return thawed
 
 
-async def _adopt(qmp_socket: str, snapshot_id: str) -> tuple[list[Any], list[str]]:
+async def _thaw_libvirt(uri: str, domain: str) -> int:
+    import asyncio
+
+    from freezeframe.agent.qga import FreezeState
+    from freezeframe.targets.libvirt import LibvirtTarget
+
+    last: Exception | None = None
+    end = time.monotonic() + THAW_PATIENCE
+    while time.monotonic() < end:
+        try:
+            async with LibvirtTarget(uri=uri, domain=domain) as target:
+                agent = await target.connect_agent(10, 10)
+                thawed = 0
+                if await agent.fsfreeze_status() is FreezeState.FROZEN:
+                    thawed = await agent.fsfreeze_thaw()
+                if await agent.fsfreeze_status() is FreezeState.THAWED:
+                    return thawed
+        except FreezeframeError as err:
+            last = err
+        await asyncio.sleep(0.5)
+    raise HypervisorError(f"could not thaw the guest: {last}")
+
+
+async def _adopt(arming: Arming) -> tuple[list[Any], list[str]]:
+    if arming.kind == "libvirt":
+        from freezeframe.targets.libvirt import LibvirtTarget
+
+        assert arming.libvirt_uri is not None
+        assert arming.libvirt_domain is not None
+        async with LibvirtTarget(uri=arming.libvirt_uri, domain=arming.libvirt_domain) as domain:
+            return await domain.adopt(arming.snapshot_id)
     from freezeframe.targets.qemu import QemuTarget
 
-    async with QemuTarget(qmp_socket=qmp_socket, qga_socket=None) as target:
-        return await target.adopt(snapshot_id)
+    assert arming.qmp_socket is not None
+    async with QemuTarget(qmp_socket=arming.qmp_socket, qga_socket=None) as target:
+        return await target.adopt(arming.snapshot_id)
 
 
 def _record(arming: Arming, text: str, disks: list[Any] | None = None) -> None:
@@ -273,6 +306,10 @@ def main() -> int:
     try:
         if arming.kind == "host":
             thawed = _thaw_host(arming.mounts)
+        elif arming.kind == "libvirt":
+            assert arming.libvirt_uri is not None
+            assert arming.libvirt_domain is not None
+            thawed = asyncio.run(_thaw_libvirt(arming.libvirt_uri, arming.libvirt_domain))
         else:
             assert arming.qga_socket is not None
             thawed = asyncio.run(_thaw_guest(arming.qga_socket))
@@ -282,10 +319,10 @@ def main() -> int:
     after = time.monotonic() - started
     text = f"{cause}; the guard thawed {thawed} file systems {after:.1f}s after arming"
     disks: list[Any] = []
-    if arming.kind == "qemu" and arming.qmp_socket:
+    if (arming.kind == "qemu" and arming.qmp_socket) or arming.kind == "libvirt":
         # Only now: the thaw comes first, then the bookkeeping.
         try:
-            disks, removed = asyncio.run(_adopt(arming.qmp_socket, arming.snapshot_id))
+            disks, removed = asyncio.run(_adopt(arming))
         except FreezeframeError as err:
             text += f"; what the run left in the VM could not be checked: {err}"
         else:

@@ -71,6 +71,12 @@ def make_target(instance: Instance, *, protect: Sequence[Path] = ()) -> Target:
     frozen (the catalog, the program itself)."""
     if instance.kind == "host":
         return HostTarget(mounts=instance.mounts, protect=[*protect, Path(__file__), Path.cwd()])
+    if instance.kind == "libvirt":
+        from freezeframe.targets.libvirt import LibvirtTarget  # libvirt loads only for its domains
+
+        assert instance.libvirt_uri is not None
+        assert instance.libvirt_domain is not None
+        return LibvirtTarget(uri=instance.libvirt_uri, domain=instance.libvirt_domain)
     if not instance.qmp_socket:
         raise InvalidInput(
             f"instance {instance.name!r} has no QMP socket",
@@ -477,7 +483,7 @@ class _Run:
             snapshot_id=self.snap.id, catalog=str(self.catalog_path), owner_pid=os.getpid(),
             owner_start=start_time(os.getpid()), deadline_s=self.policy.freeze_budget + GUARD_GRACE,
             kind=instance.kind, qga_socket=instance.qga_socket, qmp_socket=instance.qmp_socket,
-            mounts=instance.mounts,
+            mounts=instance.mounts, libvirt_uri=instance.libvirt_uri, libvirt_domain=instance.libvirt_domain,
         )
         watcher, self._spare_guard = self._spare_guard, None
         if watcher is None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from freezeframe.errors import Conflict, LabError, NotFound
 from freezeframe.lab import apps
+from freezeframe.lab import libvirt as lab_libvirt
 from freezeframe.lab.image import SAMPLE_HOOKS, GuestImage, ensure_image
 
 READY_MARKER = b"ff-lab: ready"
@@ -53,6 +54,8 @@ class LabVM:
     #: QEMU arguments attaching disks laid out by the caller (``up_attached``) instead of
     #: the lab's own; ``disks`` then lists their files for information only.
     attach: list[str] = field(default_factory=list)
+    #: A transient libvirt domain (named as the VM) at this URI, instead of a QEMU the lab runs.
+    libvirt_uri: str | None = None
 
     @property
     def running(self) -> bool:
@@ -227,6 +230,7 @@ def up(
     memory_mib: int = 256,
     boot_timeout: float = 90.0,
     disk_images: list[Path] | None = None,
+    libvirt_uri: str | None = None,
 ) -> LabVM:
     """Build (or reuse) the guest image, create the disks and boot the VM; returns once the
     guest has mounted its disks and started its agent. ``disk_images``: qcow2 files to
@@ -280,23 +284,45 @@ def up(
             if hooks else "",
             f"ff.app={app}" if app else "",
         ]).strip()
-        pid = _boot(vm_dir, image, disk_paths, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
-                    timeout=boot_timeout, extra=_app_args(app, app_port))
+        if libvirt_uri is not None:
+            if app in apps.DATABASES:
+                raise LabError("the lab's database applications run under plain QEMU only")
+            pid = _boot_libvirt(libvirt_uri, name, vm_dir, image, disk_paths, accel=accel, cmdline=cmdline,
+                                memory_mib=memory_mib, timeout=boot_timeout)
+        else:
+            pid = _boot(vm_dir, image, disk_paths, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
+                        timeout=boot_timeout, extra=_app_args(app, app_port))
         if pid is None:
             raise LabError(f"lab VM {name} did not boot within {boot_timeout:g}s; console:\n{_console_tail(vm_dir)}")
         vm = LabVM(
             name=name, directory=str(vm_dir), qmp_socket=str(vm_dir / "qmp.sock"),
             qga_socket=str(vm_dir / "qga.sock"), console=str(vm_dir / "console.log"), pid=pid,
             disks=[str(p) for p in disk_paths], fs=fs, agent=agent, workload=workload, accel=accel,
-            cmdline=cmdline, memory_mib=memory_mib, app=app, app_port=app_port,
+            cmdline=cmdline, memory_mib=memory_mib, app=app, app_port=app_port, libvirt_uri=libvirt_uri,
         )
+        if libvirt_uri is not None:  # libvirt owns both channels
+            vm = LabVM(**{**asdict(vm), "qmp_socket": "", "qga_socket": ""})
         (vm_dir / "vm.json").write_text(json.dumps(asdict(vm), indent=2))
         return vm
     except BaseException:
+        if libvirt_uri is not None:
+            lab_libvirt.destroy_domain(libvirt_uri, name)
         with contextlib.suppress(OSError, ValueError):
             _stop_pid(int((vm_dir / "qemu.pid").read_text()), str(vm_dir))
         shutil.rmtree(vm_dir, ignore_errors=True)
         raise
+
+
+def _boot_libvirt(uri: str, name: str, vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str,
+                  cmdline: str, memory_mib: int, timeout: float) -> int | None:
+    lab_libvirt.ensure_daemons(uri)
+    xml = lab_libvirt.domain_xml(name, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline, disks=disks,
+                                 console=vm_dir / "console.log", memory_mib=memory_mib, accel=accel)
+    pid = lab_libvirt.start_domain(uri, xml)
+    if _wait_ready(vm_dir, pid, timeout):
+        return pid
+    lab_libvirt.destroy_domain(uri, name)
+    return None
 
 
 def up_attached(lab_root: Path, image_cache: Path, name: str, *, attach: list[str], disks: list[str],
@@ -336,10 +362,19 @@ def _app_args(app: str | None, port: int | None) -> list[str]:
     return apps.qemu_args(app, port) if app in apps.DATABASES and port is not None else []
 
 
+def _halt(vm: LabVM) -> None:
+    if vm.libvirt_uri is not None:
+        lab_libvirt.destroy_domain(vm.libvirt_uri, vm.name)
+        deadline = time.monotonic() + 10
+        while vm.running and time.monotonic() < deadline:
+            time.sleep(0.05)
+    _stop_pid(vm.pid, vm.directory)
+
+
 def stop(lab_root: Path, name: str) -> None:
     """Shut QEMU down cleanly (SIGTERM: it writes persistent bitmaps back), keeping the VM's files."""
     vm = get(lab_root, name)
-    _stop_pid(vm.pid, vm.directory)
+    _halt(vm)
     if vm.running:
         raise LabError(f"lab VM {name} (pid {vm.pid}) did not stop")
 
@@ -351,6 +386,8 @@ def restart(lab_root: Path, image_cache: Path, name: str, *, boot_timeout: float
         raise Conflict(f"lab VM {name} is running (pid {vm.pid})")
     if not vm.cmdline:
         raise LabError(f"lab VM {name} was made by an older freezeframe and cannot be restarted")
+    if vm.libvirt_uri is not None:
+        raise LabError(f"lab VM {name} was a transient libvirt domain: it cannot be restarted")
     vm_dir = Path(vm.directory)
     pid = _boot(vm_dir, ensure_image(image_cache), [] if vm.attach else [Path(d) for d in vm.disks],
                 accel=vm.accel, cmdline=vm.cmdline, memory_mib=vm.memory_mib, timeout=boot_timeout,
@@ -381,7 +418,7 @@ def list_vms(lab_root: Path) -> list[LabVM]:
 def down(lab_root: Path, name: str) -> None:
     """Stop the VM (only the QEMU process started for it) and remove its files."""
     vm = get(lab_root, name)
-    _stop_pid(vm.pid, vm.directory)
+    _halt(vm)
     if vm.running:
         raise LabError(f"lab VM {name} (pid {vm.pid}) did not stop")
     shutil.rmtree(vm.directory, ignore_errors=True)

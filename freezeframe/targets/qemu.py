@@ -65,71 +65,26 @@ class _Overlay:
     filename: str
 
 
-class QemuTarget:
-    """Snapshot mechanics for one QEMU VM. Open with ``async with``."""
-
-    kind = "qemu"
-
-    def __init__(self, *, qmp_socket: str, qga_socket: str | None, qmp_timeout: float = 30.0,
-                 agent: asyncio.Task[GuestAgent] | None = None) -> None:
-        """``agent``: a connection to the guest agent already under way (``open_agent``),
-        which this target then owns: its handshake overlaps whatever the caller did first."""
-        self.monitor = Monitor(qmp_socket, timeout=qmp_timeout)
-        self.qga_socket = qga_socket
-        self.agent: GuestAgent | None = None
-        self._agent_task = agent
-        self._prepared: list[_Overlay] = []
-        #: The guest runs Windows (learnt in preflight): freeze errors are VSS errors.
-        self._windows = False
-        self._hooks = False
-
-    async def __aenter__(self) -> QemuTarget:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def connect(self) -> None:
-        await self.monitor.connect()
-
-    async def close(self) -> None:
-        """Remove unused overlays, then close both channels."""
-        try:
-            await self.discard()
-        finally:
-            task, self._agent_task = self._agent_task, None
-            await discard_agent(task)  # handed over but never used
-            if self.agent is not None:
-                await self.agent.close()
-            await self.monitor.close()
-
-    # -- discovery ---------------------------------------------------------------------
-
-    async def disks(self) -> list[BlockDisk]:
-        return await block_disks(self.monitor)
-
-    async def _format_nodes(self) -> dict[str, dict[str, Any]]:
-        """Format-layer block nodes by file name (protocol nodes like 'file' are left out)."""
-        nodes = await self.monitor.execute("query-named-block-nodes", {"flat": True})
-        return {n["file"]: n for n in nodes if n["drv"] not in ("file", "host_device", "nbd")}
-
-    # -- guest agent -------------------------------------------------------------------
+class GuestTarget:
+    """What every VM target shares: the guest's file systems through its agent (probe,
+    freeze, thaw, the guest hook runner's report), whatever carries the agent's commands."""
 
     #: Commands the agent must allow for a filesystem-consistent snapshot.
     FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
 
+    def __init__(self) -> None:
+        self.agent: GuestAgent | None = None
+        #: The guest runs Windows (learnt in preflight): freeze errors are VSS errors.
+        self._windows = False
+        self._hooks = False
+
     async def connect_agent(self, timeout: float, command_timeout: float) -> GuestAgent:
-        """Connect to qemu-ga within ``timeout``; raises AgentError when there is no usable agent."""
-        task, self._agent_task = self._agent_task, None
-        if task is not None:
-            self.agent = await task
-            return self.agent
-        if self.qga_socket is None:
-            raise AgentUnavailable("the instance has no guest-agent socket configured",
-                                   hint="set one with: freezeframe instance update NAME --qga SOCKET")
-        self.agent = await open_agent(self.qga_socket, timeout=timeout, command_timeout=command_timeout)
-        return self.agent
+        """Connect to the guest agent within ``timeout``; raises AgentError when there is none usable."""
+        raise NotImplementedError
+
+    async def skipped_disks(self) -> list[dict[str, str]]:
+        """The VM's drives no snapshot includes, and why (for the manifest)."""
+        raise NotImplementedError
 
     def _agent(self) -> GuestAgent:
         if self.agent is None:
@@ -138,7 +93,7 @@ class QemuTarget:
 
     async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
         probe = FreezeProbe()
-        skipped = await skipped_drives(self.monitor)
+        skipped = await self.skipped_disks()
         if skipped:
             probe.details["skipped_disks"] = skipped
         no_vss: str | None = None
@@ -232,6 +187,67 @@ class QemuTarget:
     async def thaw(self, timeout: float) -> int:
         return await self._agent().fsfreeze_thaw(timeout=timeout)
 
+
+class QemuTarget(GuestTarget):
+    """Snapshot mechanics for one QEMU VM. Open with ``async with``."""
+
+    kind = "qemu"
+
+    def __init__(self, *, qmp_socket: str, qga_socket: str | None, qmp_timeout: float = 30.0,
+                 agent: asyncio.Task[GuestAgent] | None = None) -> None:
+        """``agent``: a connection to the guest agent already under way (``open_agent``),
+        which this target then owns: its handshake overlaps whatever the caller did first."""
+        super().__init__()
+        self.monitor = Monitor(qmp_socket, timeout=qmp_timeout)
+        self.qga_socket = qga_socket
+        self._agent_task = agent
+        self._prepared: list[_Overlay] = []
+
+    async def __aenter__(self) -> QemuTarget:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        await self.monitor.connect()
+
+    async def close(self) -> None:
+        """Remove unused overlays, then close both channels."""
+        try:
+            await self.discard()
+        finally:
+            task, self._agent_task = self._agent_task, None
+            await discard_agent(task)  # handed over but never used
+            if self.agent is not None:
+                await self.agent.close()
+            await self.monitor.close()
+
+    # -- discovery ---------------------------------------------------------------------
+
+    async def disks(self) -> list[BlockDisk]:
+        return await block_disks(self.monitor)
+
+    async def skipped_disks(self) -> list[dict[str, str]]:
+        return await skipped_drives(self.monitor)
+
+    async def _format_nodes(self) -> dict[str, dict[str, Any]]:
+        """Format-layer block nodes by file name (protocol nodes like 'file' are left out)."""
+        nodes = await self.monitor.execute("query-named-block-nodes", {"flat": True})
+        return {n["file"]: n for n in nodes if n["drv"] not in ("file", "host_device", "nbd")}
+
+    async def connect_agent(self, timeout: float, command_timeout: float) -> GuestAgent:
+        task, self._agent_task = self._agent_task, None
+        if task is not None:
+            self.agent = await task
+            return self.agent
+        if self.qga_socket is None:
+            raise AgentUnavailable("the instance has no guest-agent socket configured",
+                                   hint="set one with: freezeframe instance update NAME --qga SOCKET")
+        self.agent = await open_agent(self.qga_socket, timeout=timeout, command_timeout=command_timeout)
+        return self.agent
+
     # -- snapshot ----------------------------------------------------------------------
 
     async def prepare(self, snapshot_id: str) -> None:
@@ -240,7 +256,7 @@ class QemuTarget:
         tag = short_tag(snapshot_id)
         try:
             for index, disk in enumerate(disks):
-                overlay = _overlay_path(disk.filename, tag)
+                overlay = overlay_path(disk.filename, tag)
                 await _create_overlay(overlay, disk)
                 node = f"ff{tag}-{index}"
                 self._prepared.append(_Overlay(disk, node, overlay))
@@ -276,7 +292,7 @@ class QemuTarget:
                 node=overlay.disk.node,
                 image=overlay.disk.filename,
                 virtual_size=overlay.disk.virtual_size,
-                allocated_size=_allocated(overlay.disk.filename),
+                allocated_size=allocated_bytes(overlay.disk.filename),
             )
             for overlay in done
         ]
@@ -309,7 +325,7 @@ class QemuTarget:
             if below:
                 taken.append(SnapshotDisk(device=disk.device, node=by_file.get(below, {}).get("node-name", ""),
                                           image=below, virtual_size=disk.virtual_size,
-                                          allocated_size=_allocated(below)))
+                                          allocated_size=allocated_bytes(below)))
         # The format node of an overlay attached with backing: null is named by a json:
         # pseudo-filename; the real file is on its protocol child (drv "file").
         in_use = {d.filename for d in await self.disks()} | {d.image for d in taken if d.image}
@@ -485,7 +501,7 @@ def disk_chain(disk: BlockDisk, nodes: dict[str, dict[str, Any]]) -> list[str]:
         chain.append(backing)
 
 
-def _overlay_path(filename: str, tag: str) -> str:
+def overlay_path(filename: str, tag: str) -> str:
     """``disk0.qcow2`` -> ``disk0.ff-<tag>.qcow2``, beside it; our own earlier suffix is
     dropped so names do not grow with every snapshot, and the stem is capped for names
     other tools made long."""
@@ -494,7 +510,7 @@ def _overlay_path(filename: str, tag: str) -> str:
     return str(path.with_name(f"{stem}.ff-{tag}.qcow2"))
 
 
-def _allocated(filename: str) -> int:
+def allocated_bytes(filename: str) -> int:
     try:
         return os.stat(filename).st_blocks * 512
     except OSError:
