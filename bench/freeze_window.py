@@ -12,15 +12,30 @@ and prints, for each, the freeze window (first freeze call to end of thaw, host 
 and the longest single write the guest's writer saw stall (guest clock), as min,
 median, p95 and max. Alternating the two keeps machine noise from favouring either.
 
-    python bench/freeze_window.py [--count 20] [--keep-home]
+Then the same guest as a libvirt domain, alternately with
+
+  * freezeframe through libvirt: overlays made before the freeze, virDomainFSFreeze,
+    one atomic disk-only snapshot onto them, virDomainFSThaw;
+  * ``virsh snapshot-create-as --disk-only --atomic --quiesce --no-metadata``: libvirt
+    freezes, creates the overlay files, switches and thaws in one call.
+
+virsh does not say when it froze and thawed, so for it the host column is the whole
+command's time (an upper bound of its window); the guest's longest write stall is
+measured the same way for both.
+
+    python bench/freeze_window.py [--count 20] [--keep-home] [--no-libvirt]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,14 +48,20 @@ from freezeframe.catalog import Catalog
 from freezeframe.config import Home
 from freezeframe.engine.plan import plan_snapshot
 from freezeframe.engine.run import take_snapshot
+from freezeframe.lab import libvirt as lab_libvirt
 from freezeframe.lab import vm as lab_vm
-from freezeframe.model import Level
+from freezeframe.model import Instance, Level
+from freezeframe.targets.libvirt import LibvirtTarget
 
 STALL_LOG = "/run/ff-workload.stalls"
 
 
-async def stall_lines(qga: str) -> list[str]:
-    async with GuestAgent(qga) as agent:
+async def stall_lines(vm: lab_vm.LabVM) -> list[str]:
+    if vm.libvirt_uri is not None:
+        async with LibvirtTarget(uri=vm.libvirt_uri, domain=vm.name) as target:
+            agent = await target.connect_agent(10, 10)
+            return (await agent.read_file(STALL_LOG, max_bytes=4 << 20)).decode().splitlines()
+    async with GuestAgent(vm.qga_socket) as agent:
         return (await agent.read_file(STALL_LOG, max_bytes=4 << 20)).decode().splitlines()
 
 
@@ -70,6 +91,45 @@ async def plain_sequence(vm: lab_vm.LabVM, index: int) -> float:
         return (time.perf_counter() - start) * 1000
 
 
+def virsh_snapshot(vm: lab_vm.LabVM, index: int) -> float:
+    """``virsh snapshot-create-as --disk-only --atomic --quiesce --no-metadata``; its time in ms."""
+    assert vm.libvirt_uri is not None
+    specs = [arg for n, dev in enumerate(("vda", "vdb"))
+             for arg in ("--diskspec", f"{dev},file={Path(vm.directory) / f'virsh{index}-{n}.qcow2'}")]
+    start = time.perf_counter()
+    subprocess.run(["virsh", "-q", "-c", vm.libvirt_uri, "snapshot-create-as", vm.name, f"virsh{index}",
+                    "--disk-only", "--atomic", "--quiesce", "--no-metadata", *specs],
+                   check=True, capture_output=True, text=True)
+    return (time.perf_counter() - start) * 1000
+
+
+def measure(home: Home, vm: lab_vm.LabVM, instance: Instance, catalog: Catalog, methods: tuple[str, str],
+            count: int) -> dict[str, dict[str, list[float]]]:
+    """``count`` snapshots per method, interleaved: window (host) and longest stall (guest)."""
+    results: dict[str, dict[str, list[float]]] = {m: {"window": [], "stall": []} for m in methods}
+    time.sleep(2)  # let the writer get going
+    for i in range(count):
+        for method in methods:
+            before = asyncio.run(stall_lines(vm))
+            if method.startswith("freezeframe"):
+                plan = plan_snapshot(instance, now=datetime.now(UTC), level=Level.FILESYSTEM,
+                                     name=f"bench-{instance.name}-{i}")
+                snap = asyncio.run(take_snapshot(plan, catalog, lock_dir=home.locks))
+                assert snap.achieved_level is Level.FILESYSTEM, snap.fallback_reasons
+                assert snap.freeze_window_ms is not None
+                window = snap.freeze_window_ms
+            elif method == "virsh":
+                window = virsh_snapshot(vm, i)
+            else:
+                window = asyncio.run(plain_sequence(vm, i))
+            time.sleep(0.3)  # the writer logs a stall once the write returns
+            after = asyncio.run(stall_lines(vm))
+            results[method]["window"].append(window)
+            results[method]["stall"].append(longest_stall_ms(before, after))
+        print(f"  {instance.name}: {i + 1}/{count}", file=sys.stderr, end="\r")
+    return results
+
+
 def summary(values: list[float]) -> str:
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -80,47 +140,51 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=20, help="snapshots per method (default 20)")
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary state directory")
+    parser.add_argument("--no-libvirt", action="store_true", help="skip the libvirt domain")
     args = parser.parse_args()
 
     home = Home.open(Path(tempfile.mkdtemp(prefix="ff-bench-")))
-    vm = lab_vm.up(home.lab, home.images, "bench", disks=2, workload=True)
-    results: dict[str, dict[str, list[float]]] = {
-        "freezeframe": {"window": [], "stall": []},
-        "plain": {"window": [], "stall": []},
-    }
+    daemons: list[int] = []
+    rows: list[tuple[str, str, dict[str, list[float]]]] = []
+    accel = "?"
     try:
         with Catalog.open(home.catalog) as catalog:
-            instance = catalog.add_instance("bench", kind="qemu", qmp_socket=vm.qmp_socket,
-                                            qga_socket=vm.qga_socket, lab=True)
-            time.sleep(2)  # let the writer get going
-            for i in range(args.count):
-                for method in ("freezeframe", "plain"):
-                    before = asyncio.run(stall_lines(vm.qga_socket))
-                    if method == "freezeframe":
-                        plan = plan_snapshot(instance, now=datetime.now(UTC), level=Level.FILESYSTEM,
-                                             name=f"bench-{i}")
-                        snap = asyncio.run(take_snapshot(plan, catalog, lock_dir=home.locks))
-                        assert snap.achieved_level is Level.FILESYSTEM, snap.fallback_reasons
-                        assert snap.freeze_window_ms is not None
-                        window = snap.freeze_window_ms
-                    else:
-                        window = asyncio.run(plain_sequence(vm, i))
-                    time.sleep(0.3)  # the writer logs a stall once the write returns
-                    after = asyncio.run(stall_lines(vm.qga_socket))
-                    results[method]["window"].append(window)
-                    results[method]["stall"].append(longest_stall_ms(before, after))
-                print(f"  {i + 1}/{args.count}", file=sys.stderr, end="\r")
+            vm = lab_vm.up(home.lab, home.images, "bench", disks=2, workload=True)
+            accel = vm.accel
+            try:
+                instance = catalog.add_instance("bench", kind="qemu", qmp_socket=vm.qmp_socket,
+                                                qga_socket=vm.qga_socket, lab=True)
+                results = measure(home, vm, instance, catalog, ("freezeframe", "plain"), args.count)
+            finally:
+                lab_vm.down(home.lab, "bench")
+            rows += [("QEMU", "freezeframe", results["freezeframe"]), ("QEMU", "plain qemu-ga+sync", results["plain"])]
+            if not args.no_libvirt:
+                daemons = lab_libvirt.ensure_daemons(lab_libvirt.DEFAULT_URI)
+                lv = lab_vm.up(home.lab, home.images, "bench-lv", disks=2, workload=True,
+                               libvirt_uri=lab_libvirt.DEFAULT_URI)
+                try:
+                    domain = catalog.add_instance("bench-lv", kind="libvirt", qmp_socket=None, qga_socket=None,
+                                                  lab=True, libvirt_uri=lab_libvirt.DEFAULT_URI,
+                                                  libvirt_domain="bench-lv")
+                    results = measure(home, lv, domain, catalog, ("freezeframe-libvirt", "virsh"), args.count)
+                finally:
+                    lab_vm.down(home.lab, "bench-lv")
+                rows += [("libvirt", "freezeframe", results["freezeframe-libvirt"]),
+                         ("libvirt", "virsh --quiesce", results["virsh"])]
     finally:
-        lab_vm.down(home.lab, "bench")
+        for pid in reversed(daemons):  # only the daemons started here
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         if not args.keep_home:
             shutil.rmtree(home.root, ignore_errors=True)
 
-    print(f"lab VM: 2 x ext4 data disks, writer appending every 2 ms, accel={vm.accel}, "
-          f"{args.count} snapshots per method, interleaved")
-    print(f"{'method':<13} {'measure':<26} {'min':>8} {'median':>8} {'p95':>8} {'max':>8}  (ms)")
-    for method, label in (("freezeframe", "freezeframe"), ("plain", "plain qemu-ga+sync")):
-        print(f"{label:<13} {'freeze window (host)':<26} {summary(results[method]['window'])}")
-        print(f"{'':<13} {'longest write stall (guest)':<26} {summary(results[method]['stall'])}")
+    print(f"lab VM: 2 x ext4 data disks, writer appending every 2 ms, accel={accel}, "
+          f"{args.count} snapshots per method, interleaved per VM")
+    print(f"{'VM':<8} {'method':<19} {'measure':<28} {'min':>8} {'median':>8} {'p95':>8} {'max':>8}  (ms)")
+    for where, label, result in rows:
+        window = "virsh command (host)" if label.startswith("virsh") else "freeze window (host)"
+        print(f"{where:<8} {label:<19} {window:<28} {summary(result['window'])}")
+        print(f"{'':<8} {'':<19} {'longest write stall (guest)':<28} {summary(result['stall'])}")
     return 0
 
 
