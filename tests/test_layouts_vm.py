@@ -26,6 +26,7 @@ from oracles import assert_in_step, export_raw, ext4_needs_recovery, sequence
 from freezeframe.agent.qmp import Monitor
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
+from freezeframe.errors import HypervisorError
 from freezeframe.lab import vm as lab_vm
 from freezeframe.lab.vm import LabVM
 from freezeframe.targets.qemu import qemu_id
@@ -143,6 +144,20 @@ def active_chains(vm: LabVM) -> dict[str, list[dict[str, Any]]]:
     return chains
 
 
+def view_left(vm: LabVM) -> list[str]:
+    """Exports and fleecing nodes of a backup still in the VM (QMP must answer within 5 s)."""
+    async def query() -> list[str]:
+        async with Monitor(vm.qmp_socket, timeout=5) as monitor:
+            exports = [str(e["id"]) for e in await monitor.execute("query-block-exports")]
+            nodes = [str(n["node-name"]) for n in await monitor.execute("query-named-block-nodes", {"flat": True})]
+        return exports + [n for n in nodes if n.startswith("ffl")]
+
+    try:
+        return asyncio.run(query())
+    except HypervisorError as err:
+        return [str(err)]
+
+
 def vm_running(vm: LabVM) -> bool:
     async def status() -> str:
         async with Monitor(vm.qmp_socket) as monitor:
@@ -211,6 +226,11 @@ def test_snapshots_deletes_and_a_backup_on_the_layout(home: Home, laid_out: LabV
                      env={"FREEZEFRAME_FAULT": "mid-read:1"})
     assert killed.returncode == -9, killed.stderr
     assert vm_running(vm)
+    # The sentinel takes the backup's view out of the VM: no export, no fleecing node left.
+    deadline = time.monotonic() + 30
+    while (left := view_left(vm)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"the killed backup's view is still in the VM: {left}"
     record = backup(home, vm, repo, "--consistency", "filesystem")
     assert vm_running(vm)
     assert record["consistency"] == "filesystem"

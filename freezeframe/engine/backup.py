@@ -314,11 +314,14 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
             finally:
                 clock = time.monotonic()
                 say("teardown")
-                try:
-                    problems = await teardown(monitor, layout, success=success)
-                finally:
+                def let_go() -> None:
                     for source in sources:
                         source.close()
+
+                try:
+                    problems = await teardown(monitor, layout, success=success, exports_deleted=let_go)
+                finally:
+                    let_go()
                 torn_down = not problems
                 timings["teardown"] = round(time.monotonic() - clock, 3)
                 if problems:

@@ -18,6 +18,7 @@ the sentinel exit and let go of its duplicates.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -39,20 +40,33 @@ def start() -> Watcher:
     return Watcher.start("freezeframe.engine.sentinel", what="the backup sentinel", holds_fds=True)
 
 
+#: The NBD connections the backup handed over (file descriptors), held until the teardown
+#: has deleted the exports.
+_held: list[int] = []
+
+
 def _hold_fds(channel_fd: int) -> None:
-    """In a thread: keep every file descriptor the backup passes, until this process exits."""
+    """In a thread: keep every file descriptor the backup passes."""
     import socket
 
     channel = socket.socket(fileno=channel_fd)
-    held: list[int] = []
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(channel, 1, 16)
         except OSError:
             return
-        held += fds
+        _held.extend(fds)
         if not message:
             return  # the backup closed its end
+
+
+def _let_go() -> None:
+    """Close the held connections: QEMU has closed them from its side (see ``teardown``)."""
+    import os
+
+    while _held:
+        with contextlib.suppress(OSError):
+            os.close(_held.pop())
 
 
 def send(watcher: Watcher, catalog: Path, layout: Layout) -> None:
@@ -71,7 +85,7 @@ async def _teardown(layout: Layout) -> list[str]:
     while time.monotonic() < end:
         try:
             async with Monitor(layout.qmp_socket, timeout=10) as monitor:
-                return await teardown(monitor, layout, success=False)
+                return await teardown(monitor, layout, success=False, exports_deleted=_let_go)
         except FreezeframeError as err:
             last = err
             await asyncio.sleep(0.5)

@@ -270,9 +270,15 @@ async def exported(monitor: Monitor, layout: Layout) -> AsyncIterator[None]:
     yield
 
 
-async def teardown(monitor: Monitor, layout: Layout, *, success: bool) -> list[str]:
+async def teardown(monitor: Monitor, layout: Layout, *, success: bool,
+                   exports_deleted: Callable[[], None] | None = None) -> list[str]:
     """Remove the view and its export; keep the bitmaps that the outcome says to keep.
-    Idempotent: whatever is not there (any more) is skipped. Returns what could not be removed."""
+    Idempotent: whatever is not there (any more) is skipped. Returns what could not be removed.
+
+    ``exports_deleted`` is called once QEMU has been told to delete the exports, so the
+    caller lets go of its connections to them then: QEMU has closed them from its side (in
+    its main loop), and an export with a client that still holds replies it never read
+    would not go away."""
     problems: list[str] = []
 
     async def attempt(command: str, arguments: dict[str, Any] | None = None) -> None:
@@ -286,6 +292,8 @@ async def teardown(monitor: Monitor, layout: Layout, *, success: bool) -> list[s
     ours = {d.export for d in layout.disks} & exports
     for export in sorted(ours):
         await attempt("block-export-del", {"id": export, "mode": "hard"})
+    if exports_deleted is not None:
+        exports_deleted()
     # An export goes only once its clients are released. Stopping the server before that
     # crashes QEMU 7.2 (Debian 12) when a client of a disk in an iothread lets go late:
     # "nbd_blockdev_client_closed: Assertion `qemu_in_main_thread() && nbd_server' failed".
