@@ -59,6 +59,7 @@ class LibvirtTarget(GuestTarget):
         self._conn: Any = None
         self._dom: Any = None
         self._prepared: list[tuple[DomainDisk, str, int]] = []
+        self._skipped: list[str] = []
 
     async def __aenter__(self) -> LibvirtTarget:
         await self.connect()
@@ -118,7 +119,12 @@ class LibvirtTarget(GuestTarget):
     async def prepare(self, snapshot_id: str) -> None:
         tag = short_tag(snapshot_id)
         try:
-            for disk in await self.disks():
+            # Read once here: the snapshot itself runs inside the freeze window.
+            found, skipped = _domain_disks(await self._xml())
+            self._skipped = sorted(d["device"] for d in skipped)
+            if not found:
+                raise HypervisorError(f"the domain {self.domain_name} has no writable file-backed disk to snapshot")
+            for disk in found:
                 overlay = overlay_path(disk.filename, tag)
                 size = (await self._call("read a disk's size", functools.partial(self._domain().blockInfo,
                                                                                  disk.device)))[0]
@@ -133,7 +139,6 @@ class LibvirtTarget(GuestTarget):
 
         if not self._prepared:
             raise HypervisorError("nothing prepared: call prepare() before snapshot()")
-        skipped = {d["device"] for d in await self.skipped_disks()}
         root = ET.Element("domainsnapshot")
         ET.SubElement(root, "description").text = "freezeframe (its catalog holds the record)"
         disks = ET.SubElement(root, "disks")
@@ -141,7 +146,7 @@ class LibvirtTarget(GuestTarget):
             entry = ET.SubElement(disks, "disk", name=disk.device, snapshot="external", type="file")
             ET.SubElement(entry, "driver", type="qcow2")
             ET.SubElement(entry, "source", file=overlay)
-        for device in sorted(skipped):
+        for device in self._skipped:
             ET.SubElement(disks, "disk", name=device, snapshot="no")
         flags = (libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC
                  | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT)
