@@ -26,8 +26,8 @@ def dump_from_ext4(raw: Path, names: list[str], dest: Path) -> None:
         subprocess.run(["debugfs", "-R", f"dump /{name} {dest / name}", str(raw)], check=True, capture_output=True)
 
 
-def test_guest_sqlite_snapshot_is_application_consistent(home: Home, lab: LabFactory, tmp_path: Path) -> None:
-    vm = lab(disks=1, hooks=("sqlite", "ok"), app="sqlite")
+def test_guest_sqlite_snapshot_is_application_consistent(home: Home, any_lab: LabFactory, tmp_path: Path) -> None:
+    vm = any_lab(disks=1, hooks=("sqlite", "ok"), app="sqlite")
     time.sleep(2)  # the application commits for a while
 
     snap = created(home, vm.name, "--consistency", "application", "--freeze-timeout", "30")
@@ -52,16 +52,16 @@ def test_guest_sqlite_snapshot_is_application_consistent(home: Home, lab: LabFac
     copy.close()
 
     # Every commit the guest application saw acknowledged before the freeze began is there.
-    acked = agent_call(vm.qga_socket, lambda a: a.read_file("/run/ff-sqlite-app.acked", max_bytes=8 << 20))
+    acked = agent_call(vm, lambda a: a.read_file("/run/ff-sqlite-app.acked", max_bytes=8 << 20))
     before = {int(n) for n, at in (line.split() for line in acked.decode().splitlines()) if float(at) < freeze_began}
     assert before, "the application committed nothing before the freeze"
     assert before <= present, f"lost {len(before - present)} acknowledged commits"
     assert_guest_writable(vm, 1)
 
     # The application runs on after the thaw: it is not left locked.
-    later = agent_call(vm.qga_socket, lambda a: a.read_file("/run/ff-sqlite-app.acked", max_bytes=8 << 20))
+    later = agent_call(vm, lambda a: a.read_file("/run/ff-sqlite-app.acked", max_bytes=8 << 20))
     time.sleep(1)
-    latest = agent_call(vm.qga_socket, lambda a: a.read_file("/run/ff-sqlite-app.acked", max_bytes=8 << 20))
+    latest = agent_call(vm, lambda a: a.read_file("/run/ff-sqlite-app.acked", max_bytes=8 << 20))
     assert len(latest) > len(later)
 
 
