@@ -106,14 +106,23 @@ def any_repo(request: pytest.FixtureRequest, tmp_path: Path) -> RepoPlace:
 def lab(home: Home, catalog: Catalog) -> Iterator[LabFactory]:
     """Start real lab VMs, registered as instances; every one is stopped after the test,
     whether it passed or not."""
+    yield from _lab_factory(home, catalog, None)
+
+
+def _lab_factory(home: Home, catalog: Catalog, uri: str | None) -> Iterator[LabFactory]:
+    """Lab VMs under plain QEMU, or as libvirt domains at ``uri``; all stopped at the end."""
     started: list[str] = []
 
     def start(name: str | None = None, **options: Any) -> lab_vm.LabVM:
         name = name or unique("vm")
         started.append(name)
-        vm = lab_vm.up(home.lab, home.images, name, **options)
-        catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
-                             qga_socket=vm.qga_socket if vm.agent else None, lab=True)
+        vm = lab_vm.up(home.lab, home.images, name, libvirt_uri=uri, **options)
+        if uri is not None:
+            catalog.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, lab=True,
+                                 libvirt_uri=uri, libvirt_domain=name)
+        else:
+            catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
+                                 qga_socket=vm.qga_socket if vm.agent else None, lab=True)
         return vm
 
     yield start
@@ -183,26 +192,7 @@ def any_vm(request: pytest.FixtureRequest) -> lab_vm.LabVM:
 def any_lab(request: pytest.FixtureRequest, home: Home, catalog: Catalog) -> Iterator[LabFactory]:
     """Like ``lab``, under plain QEMU and as a libvirt domain."""
     uri = request.getfixturevalue("libvirtd") if request.param == "libvirt" else None
-    started: list[str] = []
-
-    def start(**options: Any) -> lab_vm.LabVM:
-        name = unique("vm")
-        started.append(name)
-        vm = lab_vm.up(home.lab, home.images, name, libvirt_uri=uri, **options)
-        if uri is not None:
-            catalog.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, lab=True,
-                                 libvirt_uri=uri, libvirt_domain=name)
-        else:
-            catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket,
-                                 qga_socket=vm.qga_socket if vm.agent else None, lab=True)
-        return vm
-
-    yield start
-    for name in started:
-        try:
-            lab_vm.down(home.lab, name)
-        except Exception as err:  # keep stopping the others
-            print(f"could not stop lab VM {name}: {err}", file=sys.stderr)
+    yield from _lab_factory(home, catalog, uri)
 
 
 def agent_call(where: str | lab_vm.LabVM, fn: Callable[[Any], Any], timeout: float = 10.0) -> Any:

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,20 +196,43 @@ def _kill_owner(pid: int, started: int) -> bool:
 
 
 async def _thaw_guest(socket: str) -> int:
+    from freezeframe.agent.qga import GuestAgent
+
+    @contextlib.asynccontextmanager
+    async def agent() -> AsyncIterator[Any]:
+        async with GuestAgent(socket, timeout=10) as connected:
+            yield connected
+
+    return await _thaw_through(agent)
+
+
+async def _thaw_libvirt(uri: str, domain: str) -> int:
+    from freezeframe.targets.libvirt import LibvirtTarget
+
+    @contextlib.asynccontextmanager
+    async def agent() -> AsyncIterator[Any]:
+        async with LibvirtTarget(uri=uri, domain=domain) as target:
+            yield await target.connect_agent(10, 10)
+
+    return await _thaw_through(agent)
+
+
+async def _thaw_through(agent: Callable[[], contextlib.AbstractAsyncContextManager[Any]]) -> int:
+    """Thaw through a fresh agent connection each try, until the guest says it is thawed."""
     import asyncio
 
-    from freezeframe.agent.qga import FreezeState, GuestAgent
+    from freezeframe.agent.qga import FreezeState
 
     last: Exception | None = None
     end = time.monotonic() + THAW_PATIENCE
     while time.monotonic() < end:
         try:
-            async with GuestAgent(socket, timeout=10) as agent:
+            async with agent() as connected:
                 thawed = 0
-                if await agent.fsfreeze_status() is FreezeState.FROZEN:
-                    thawed = await agent.fsfreeze_thaw()
-                if await agent.fsfreeze_status() is FreezeState.THAWED:
-                    return thawed
+                if await connected.fsfreeze_status() is FreezeState.FROZEN:
+                    thawed = await connected.fsfreeze_thaw()
+                if await connected.fsfreeze_status() is FreezeState.THAWED:
+                    return int(thawed)
         except FreezeframeError as err:
             last = err
         await asyncio.sleep(0.5)
@@ -224,29 +248,6 @@ def _thaw_host(mounts: tuple[str, ...]) -> int:
             if fs_ioctl(mountpoint, FITHAW):
                 thawed += 1
     return thawed
-
-
-async def _thaw_libvirt(uri: str, domain: str) -> int:
-    import asyncio
-
-    from freezeframe.agent.qga import FreezeState
-    from freezeframe.targets.libvirt import LibvirtTarget
-
-    last: Exception | None = None
-    end = time.monotonic() + THAW_PATIENCE
-    while time.monotonic() < end:
-        try:
-            async with LibvirtTarget(uri=uri, domain=domain) as target:
-                agent = await target.connect_agent(10, 10)
-                thawed = 0
-                if await agent.fsfreeze_status() is FreezeState.FROZEN:
-                    thawed = await agent.fsfreeze_thaw()
-                if await agent.fsfreeze_status() is FreezeState.THAWED:
-                    return thawed
-        except FreezeframeError as err:
-            last = err
-        await asyncio.sleep(0.5)
-    raise HypervisorError(f"could not thaw the guest: {last}")
 
 
 async def _adopt(arming: Arming) -> tuple[list[Any], list[str]]:

@@ -184,14 +184,6 @@ class LibvirtTarget(GuestTarget):
 
     # -- deletion ----------------------------------------------------------------------
 
-    async def remove(self, disks: list[SnapshotDisk], moved: Callable[[str, str], None]) -> None:
-        for disk in disks:
-            if disk.image is None:
-                continue
-            merged = await self.merge_down(disk.image)
-            if merged is not None:
-                moved(merged, disk.image)
-
     async def merge_down(self, image: str) -> str | None:
         """Commit the layer above ``image`` into it; returns that layer's file (removed), or
         None when no disk of the domain has ``image`` below its active layer."""

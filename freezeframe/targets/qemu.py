@@ -187,6 +187,22 @@ class GuestTarget:
     async def thaw(self, timeout: float) -> int:
         return await self._agent().fsfreeze_thaw(timeout=timeout)
 
+    # -- deletion ----------------------------------------------------------------------
+
+    async def remove(self, disks: list[SnapshotDisk], moved: Callable[[str, str], None]) -> None:
+        for disk in disks:
+            if disk.image is None:
+                continue
+            merged = await self.merge_down(disk.image)
+            if merged is not None:
+                moved(merged, disk.image)
+
+    async def merge_down(self, image: str) -> str | None:
+        """Remove ``image`` from its disk's chain by committing the layer above into it;
+        returns that layer's file (now merged and removed), or None when no running disk
+        has ``image`` below its active layer."""
+        raise NotImplementedError
+
 
 class QemuTarget(GuestTarget):
     """Snapshot mechanics for one QEMU VM. Open with ``async with``."""
@@ -344,14 +360,6 @@ class QemuTarget(GuestTarget):
         return taken, removed
 
     # -- deletion ----------------------------------------------------------------------
-
-    async def remove(self, disks: list[SnapshotDisk], moved: Callable[[str, str], None]) -> None:
-        for disk in disks:
-            if disk.image is None:
-                continue
-            merged = await self.merge_down(disk.image)
-            if merged is not None:
-                moved(merged, disk.image)
 
     async def merge_down(self, image: str) -> str | None:
         """Remove ``image`` from its disk's chain by committing the layer above into it.
