@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -173,8 +170,7 @@ def main() -> int:
                          ("libvirt", "virsh --quiesce", results["virsh"])]
     finally:
         for pid in reversed(daemons):  # only the daemons started here
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            lab_libvirt.stop_daemon(pid)
         if not args.keep_home:
             shutil.rmtree(home.root, ignore_errors=True)
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -164,8 +162,7 @@ def libvirtd() -> Iterator[str]:
         yield lab_libvirt.DEFAULT_URI
     finally:
         for pid in reversed(started):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+            lab_libvirt.stop_daemon(pid)
 
 
 @pytest.fixture(scope="session")

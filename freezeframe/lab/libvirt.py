@@ -70,6 +70,24 @@ def ensure_daemons(uri: str = DEFAULT_URI, timeout: float = 30.0) -> list[int]:
     return started
 
 
+def stop_daemon(pid: int, timeout: float = 10.0) -> None:
+    """Stop a daemon ``ensure_daemons`` started (SIGTERM), and reap it if it is our child."""
+    import os
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:  # not our child: its parent reaps it
+            if not Path(f"/proc/{pid}").exists():
+                return
+        time.sleep(0.05)
+
+
 def _alive_pid(pidfile: str) -> int | None:
     try:
         pid = int(Path(pidfile).read_text().strip())
