@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from backups import backup, e2fsck_clean, init_repo, restore
-from conftest import run_cli, unique
+from conftest import run_cli, unique, vm_status
 from oracles import assert_in_step, export_raw, ext4_needs_recovery, sequence
 
 from freezeframe.agent.qmp import Monitor
@@ -159,11 +159,8 @@ def view_left(vm: LabVM) -> list[str]:
 
 
 def vm_running(vm: LabVM) -> bool:
-    async def status() -> str:
-        async with Monitor(vm.qmp_socket) as monitor:
-            return str((await monitor.execute("query-status"))["status"])
-
-    return lab_vm.get(Path(vm.directory).parent, vm.name).running and asyncio.run(status()) == "running"
+    """Its QEMU is alive (the process, not only the socket) and says it runs."""
+    return lab_vm.get(Path(vm.directory).parent, vm.name).running and vm_status(vm) == "running"
 
 
 async def until(monitor: Monitor, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 60) -> None:

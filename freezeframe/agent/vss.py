@@ -26,10 +26,6 @@ import re
 
 #: VSS's own limit on holding writes, in seconds.
 HOLD_LIMIT_S = 10.0
-#: The freeze budget freezeframe allows a Windows guest: the limit, less a second for the
-#: thaw to reach the guest on a loaded host. The budget counts from the freeze request,
-#: VSS's hold only from its commit, so this errs on the safe side.
-WINDOWS_FREEZE_BUDGET_S = HOLD_LIMIT_S - 1.0
 
 _HOLD_LIMIT = "fsfreeze is limited up to 10 seconds"
 _UNSUPPORTED = "this feature or command is not currently supported"

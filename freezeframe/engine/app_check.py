@@ -75,7 +75,7 @@ def check_app(app: RecordedApp, source: Path, report: Report) -> None:
         data = base / "data"
         copied = _run(["cp", "-a", "--reflink=auto", str(source), str(data)], timeout=CHECK_TIMEOUT)
         if copied.returncode != 0:
-            report("copy", False, f"cannot copy {source}: {_tail(copied)}")
+            report("copy", False, f"cannot copy {source}: {output_tail(copied)}")
             return
         links = _symlinks(data)
         if links:
@@ -116,7 +116,8 @@ def _run(argv: list[str], timeout: float = START_TIMEOUT) -> subprocess.Complete
         return subprocess.CompletedProcess(argv, 124, "", f"{argv[0]} did not finish within {timeout:g}s")
 
 
-def _tail(done: subprocess.CompletedProcess[str]) -> str:
+def output_tail(done: subprocess.CompletedProcess[str]) -> str:
+    """The end of what a tool printed: the evidence a check keeps."""
     return (done.stdout + done.stderr).strip()[-600:]
 
 
@@ -151,7 +152,7 @@ def _check_postgresql(app: RecordedApp, base: Path, data: Path, report: Report) 
     hba.write_text("local all all trust\n")
     chown = _run(["chown", "-R", "postgres:postgres", str(data), str(sockets), str(hba)])
     if chown.returncode != 0:
-        report("postgresql start", False, f"cannot give the copy to the postgres account: {_tail(chown)}")
+        report("postgresql start", False, f"cannot give the copy to the postgres account: {output_tail(chown)}")
         return
     as_postgres = ["runuser", "-u", "postgres", "--"]
     log = sockets / "server.log"  # where the postgres account may write
@@ -162,7 +163,7 @@ def _check_postgresql(app: RecordedApp, base: Path, data: Path, report: Report) 
     try:
         if start.returncode != 0:
             report("postgresql start", False,
-                   f"the server did not start on the copy: {_log_tail(log) if log.exists() else _tail(start)}")
+                   f"the server did not start on the copy: {_log_tail(log) if log.exists() else output_tail(start)}")
             return
         superuser = str(app.record.get("superuser") or "postgres")
         client = ["-h", str(sockets), "-p", "5432", "-U", superuser]
@@ -173,14 +174,14 @@ def _check_postgresql(app: RecordedApp, base: Path, data: Path, report: Report) 
             held, _, at = lsn.stdout.strip().partition("|")
             report("postgresql WAL", lsn.returncode == 0 and held == "t",
                    f"recovered to {at}; the writer flushed {flushed} at the freeze" if lsn.returncode == 0
-                   else _tail(lsn))
+                   else output_tail(lsn))
         amcheck = _run([*as_postgres, str(bin_dir / "pg_amcheck"), *client, "--all", "--install-missing"],
                        timeout=CHECK_TIMEOUT)
         databases = _run([*as_postgres, str(bin_dir / "psql"), *client, "-d", "postgres", "-AtX", "-c",
                           "SELECT count(*) FROM pg_database WHERE datallowconn"])
         report("pg_amcheck", amcheck.returncode == 0,
                f"no corruption in {databases.stdout.strip() or '?'} databases (tables and B-tree indexes)"
-               if amcheck.returncode == 0 else _tail(amcheck))
+               if amcheck.returncode == 0 else output_tail(amcheck))
     finally:
         stopped = _run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
         if stopped.returncode != 0 and (data / "postmaster.pid").exists():
@@ -242,8 +243,8 @@ def _check_mariadb(app: RecordedApp, base: Path, data: Path, report: Report) -> 
         checked = _run(["mariadb-check", *client, "--all-databases", "--check"], timeout=CHECK_TIMEOUT)
         tables, problems = _mariadb_check_report(checked.stdout)
         passed = checked.returncode == 0 and not problems and tables > 0
-        report("mariadb-check", passed, f"{tables} tables OK" if passed else
-               ("; ".join(f"{table}: {', '.join(said)}" for table, said in problems.items()) or _tail(checked))[:600])
+        named = "; ".join(f"{table}: {', '.join(said)}" for table, said in problems.items())
+        report("mariadb-check", passed, f"{tables} tables OK" if passed else (named or output_tail(checked))[:600])
     finally:
         _run(["mariadb-admin", *client, "shutdown"], timeout=120)
         try:

@@ -3,7 +3,7 @@ freezing or thawing anything. One finding per thing checked, and a verdict."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ from freezeframe.errors import AgentCommandError, FreezeframeError, InvalidInput
 from freezeframe.model import Instance, Level, WriterSpec
 from freezeframe.targets.guest_hooks import CONFIG_PATH
 from freezeframe.targets.host import HostTarget
-from freezeframe.targets.qemu import QemuTarget
+from freezeframe.targets.qemu import WINDOWS_FREEZE_BUDGET_S, QemuTarget
 from freezeframe.writers import WriterError, make_writer
 
 #: File systems a guest agent skips or that cannot be frozen meaningfully.
@@ -92,11 +92,7 @@ async def _check_libvirt(instance: Instance, findings: list[Finding],
         await target.close()
         return False, False, False
     try:
-        agent = await target.connect_agent(agent_timeout, 10)
-        return True, *await _check_agent(agent, findings)
-    except FreezeframeError as err:
-        findings.append(Finding("agent", "fail", f"{err}: crash-consistent only"))
-        return True, False, False
+        return True, *await _agent_findings(lambda: target.connect_agent(agent_timeout, 10), findings)
     finally:
         await target.close()
 
@@ -117,14 +113,25 @@ async def _check_qemu(instance: Instance, findings: list[Finding], agent_timeout
         findings.append(Finding("agent", "fail", "no guest-agent socket configured: crash-consistent only"))
         return True, False, False
     agent = GuestAgent(instance.qga_socket, timeout=10)
-    try:
+
+    async def connected() -> GuestAgent:
         await agent.connect(agent_timeout)  # an absent agent costs the probe timeout, no more
-        return True, *await _check_agent(agent, findings)
-    except FreezeframeError as err:
-        findings.append(Finding("agent", "fail", f"{err}: crash-consistent only"))
-        return True, False, False
+        return agent
+
+    try:
+        return True, *await _agent_findings(connected, findings)
     finally:
         await agent.close()
+
+
+async def _agent_findings(connect: Callable[[], Awaitable[GuestAgent]],
+                          findings: list[Finding]) -> tuple[bool, bool]:
+    """Whether the agent ``connect`` reaches can freeze, and runs freezeframe's hook runner."""
+    try:
+        return await _check_agent(await connect(), findings)
+    except FreezeframeError as err:
+        findings.append(Finding("agent", "fail", f"{err}: crash-consistent only"))
+        return False, False
 
 
 async def _check_agent(agent: GuestAgent, findings: list[Finding]) -> tuple[bool, bool]:
@@ -134,7 +141,7 @@ async def _check_agent(agent: GuestAgent, findings: list[Finding]) -> tuple[bool
         guest_os = await agent.osinfo()
         findings.append(Finding("guest os", "ok", guest_os.describe() + (
             f"; freezes through VSS, which holds writes for at most {vss.HOLD_LIMIT_S:g} s: the freeze budget "
-            f"is {vss.WINDOWS_FREEZE_BUDGET_S:g} s at most" if guest_os.windows else "")))
+            f"is {WINDOWS_FREEZE_BUDGET_S:g} s at most" if guest_os.windows else "")))
     try:
         state = await agent.fsfreeze_status()
     except AgentCommandError as err:

@@ -35,7 +35,7 @@ from typing import Any
 from freezeframe.backup.repository import Repository
 from freezeframe.catalog import Catalog
 from freezeframe.catalog.store import utc_now
-from freezeframe.engine.app_check import RecordedApp, check_app, recorded_apps
+from freezeframe.engine.app_check import RecordedApp, check_app, output_tail, recorded_apps
 from freezeframe.engine.backup import restore_backup
 from freezeframe.errors import FreezeframeError, InvalidInput
 from freezeframe.model import Backup, BackupState, Level
@@ -76,17 +76,13 @@ def _run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[s
                            hint="run make setup (it installs e2fsprogs and xfsprogs)") from err
 
 
-def _tail(done: subprocess.CompletedProcess[str]) -> str:
-    return (done.stdout + done.stderr).strip()[-600:]
-
-
 @contextlib.contextmanager
 def _loop(image: Path) -> Iterator[list[str]]:
     """The image attached to a loop device with its partitions scanned: the devices that
     may hold a file system (the partitions, else the whole device). Always detached."""
     done = _run(["losetup", "--find", "--show", "--partscan", str(image)])
     if done.returncode != 0:
-        raise InvalidInput(f"cannot attach {image} to a loop device: {_tail(done)}")
+        raise InvalidInput(f"cannot attach {image} to a loop device: {output_tail(done)}")
     device = done.stdout.strip()
     try:
         # Partition nodes appear through devtmpfs; udev, where it runs, may still be busy with them.
@@ -109,7 +105,7 @@ def _mounted(device: str, options: str) -> Iterator[Path]:
     try:
         done = _run(["mount", "-o", options, device, str(point)])
         if done.returncode != 0:
-            raise InvalidInput(f"cannot mount {device}: {_tail(done)}")
+            raise InvalidInput(f"cannot mount {device}: {output_tail(done)}")
         try:
             yield point
         finally:
@@ -124,7 +120,7 @@ def _check_ext(result: RestoreCheck, device: str, where: str, level: Level | Non
     features = next((line.split(":", 1)[1].split() for line in header.stdout.splitlines()
                      if line.startswith("Filesystem features:")), None)
     if features is None:
-        result.add("ext4 superblock", where, False, f"dumpe2fs found no superblock: {_tail(header)}")
+        result.add("ext4 superblock", where, False, f"dumpe2fs found no superblock: {output_tail(header)}")
         return
     dirty = "needs_recovery" in features
     if level is not None and level >= Level.FILESYSTEM:
@@ -133,19 +129,20 @@ def _check_ext(result: RestoreCheck, device: str, where: str, level: Level | Non
                    else "no recovery needed")
     elif dirty:
         replay = _run(["e2fsck", "-E", "journal_only", "-y", device])
-        result.add("journal replay (crash level)", where, replay.returncode in (0, 1), _tail(replay) or "replayed")
+        result.add("journal replay (crash level)", where, replay.returncode in (0, 1),
+                   output_tail(replay) or "replayed")
     fsck = _run(["e2fsck", "-fn", device])
     # A clean run says it in its summary line (files and blocks); a failing one needs all of it.
     summary = next((line.strip() for line in fsck.stdout.splitlines() if " files (" in line), None)
     result.add("e2fsck -fn", where, fsck.returncode == 0,
-               summary if fsck.returncode == 0 and summary else _tail(fsck))
+               summary if fsck.returncode == 0 and summary else output_tail(fsck))
 
 
 def _xfs_log_quiesced(device: str) -> tuple[bool | None, str]:
     """Whether the log holds nothing to replay but superblock buffers (see the module doc)."""
     done = _run(["xfs_logprint", "-t", device])
     if "log tail:" not in done.stdout:
-        return None, f"xfs_logprint gave nothing to judge by: {_tail(done)}"
+        return None, f"xfs_logprint gave nothing to judge by: {output_tail(done)}"
     items = re.findall(r"^(\w+): cnt:", done.stdout, flags=re.MULTILINE)
     blocks = re.findall(r"start blkno:(0x[0-9a-f]+)", done.stdout)
     quiet = all(kind == "BUF" for kind in items) and all(int(b, 16) == 0 for b in blocks)
@@ -161,7 +158,7 @@ def _check_xfs(result: RestoreCheck, device: str, where: str, level: Level | Non
     with contextlib.suppress(InvalidInput), _mounted(device, "rw"):
         pass
     repair = _run(["xfs_repair", "-n", device])
-    result.add("xfs_repair -n", where, repair.returncode == 0, _tail(repair))
+    result.add("xfs_repair -n", where, repair.returncode == 0, output_tail(repair))
 
 
 def _guest_databases(manifest: dict[str, Any]) -> list[str]:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 from pathlib import Path
 
 from freezeframe.errors import LabError
+from freezeframe.lab import host_tools
 
 #: The applications that run a database server in the guest, and the port each listens on there.
 DATABASES = {"postgresql": 5432, "mariadb": 3306}
@@ -34,15 +34,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
-
-def _run(argv: list[str], what: str) -> None:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
-    except OSError as err:
-        raise LabError(f"cannot run {argv[0]} to {what}: {err.strerror}",
-                       hint="run make setup (it installs postgresql and mariadb-server)") from err
-    if done.returncode != 0:
-        raise LabError(f"{what} failed: {(done.stderr or done.stdout).strip()[-600:]}")
 
 
 def pg_major() -> str:
@@ -64,8 +55,8 @@ def populate(app: str, root: Path) -> None:
         shutil.chown(data, "postgres", "postgres")
         initdb = PG_ROOT / pg_major() / "bin" / "initdb"
         # Locale C: the guest has no locale files. Trust: the port is on 127.0.0.1 only.
-        _run(["runuser", "-u", "postgres", "--", str(initdb), "-D", str(data), "-A", "trust", "--locale=C",
-              "-E", "UTF8", "--no-instructions"], "initdb for the lab's PostgreSQL")
+        host_tools.run(["runuser", "-u", "postgres", "--", str(initdb), "-D", str(data), "-A", "trust", "--locale=C",
+              "-E", "UTF8", "--no-instructions"], "initdb for the lab's PostgreSQL", timeout=300)
         with open(data / "postgresql.conf", "a") as conf:
             conf.write("\n# freezeframe lab: small, and reachable through the forwarded port\n"
                        "listen_addresses = '*'\nshared_buffers = 16MB\nmax_connections = 20\n"
@@ -73,9 +64,9 @@ def populate(app: str, root: Path) -> None:
         with open(data / "pg_hba.conf", "a") as hba:
             hba.write("host all all 0.0.0.0/0 trust\n")
     else:
-        _run(["mariadb-install-db", "--no-defaults", "--user=root", f"--datadir={data}",
+        host_tools.run(["mariadb-install-db", "--no-defaults", "--user=root", f"--datadir={data}",
               "--auth-root-authentication-method=normal", "--skip-test-db"],
-             "mariadb-install-db for the lab's MariaDB")
+             "mariadb-install-db for the lab's MariaDB", timeout=300)
         # Read by the server at every start (--init-file): the host's account.
         (root / "ff-lab-init.sql").write_text(
             f"CREATE USER IF NOT EXISTS '{MARIADB_USER}'@'%';\n"

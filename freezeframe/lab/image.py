@@ -15,13 +15,13 @@ import json
 import re
 import shutil
 import stat
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from freezeframe.errors import LabError
+from freezeframe.lab import host_tools
 
 #: Bump when the image layout or /init changes, so cached images are rebuilt.
 IMAGE_FORMAT = 9
@@ -175,15 +175,6 @@ while :; do sleep 3600; done
 """
 
 
-def _run(argv: list[str], what: str) -> str:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except OSError as err:
-        raise LabError(f"cannot run {argv[0]} to {what}: {err.strerror}") from err
-    if done.returncode != 0:
-        raise LabError(f"{what} failed: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
-
 
 def host_kernel() -> tuple[Path, Path]:
     """The newest Debian kernel in /boot that has its modules installed."""
@@ -235,7 +226,7 @@ def _module_name(path: str) -> str:
 
 def shared_libraries(binary: Path) -> list[Path]:
     """The libraries the dynamic loader would map for ``binary``, loader included."""
-    out = _run(["ldd", str(binary)], f"list the libraries of {binary}")
+    out = host_tools.run(["ldd", str(binary)], f"list the libraries of {binary}")
     libs = []
     for line in out.splitlines():
         match = re.search(r"(/\S+)\s+\(0x", line)
@@ -290,7 +281,7 @@ def ensure_image(cache: Path) -> GuestImage:
 def _compile_workload(out: Path) -> None:
     source = out.with_suffix(".c")
     source.write_bytes(resources.files("freezeframe.lab").joinpath("workload.c").read_bytes())
-    _run(["cc", "-O2", "-static", "-o", str(out), str(source)], "compile the guest workload")
+    host_tools.run(["cc", "-O2", "-static", "-o", str(out), str(source)], "compile the guest workload")
 
 
 def _write_initrd(dest: Path, modules_dir: Path, work: Path) -> None:
@@ -368,7 +359,7 @@ def _guest_python(archive: _Cpio, seen: set[str]) -> None:
     the guest programs load (the whole stdlib would triple the image)."""
     guest_dir = resources.files("freezeframe.guest")
     with resources.as_file(guest_dir) as directory:
-        listing = _run([str(GUEST_PYTHON), "-I", "-c", _LIST_MODULES, str(directory), GUEST_STDLIB],
+        listing = host_tools.run([str(GUEST_PYTHON), "-I", "-c", _LIST_MODULES, str(directory), GUEST_STDLIB],
                        "list the modules the guest programs need")
     files = json.loads(listing)
     for binary in [GUEST_PYTHON, *(Path(f) for f in files if f.endswith(".so"))]:

@@ -13,14 +13,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from freezeframe.errors import Conflict, LabError, NotFound
-from freezeframe.lab import apps
+from freezeframe.lab import apps, host_tools
 from freezeframe.lab import libvirt as lab_libvirt
 from freezeframe.lab.image import SAMPLE_HOOKS, GuestImage, ensure_image
 
@@ -62,15 +61,6 @@ class LabVM:
         return _is_our_qemu(self.pid, self.directory)
 
 
-def _run(argv: list[str], what: str) -> None:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-    except OSError as err:
-        raise LabError(f"cannot run {argv[0]} to {what}: {err.strerror}",
-                       hint="run make setup to install the lab packages") from err
-    if done.returncode != 0:
-        raise LabError(f"{what} failed: {(done.stderr or done.stdout).strip()}")
-
 
 def _is_our_qemu(pid: int, directory: str) -> bool:
     """True if ``pid`` is alive and is the QEMU started for ``directory`` (not a reused pid)."""
@@ -89,12 +79,12 @@ def make_disk(path: Path, *, fs: str, size_mib: int, content: Path | None = None
         with open(raw, "wb") as handle:
             handle.truncate(size_mib << 20)
         if fs == "ext4":
-            _run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
+            host_tools.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0",
                   *(["-d", str(content)] if content is not None else []), str(raw)],
                  f"format {path.name} as ext4")
         else:
-            _run(["mkfs.xfs", "-q", "-f", str(raw)], f"format {path.name} as xfs")
-        _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+            host_tools.run(["mkfs.xfs", "-q", "-f", str(raw)], f"format {path.name} as xfs")
+        host_tools.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
              f"convert {path.name} to qcow2")
     finally:
         raw.unlink(missing_ok=True)
@@ -164,7 +154,7 @@ def _boot(vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str, cmd
     (vm_dir / "console.log").unlink(missing_ok=True)
     argv = _qemu_argv(vm_dir, image, disks, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
                       extra=extra or [])
-    _run(argv, f"start QEMU ({accel})")
+    host_tools.run(argv, f"start QEMU ({accel})")
     pid = int((vm_dir / "qemu.pid").read_text().strip())
     if _wait_ready(vm_dir, pid, timeout):
         return pid
@@ -252,13 +242,9 @@ def up(
         raise LabError(f"the lab's {app} runs on a new ext4 first disk", hint="use --fs ext4, without --from-backup")
     if any(c in arg for arg in agent_args for c in " +"):
         raise LabError("guest-agent arguments cannot contain spaces or '+' (they travel on the kernel command line)")
-    vm_dir = (lab_root / name).resolve()
-    if vm_dir.exists():
-        raise Conflict(f"a lab VM named {name!r} exists already", hint=f"stop it with: freezeframe lab down {name}")
-    image = ensure_image(image_cache)
-    lab_root.mkdir(parents=True, exist_ok=True)
-    accel = choose_accel(lab_root, image)
-    vm_dir.mkdir(parents=True)
+    if libvirt_uri is not None and app in apps.DATABASES:
+        raise LabError("the lab's database applications run under plain QEMU only")
+    vm_dir, image, accel = _claim(lab_root, image_cache, name)
     try:
         disk_paths = [vm_dir / f"disk{i}.qcow2" for i in range(disks)]
         for index, path in enumerate(disk_paths):
@@ -274,19 +260,10 @@ def up(
         app_port = apps.free_port() if app in apps.DATABASES else None
         if app in apps.DATABASES:
             memory_mib = max(memory_mib, 512)  # the server, beside the initramfs the guest runs from
-        cmdline = " ".join([
-            "console=ttyS0", "quiet", "panic=-1",
-            f"ff.agent={int(agent)}", f"ff.workload={int(workload)}",
-            f"ff.workload_sync={int(workload_sync)}", f"ff.workload_interval_us={workload_interval_us}",
-            # The kernel splits its command line at spaces, so the guest's init turns '+' back into them.
-            f"ff.agent_args={'+'.join(agent_args)}" if agent_args else "",
-            f"ff.hooks={','.join(hooks)} ff.hook_policy={hook_policy} ff.hook_timeout={hook_timeout:g}"
-            if hooks else "",
-            f"ff.app={app}" if app else "",
-        ]).strip()
+        cmdline = _cmdline(agent=agent, workload=workload, workload_sync=workload_sync,
+                           workload_interval_us=workload_interval_us, agent_args=agent_args, hooks=hooks,
+                           hook_policy=hook_policy, hook_timeout=hook_timeout, app=app)
         if libvirt_uri is not None:
-            if app in apps.DATABASES:
-                raise LabError("the lab's database applications run under plain QEMU only")
             pid = _boot_libvirt(libvirt_uri, name, vm_dir, image, disk_paths, accel=accel, cmdline=cmdline,
                                 memory_mib=memory_mib, timeout=boot_timeout)
         else:
@@ -305,12 +282,45 @@ def up(
         (vm_dir / "vm.json").write_text(json.dumps(asdict(vm), indent=2))
         return vm
     except BaseException:
-        if libvirt_uri is not None:
-            lab_libvirt.destroy_domain(libvirt_uri, name)
-        with contextlib.suppress(OSError, ValueError):
-            _stop_pid(int((vm_dir / "qemu.pid").read_text()), str(vm_dir))
-        shutil.rmtree(vm_dir, ignore_errors=True)
+        _abandon(vm_dir, name, libvirt_uri)
         raise
+
+
+def _claim(lab_root: Path, image_cache: Path, name: str) -> tuple[Path, GuestImage, str]:
+    """A new VM directory for ``name``, the guest image and the accelerator to boot it with."""
+    vm_dir = (lab_root / name).resolve()
+    if vm_dir.exists():
+        raise Conflict(f"a lab VM named {name!r} exists already", hint=f"stop it with: freezeframe lab down {name}")
+    image = ensure_image(image_cache)
+    lab_root.mkdir(parents=True, exist_ok=True)
+    accel = choose_accel(lab_root, image)
+    vm_dir.mkdir(parents=True)
+    return vm_dir, image, accel
+
+
+def _abandon(vm_dir: Path, name: str, libvirt_uri: str | None) -> None:
+    """Undo a VM that did not come up: stop what was started, remove its directory."""
+    if libvirt_uri is not None:
+        lab_libvirt.destroy_domain(libvirt_uri, name)
+    with contextlib.suppress(OSError, ValueError):
+        _stop_pid(int((vm_dir / "qemu.pid").read_text()), str(vm_dir))
+    shutil.rmtree(vm_dir, ignore_errors=True)
+
+
+def _cmdline(*, agent: bool = True, workload: bool = False, workload_sync: bool = False,
+             workload_interval_us: int = 2000, agent_args: tuple[str, ...] = (), hooks: tuple[str, ...] = (),
+             hook_policy: str = "fail", hook_timeout: float = 10.0, app: str | None = None) -> str:
+    """The guest's kernel command line: what its init reads to set itself up."""
+    return " ".join([
+        "console=ttyS0", "quiet", "panic=-1",
+        f"ff.agent={int(agent)}", f"ff.workload={int(workload)}",
+        f"ff.workload_sync={int(workload_sync)}", f"ff.workload_interval_us={workload_interval_us}",
+        # The kernel splits its command line at spaces, so the guest's init turns '+' back into them.
+        f"ff.agent_args={'+'.join(agent_args)}" if agent_args else "",
+        f"ff.hooks={','.join(hooks)} ff.hook_policy={hook_policy} ff.hook_timeout={hook_timeout:g}"
+        if hooks else "",
+        f"ff.app={app}" if app else "",
+    ]).strip()
 
 
 def _boot_libvirt(uri: str, name: str, vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str,
@@ -329,17 +339,10 @@ def up_attached(lab_root: Path, image_cache: Path, name: str, *, attach: list[st
                 workload: bool = False, memory_mib: int = 256, boot_timeout: float = 90.0) -> LabVM:
     """Boot the lab guest on disks attached the caller's way (``attach``: ``-drive``,
     ``-device``, ``-object`` arguments, as a VM started by hand or by another tool has
-    them). The guest mounts every disk that has a serial, or a file system label, at
-    /mnt/<serial or label>."""
-    vm_dir = (lab_root / name).resolve()
-    if vm_dir.exists():
-        raise Conflict(f"a lab VM named {name!r} exists already", hint=f"stop it with: freezeframe lab down {name}")
-    image = ensure_image(image_cache)
-    lab_root.mkdir(parents=True, exist_ok=True)
-    accel = choose_accel(lab_root, image)
-    vm_dir.mkdir(parents=True)
-    cmdline = (f"console=ttyS0 quiet panic=-1 ff.agent=1 ff.workload={int(workload)} ff.workload_sync=0 "
-               "ff.workload_interval_us=2000")
+    them). The guest mounts every disk that has a serial (a SCSI disk's from its VPD page
+    0x80) at /mnt/<serial>."""
+    vm_dir, image, accel = _claim(lab_root, image_cache, name)
+    cmdline = _cmdline(workload=workload)
     try:
         pid = _boot(vm_dir, image, [], accel=accel, cmdline=cmdline, memory_mib=memory_mib, timeout=boot_timeout,
                     extra=attach)
@@ -352,9 +355,7 @@ def up_attached(lab_root: Path, image_cache: Path, name: str, *, attach: list[st
         (vm_dir / "vm.json").write_text(json.dumps(asdict(vm), indent=2))
         return vm
     except BaseException:
-        with contextlib.suppress(OSError, ValueError):
-            _stop_pid(int((vm_dir / "qemu.pid").read_text()), str(vm_dir))
-        shutil.rmtree(vm_dir, ignore_errors=True)
+        _abandon(vm_dir, name, None)
         raise
 
 

@@ -38,7 +38,7 @@ from freezeframe.agent.qga import GuestAgent
 from freezeframe.agent.qmp import Monitor
 from freezeframe.errors import HypervisorError, InvalidInput, MonitorCommandError
 from freezeframe.model import SnapshotDisk
-from freezeframe.targets.qemu import BlockDisk, QemuTarget, block_disks, disk_chain, short_tag
+from freezeframe.targets.qemu import BlockDisk, QemuTarget, block_disks, create_overlay, disk_chain, short_tag
 
 #: Bitmaps freezeframe made start with this; others are the operator's and left alone.
 BITMAP_PREFIX = "ff-"
@@ -196,7 +196,10 @@ class FleecingTarget(QemuTarget):
                 await self.monitor.execute("block-dirty-bitmap-remove", {"node": node, "name": bitmap})
         try:
             for disk in self.layout.disks:
-                await _create_fleecing_image(disk)
+                Path(disk.file).parent.mkdir(parents=True, exist_ok=True)
+                # Its backing is given by node at blockdev-add; the file names it for tools.
+                await create_overlay(disk.file, disk.source_file, disk.format, disk.virtual_size,
+                                     what="fleecing image")
                 self._nodes.append(disk)
                 await self.monitor.execute("blockdev-add", {
                     "driver": "qcow2", "node-name": disk.node, "discard": "unmap",
@@ -347,15 +350,3 @@ async def _wait_jobs_gone(monitor: Monitor, jobs: set[str], timeout: float = 30.
             return
         await asyncio.sleep(0.05)
     raise HypervisorError(f"the fleecing jobs {', '.join(sorted(jobs))} did not end within {timeout:g}s")
-
-
-async def _create_fleecing_image(disk: DiskLayout) -> None:
-    Path(disk.file).parent.mkdir(parents=True, exist_ok=True)
-    # -u: QEMU holds the disk's lock; the backing is given by node at blockdev-add anyway.
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.format, "-b",
-            str(Path(disk.source_file).absolute()), "-u", disk.file, str(disk.virtual_size)]
-    process = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE,
-                                                   stderr=asyncio.subprocess.PIPE)
-    _, err = await process.communicate()
-    if process.returncode != 0:
-        raise HypervisorError(f"qemu-img could not create the fleecing image {disk.file}: {err.decode().strip()}")

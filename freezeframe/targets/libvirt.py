@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from freezeframe.agent.libvirt_agent import LibvirtAgent
 from freezeframe.agent.qga import GuestAgent
 from freezeframe.errors import AgentUnavailable, HypervisorError, NotFound
 from freezeframe.model import SnapshotDisk
-from freezeframe.targets.qemu import GuestTarget, allocated_bytes, overlay_path, short_tag
+from freezeframe.targets.qemu import GuestTarget, allocated_bytes, create_overlay, overlay_path, short_tag
 
 _JOB_TIMEOUT = 600.0
 
@@ -60,13 +59,6 @@ class LibvirtTarget(GuestTarget):
         self._dom: Any = None
         self._prepared: list[tuple[DomainDisk, str, int]] = []
         self._skipped: list[str] = []
-
-    async def __aenter__(self) -> LibvirtTarget:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def connect(self) -> None:
         self._conn, self._dom = await asyncio.to_thread(open_domain, self.uri, self.domain_name)
@@ -128,7 +120,7 @@ class LibvirtTarget(GuestTarget):
                 overlay = overlay_path(disk.filename, tag)
                 size = (await self._call("read a disk's size", functools.partial(self._domain().blockInfo,
                                                                                  disk.device)))[0]
-                _create_overlay(overlay, disk, int(size))
+                await create_overlay(overlay, disk.filename, disk.format, int(size))
                 self._prepared.append((disk, overlay, int(size)))
         except BaseException:
             await self.discard()
@@ -278,12 +270,3 @@ def _domain_disks(root: ET.Element) -> tuple[list[DomainDisk], list[dict[str, st
                                 format=driver.get("type", "raw") if driver is not None else "raw",
                                 chain=tuple(c for c in chain if c)))
     return found, skipped
-
-
-def _create_overlay(overlay: str, disk: DomainDisk, size: int) -> None:
-    # -u: the running domain holds the disk's lock; the size is given instead.
-    done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.format, "-b",
-                           str(Path(disk.filename).absolute()), "-u", overlay, str(size)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise HypervisorError(f"qemu-img could not create the overlay {overlay}: {done.stderr.strip()}")

@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from freezeframe.agent import vss
 from freezeframe.agent.qga import FreezeState, GuestAgent
@@ -45,6 +45,10 @@ from freezeframe.targets.base import FreezeProbe
 
 _OVERLAY_SUFFIX = re.compile(r"\.ff-[0-9a-f]{8}$")
 _JOB_TIMEOUT = 600.0
+#: The freeze budget a Windows guest gets: VSS's hold limit, less a second for the thaw to
+#: reach the guest on a loaded host. The budget counts from the freeze request, VSS's hold
+#: only from its commit, so this errs on the safe side.
+WINDOWS_FREEZE_BUDGET_S = vss.HOLD_LIMIT_S - 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,21 @@ class GuestTarget:
         #: The guest runs Windows (learnt in preflight): freeze errors are VSS errors.
         self._windows = False
         self._hooks = False
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Reach the hypervisor."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Remove what was prepared but not used, then close every channel."""
+        raise NotImplementedError
 
     async def connect_agent(self, timeout: float, command_timeout: float) -> GuestAgent:
         """Connect to the guest agent within ``timeout``; raises AgentError when there is none usable."""
@@ -124,7 +143,7 @@ class GuestTarget:
             probe.details["guest_os"] = asdict(guest_os)
             self._windows = guest_os.windows
             if guest_os.windows:
-                probe.freeze_limit = (vss.WINDOWS_FREEZE_BUDGET_S, f"Windows VSS holds writes for at most "
+                probe.freeze_limit = (WINDOWS_FREEZE_BUDGET_S, f"Windows VSS holds writes for at most "
                                       f"{vss.HOLD_LIMIT_S:g} s ({guest_os.describe()})")
         if no_vss is not None:
             probe.unusable = vss.explain(no_vss)
@@ -219,13 +238,6 @@ class QemuTarget(GuestTarget):
         self._agent_task = agent
         self._prepared: list[_Overlay] = []
 
-    async def __aenter__(self) -> QemuTarget:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
     async def connect(self) -> None:
         await self.monitor.connect()
 
@@ -273,7 +285,7 @@ class QemuTarget(GuestTarget):
         try:
             for index, disk in enumerate(disks):
                 overlay = overlay_path(disk.filename, tag)
-                await _create_overlay(overlay, disk)
+                await create_overlay(overlay, disk.filename, disk.format, disk.virtual_size)
                 node = f"ff{tag}-{index}"
                 self._prepared.append(_Overlay(disk, node, overlay))
                 await self.monitor.execute(
@@ -525,14 +537,12 @@ def allocated_bytes(filename: str) -> int:
         return 0
 
 
-async def _create_overlay(overlay: str, disk: BlockDisk) -> None:
-    # -u: do not open the backing file, QEMU holds its lock; the size is given instead.
-    backing = str(Path(disk.filename).absolute())
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", disk.format, "-b",
-            backing, "-u", overlay, str(disk.virtual_size)]
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+async def create_overlay(path: str, backing: str, backing_format: str, size: int, *, what: str = "overlay") -> None:
+    """A qcow2 file at ``path`` on top of ``backing``. ``-u``: the backing file is not
+    opened (the running VM holds its lock), so the size is given instead."""
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b",
+            str(Path(backing).absolute()), "-u", path, str(size)]
+    process = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = await process.communicate()
     if process.returncode != 0:
-        raise HypervisorError(f"qemu-img could not create the overlay {overlay}: {err.decode().strip()}")
+        raise HypervisorError(f"qemu-img could not create the {what} {path}: {err.decode().strip()}")
