@@ -24,7 +24,7 @@ from freezeframe.errors import LabError
 from freezeframe.lab import host_tools
 
 #: Bump when the image layout or /init changes, so cached images are rebuilt.
-IMAGE_FORMAT = 9
+IMAGE_FORMAT = 10
 
 #: Modules the guest needs; their dependencies are added from modules.dep.
 #: crc32c_generic comes first: ext4 (metadata_csum) and xfs ask the crypto API for
@@ -79,7 +79,9 @@ done
 
 # Data disks carry a serial (ffdata0, ffdata1, ...) and are mounted at /mnt/<serial>.
 # A SCSI disk's serial is in its unit serial number page (VPD 0x80), after a 4-byte header.
-files=""
+# The writer gets its files in serial order, not in the kernel's: SCSI disks are scanned
+# asynchronously, so sda may well be ffdata1.
+serials=""
 for b in /sys/block/vd* /sys/block/sd*; do
     [ -e "$b" ] || continue
     dev=/dev/${b##*/}
@@ -88,11 +90,13 @@ for b in /sys/block/vd* /sys/block/sd*; do
     [ -n "$serial" ] || continue
     mkdir -p /mnt/$serial
     if mount "$dev" /mnt/$serial; then
-        files="$files /mnt/$serial/workload.log"
+        serials="$serials $serial"
     else
         echo "ff-lab: cannot mount $dev"
     fi
 done
+files=""
+for serial in $(echo $serials | tr ' ' '\n' | sort); do files="$files /mnt/$serial/workload.log"; done
 
 # Freeze hooks (ff.hooks=sqlite,ok,fail,hang,badowner) run by freezeframe's hook runner.
 hook_flag=""
