@@ -44,7 +44,7 @@ def restore(home: Home, backup_id: str, dest: Path, *args: str,
 
 
 def guest(vm: LabVM, script: str) -> str:
-    code, out = agent_call(vm.qga_socket, lambda agent: guest_sh(agent, script), timeout=120)
+    code, out = agent_call(vm, lambda agent: guest_sh(agent, script), timeout=120)
     assert code == 0, out
     return str(out)
 

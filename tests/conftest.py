@@ -225,21 +225,34 @@ def vm_status(vm: lab_vm.LabVM) -> str:
     return "running" if state == libvirt.VIR_DOMAIN_RUNNING else f"libvirt state {state}"
 
 
-def active_images(vm: lab_vm.LabVM) -> list[str]:
-    """The active image of each writable disk, as QEMU has it (for a libvirt domain, asked
-    through libvirt's monitor pass-through: what libvirt says is checked against it)."""
-    query = '{"execute": "query-block"}'
+def qmp(vm: lab_vm.LabVM, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """A QMP command's answer from the VM's QEMU: on its socket, or for a libvirt domain
+    through libvirt's monitor pass-through (so what libvirt says is checked against QEMU)."""
     if vm.libvirt_uri is None:
-        async def qmp() -> list[dict[str, Any]]:
+        async def direct() -> Any:
             async with Monitor(vm.qmp_socket) as monitor:
-                return list(await monitor.execute("query-block"))
+                return await monitor.execute(command, arguments)
 
-        blocks = asyncio.run(qmp())
-    else:
-        done = subprocess.run(["virsh", "-c", vm.libvirt_uri, "qemu-monitor-command", vm.name, query],
-                              capture_output=True, text=True, check=True)
-        blocks = json.loads(done.stdout)["return"]
+        return asyncio.run(direct())
+    request = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+    done = subprocess.run(["virsh", "-c", vm.libvirt_uri, "qemu-monitor-command", vm.name, request],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)["return"]
+
+
+def active_images(vm: lab_vm.LabVM) -> list[str]:
+    """The active image of each writable disk, as QEMU has it."""
+    blocks = qmp(vm, "query-block")
     return [b["inserted"]["file"] for b in blocks if b.get("inserted") and not b["inserted"].get("ro")]
+
+
+def checkpoints(vm: lab_vm.LabVM) -> list[str] | None:
+    """The libvirt checkpoints of a domain, sorted (None for a VM without libvirt)."""
+    if vm.libvirt_uri is None:
+        return None
+    done = subprocess.run(["virsh", "-c", vm.libvirt_uri, "checkpoint-list", vm.name, "--name"],
+                          capture_output=True, text=True, check=True)
+    return sorted(line for line in done.stdout.split() if line)
 
 
 async def guest_sh(agent: GuestAgent, script: str, timeout: float = 120) -> tuple[int, str]:

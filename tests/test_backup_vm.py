@@ -4,7 +4,6 @@ disks, file contents byte for byte, and the VM left as it was."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -28,11 +27,10 @@ from backups import (
     restore,
     write_random,
 )
-from conftest import LabFactory, RepoPlace, run_cli, unique
+from conftest import LabFactory, RepoPlace, checkpoints, qmp, run_cli, unique
 from oracles import assert_in_step, ext4_needs_recovery, ext4_read, sequence
 from servers import S3Server
 
-from freezeframe.agent.qmp import Monitor
 from freezeframe.backup.repository import Repository
 from freezeframe.backup.store import LocalStore, open_store
 from freezeframe.config import Home
@@ -44,36 +42,39 @@ pytestmark = pytest.mark.vm
 
 
 def vm_state(vm: LabVM) -> dict[str, Any]:
-    """What a backup may leave in the VM: nodes, exports, jobs, bitmaps, and the disks' files."""
-
-    async def query() -> dict[str, Any]:
-        async with Monitor(vm.qmp_socket) as monitor:
-            nodes = await monitor.execute("query-named-block-nodes", {"flat": True})
-            return {
-                "nodes": sorted(n["node-name"] for n in nodes),
-                "exports": await monitor.execute("query-block-exports"),
-                "jobs": await monitor.execute("query-block-jobs"),
-                "bitmaps": sorted({b["name"] for n in nodes for b in n.get("dirty-bitmaps", []) if "name" in b}),
-                "files": [b["inserted"]["file"] for b in await monitor.execute("query-block") if b.get("inserted")],
-            }
-
-    return asyncio.run(query())
+    """What a backup may leave in the VM, as QEMU has it (through libvirt's monitor
+    pass-through for a domain): nodes, exports, jobs, bitmaps, the disks' files, and a
+    domain's checkpoints."""
+    nodes = qmp(vm, "query-named-block-nodes", {"flat": True})
+    return {
+        "nodes": sorted(n["node-name"] for n in nodes),
+        "exports": qmp(vm, "query-block-exports"),
+        "jobs": qmp(vm, "query-block-jobs"),
+        "bitmaps": sorted({b["name"] for n in nodes for b in n.get("dirty-bitmaps", []) if "name" in b}),
+        "files": [b["inserted"]["file"] for b in qmp(vm, "query-block") if b.get("inserted")],
+        "checkpoints": checkpoints(vm),
+    }
 
 
-def assert_left_as_it_was(vm: LabVM) -> dict[str, Any]:
+def assert_left_as_it_was(vm: LabVM, before: dict[str, Any]) -> dict[str, Any]:
+    """No node, export or job of the backup left; the disks on their own images; and a
+    domain's checkpoints are exactly its bitmaps (libvirt knows every one)."""
     state = vm_state(vm)
-    assert not [n for n in state["nodes"] if n.startswith("ffl")], state
+    assert state["nodes"] == before["nodes"], state
     assert state["exports"] == [], state
     assert state["jobs"] == [], state
     assert state["files"] == vm.disks, "the VM's disks are not on their own images any more"
+    if vm.libvirt_uri is not None:
+        assert state["checkpoints"] == state["bitmaps"], state
     return state
 
 
 def test_full_then_incremental_restore_consistent_and_damage_is_named(
-        home: Home, lab: LabFactory, tmp_path: Path, any_repo: RepoPlace) -> None:
+        home: Home, any_lab: LabFactory, tmp_path: Path, any_repo: RepoPlace) -> None:
     repo = any_repo
     init_repo(home, repo)
-    vm = lab(disks=2, workload=True)
+    vm = any_lab(disks=2, workload=True)
+    before = vm_state(vm)
 
     full = backup(home, vm, repo)
     assert (full["type"], full["consistency"], full["parent"]) == ("full", "filesystem", None)
@@ -88,21 +89,22 @@ def test_full_then_incremental_restore_consistent_and_damage_is_named(
         assert 0 < disk["bytes_read"] < disk["virtual_size"] // 8, disk
         assert disk["bytes_unchanged"] > 0
     assert inc["disks"][1]["bytes_new"] >= 1 << 20  # the new file's chunk(s)
-    state = assert_left_as_it_was(vm)
+    state = assert_left_as_it_was(vm, before)
     assert state["bitmaps"] == sorted({f"ff-{full['id'][:8]}", f"ff-{inc['id'][:8]}"})
 
     images = {}
     for name, record in (("full", full), ("inc", inc)):
         images[name] = restore(home, record["id"], tmp_path / name)
-        raws = [images[name]["ffdata0"], images[name]["ffdata1"]]
+        raws = list(images[name].values())  # in the disks' order (ffdata0, ffdata1)
         for raw in raws:
             assert raw.stat().st_size == 320 << 20
             assert raw.stat().st_blocks * 512 < raw.stat().st_size // 2, "the restored image is not sparse"
             assert not ext4_needs_recovery(raw), f"{name} {raw.name}: the journal needs recovery"
             assert e2fsck_clean(raw), f"{name} {raw.name}: e2fsck -fn found problems"
         assert_in_step(sequence(raws[0]), sequence(raws[1]))
-    assert hashlib.sha256(ext4_read(images["inc"]["ffdata1"], "/between.bin")).hexdigest() == digest
-    assert ext4_read(images["full"]["ffdata1"], "/between.bin") == b""
+    second = [d["device"] for d in inc["disks"]][1]
+    assert hashlib.sha256(ext4_read(images["inc"][second], "/between.bin")).hexdigest() == digest
+    assert ext4_read(images["full"][second], "/between.bin") == b""
 
     # The repository alone tells what the backup is: its manifest carries the point's evidence.
     opened = Repository.open(open_store(str(repo)))
@@ -123,14 +125,14 @@ def test_full_then_incremental_restore_consistent_and_damage_is_named(
     assert "damaged" in failed.stderr
     assert not list((tmp_path / "damaged").glob("*.qcow2")), "a restore that failed left an image behind"
     again = restore(home, full["id"], tmp_path / "full-again")
-    assert e2fsck_clean(again["ffdata1"])
+    assert e2fsck_clean(again[second])
 
 
 def test_incremental_after_one_percent_change_reads_under_three_percent_and_other_types(
-        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+        home: Home, any_lab: LabFactory, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     init_repo(home, repo)
-    vm = lab(disks=1, disk_mib=2048)
+    vm = any_lab(disks=1, disk_mib=2048)
     full = backup(home, vm, repo, "--type", "full")
     digest = write_random(vm, "/mnt/ffdata0/one-percent.bin", 20)  # 20 MiB of 2 GiB
 
@@ -139,7 +141,7 @@ def test_incremental_after_one_percent_change_reads_under_three_percent_and_othe
     assert inc["type"] == "incremental"
     assert disk["full_read_reason"] is None
     assert 20 << 20 <= disk["bytes_read"] <= 0.03 * disk["virtual_size"], disk
-    raw = restore(home, inc["id"], tmp_path / "r")["ffdata0"]
+    raw = restore(home, inc["id"], tmp_path / "r")[disk["device"]]
     assert hashlib.sha256(ext4_read(raw, "/one-percent.bin")).hexdigest() == digest
 
     # A copy reads everything and leaves the bitmaps (and so the chain) alone.
@@ -156,7 +158,7 @@ def test_incremental_after_one_percent_change_reads_under_three_percent_and_othe
     assert diff["parent"] == full["id"]
     assert diff["disks"][0]["full_read_reason"] is None
     assert diff["disks"][0]["bytes_read"] >= 24 << 20
-    raw = restore(home, diff["id"], tmp_path / "d")["ffdata0"]
+    raw = restore(home, diff["id"], tmp_path / "d")[disk["device"]]
     assert hashlib.sha256(ext4_read(raw, "/one-percent.bin")).hexdigest() == digest
     assert hashlib.sha256(ext4_read(raw, "/later.bin")).hexdigest() == later
     # The next incremental follows the differential (a copy is in no chain).
@@ -253,10 +255,10 @@ def test_bitmaps_survive_a_clean_restart_and_a_killed_qemu_forces_a_full_read(
 
 
 def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reuses_chunks(
-        home: Home, lab: LabFactory, tmp_path: Path, any_repo: RepoPlace) -> None:
+        home: Home, any_lab: LabFactory, tmp_path: Path, any_repo: RepoPlace) -> None:
     repo = any_repo
     init_repo(home, repo)
-    vm = lab(disks=1)
+    vm = any_lab(disks=1)
     full = backup(home, vm, repo)
     digest = write_random(vm, "/mnt/ffdata0/data.bin", 60)
     before = vm_state(vm)
@@ -268,7 +270,7 @@ def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reus
     deadline = time.monotonic() + 30
     while vm_state(vm) != before and time.monotonic() < deadline:
         time.sleep(0.2)
-    after = assert_left_as_it_was(vm)
+    after = assert_left_as_it_was(vm, before)
     assert after == before, "the sentinel did not put the VM back as it was (nodes, exports, jobs, bitmaps)"
 
     listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
@@ -291,7 +293,7 @@ def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reus
     assert disk["bytes_read"] >= 60 << 20
     assert disk["bytes_reused"] >= 16 << 20, disk
     assert disk["bytes_new"] + disk["bytes_reused"] <= disk["bytes_read"]
-    raw = restore(home, rerun["id"], tmp_path / "r")["ffdata0"]
+    raw = restore(home, rerun["id"], tmp_path / "r")[disk["device"]]
     assert hashlib.sha256(ext4_read(raw, "/data.bin")).hexdigest() == digest
 
     # The killed run's lock on the repository is stale (its process is gone): garbage
@@ -315,6 +317,7 @@ def test_encrypted_repository_hides_plaintext_and_needs_the_passphrase(
     init_repo(home, sealed, "--encryption", "--passphrase-file", str(secret))
     init_repo(home, plain)
     vm = lab(disks=1)
+    before = vm_state(vm)
     marker = b"FREEZEFRAME-PLAINTEXT-MARKER"
     guest(vm, f"yes {marker.decode()} | head -c 1048576 > /mnt/ffdata0/marker.txt && sync")
     write_random(vm, "/mnt/ffdata0/noise.bin", 8)  # more than the 2 MiB repository below can hold
@@ -337,7 +340,7 @@ def test_encrypted_repository_hides_plaintext_and_needs_the_passphrase(
     assert filled.returncode == 7, filled.stderr
     assert "is the disk full" in filled.stderr
     assert "Traceback" not in filled.stderr
-    assert_left_as_it_was(vm)
+    assert_left_as_it_was(vm, before)
     assert vm_state(vm)["bitmaps"] == []
     listed = cli_json(home, "backup", "list", "--instance", vm.name, "--all")[0]
     assert [b["state"] for b in listed] == ["failed"]
@@ -399,7 +402,7 @@ def test_s3_server_killed_mid_upload_then_back_leaves_a_repository_that_verifies
     code, _, err = s3_outage(home, vm, repo, s3, retry_s=3, down_s=None)
     assert code == 7, err
     assert "in the repository s3://" in err, err
-    assert assert_left_as_it_was(vm) == before, "the failed backup left its view in the VM"
+    assert assert_left_as_it_was(vm, before) == before, "the failed backup left its view in the VM"
     listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
     assert listed == []
 

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.agent.qga import GuestAgent
-from freezeframe.agent.qmp import Monitor
 from freezeframe.backup.pipeline import (
     DEFAULT_WORKERS,
     RESTORE_WORKERS,
@@ -53,19 +52,16 @@ from freezeframe.engine.collect import backup_lock
 from freezeframe.engine.guard import Watcher
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.run import Progress, instance_lock, take_point
-from freezeframe.errors import BackupFailed, FreezeframeError, HypervisorError, InvalidInput, NotFound
+from freezeframe.errors import BackupFailed, FreezeframeError, HypervisorError, NotFound
 from freezeframe.model import Backup, BackupDisk, BackupState, BackupType, Level
+from freezeframe.targets.backup_source import BackupSource, source_for
 from freezeframe.targets.fleecing import (
     BITMAP_PREFIX,
     DiskLayout,
     DiskState,
-    FleecingTarget,
     Layout,
     check_space,
     disk_layout,
-    exported,
-    inspect,
-    teardown,
 )
 from freezeframe.targets.qemu import discard_agent, open_agent, short_tag
 
@@ -109,12 +105,7 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
     """Back up every disk of the instance into the repository; returns the listed backup.
     Raises BackupFailed (the failed record kept, nothing listed) when it cannot."""
     instance = plan.point.instance
-    if instance.kind == "libvirt":
-        raise InvalidInput(f"instance {instance.name!r} is a libvirt domain: freezeframe does not drive libvirt's "
-                           "backup API yet", hint="take snapshots of it with: freezeframe snapshot create")
-    if instance.kind != "qemu" or not instance.qmp_socket:
-        raise InvalidInput(f"instance {instance.name!r} is not a QEMU VM: backups are of VMs for now",
-                           hint="snapshot a host instance with: freezeframe snapshot create")
+    source = source_for(instance)
     repo = plan.repository
     with instance_lock(lock_dir, instance.name):
         _close_stale(catalog, instance.name)
@@ -134,8 +125,7 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
             # The repository is held against garbage collection from before any chunk is
             # stored or found stored, to the end.
             held.enter_context(backup_lock(repo, plan.point.snapshot_id, waiting=progress))
-            async with Monitor(instance.qmp_socket) as monitor:
-                states = await inspect(monitor)
+            states = await source.inspect()
             check_space(plan.fleecing_dir, states)
         except BaseException:
             held.close()
@@ -149,8 +139,8 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
         started = time.monotonic()
         try:
             with held:
-                await _run(plan, catalog, backup, states, (parent, last, last_full), watcher, agent, progress,
-                           transfer, began=began)
+                await _run(plan, catalog, backup, source, states, (parent, last, last_full), watcher, agent,
+                           progress, transfer, began=began)
         except BaseException as err:
             backup.state = BackupState.FAILED
             backup.error = err.message if isinstance(err, FreezeframeError) else f"interrupted: {type(err).__name__}"
@@ -218,8 +208,8 @@ def _choose_reads(state: DiskState, kind: BackupType, parent: Backup | None) -> 
     return _Reads(mine.bitmap, None, mine.index)
 
 
-def _layout(plan: BackupPlan, backup: Backup, states: list[DiskState], parent: Backup | None,
-            last: Backup | None, last_full: Backup | None) -> tuple[Layout, list[str | None]]:
+def _layout(plan: BackupPlan, backup: Backup, source: BackupSource, states: list[DiskState],
+            parent: Backup | None, last: Backup | None, last_full: Backup | None) -> tuple[Layout, list[str | None]]:
     """The names to create, and for each disk the parent index its unchanged chunks come from."""
     kind = backup.type
     parent_indexes: list[str | None] = []
@@ -251,14 +241,12 @@ def _layout(plan: BackupPlan, backup: Backup, states: list[DiskState], parent: B
         drop += [(state.disk.node, name) for name in chain
                  if name in state.bitmaps and name not in (start, full_bitmap)
                  and (state.disk.node, name) not in stale]
-    assert plan.point.instance.qmp_socket is not None
-    layout = Layout(backup_id=backup.id, qmp_socket=plan.point.instance.qmp_socket,
-                    nbd_socket=str(plan.run_dir / f"{short}.nbd"), disks=tuple(disks),
-                    drop_on_success=tuple(drop), stale=tuple(stale))
+    layout = Layout(backup_id=backup.id, nbd_socket=str(plan.run_dir / f"{short}.nbd"), disks=tuple(disks),
+                    drop_on_success=tuple(drop), stale=tuple(stale), **source.address)
     return layout, parent_indexes
 
 
-async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[DiskState],
+async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, source: BackupSource, states: list[DiskState],
                history: tuple[Backup | None, Backup | None, Backup | None], watcher: Watcher,
                agent: asyncio.Task[GuestAgent] | None, progress: Progress | None,
                transfer: TransferProgress | None, *, began: float) -> None:
@@ -266,19 +254,17 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
     ``began``: when the preflight began (monotonic)."""
     say = progress or (lambda phase: None)
     instance = plan.point.instance
-    assert instance.qmp_socket is not None
     timings: dict[str, float] = {}
     clock = began
     say("preflight")
-    layout, parent_indexes = _layout(plan, backup, states, *history)
+    layout, parent_indexes = _layout(plan, backup, source, states, *history)
     for disk in layout.disks:
         backup.disks.append(BackupDisk(device=disk.device, virtual_size=disk.virtual_size, bitmap=disk.start,
                                        full_read_reason=disk.full_read_reason))
     # The target owns the early agent connection from here: its close() closes it.
     # The sentinel must hold its task before the target changes anything in the VM: it
     # confirms then, so the sentinel's start-up overlaps the agent's handshake.
-    target = FleecingTarget(layout=layout, qga_socket=instance.qga_socket, agent=agent,
-                            before_changes=watcher.confirm)
+    target = source.target(layout, qga_socket=instance.qga_socket, agent=agent, before_changes=watcher.confirm)
     try:
         sentinel.send(watcher, catalog.path, layout)
     except BaseException:
@@ -298,43 +284,42 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
         # QEMU closes them itself, in its main loop. A client that lets go first is handled
         # in the disk's iothread, and QEMU 7.2 (Debian 12) aborts on that (the VM dies):
         # "nbd_blockdev_client_closed: Assertion `qemu_in_main_thread() && nbd_server' failed".
-        sources: list[NbdExport] = []
-        async with Monitor(instance.qmp_socket) as monitor:
-            try:
-                async with exported(monitor, layout):
-                    say("read")
-                    clock = time.monotonic()
-                    counters = await asyncio.to_thread(_read_all, plan, backup, layout, parent_indexes,
-                                                     transfer, sources, watcher.hold)
-                    timings["read_store"] = round(time.monotonic() - clock, 3)
-                timings.update({f"{k}_thread_s": round(sum(c.seconds[k] for c in counters), 3) for k in STEPS})
-                say("publish")
-                plan.repository.put_manifest(backup.id, _manifest(backup, point.manifest))
-                success = True
-            finally:
-                clock = time.monotonic()
-                say("teardown")
-                def let_go() -> None:
-                    for source in sources:
-                        source.close()
+        readers: list[NbdExport] = []
 
-                try:
-                    problems = await teardown(monitor, layout, success=success, exports_deleted=let_go)
-                finally:
-                    let_go()
-                torn_down = not problems
-                timings["teardown"] = round(time.monotonic() - clock, 3)
-                if problems:
-                    raise HypervisorError("the backup's view could not be fully removed from the VM: "
-                                          + "; ".join(problems))
+        def let_go() -> None:
+            for reader in readers:
+                reader.close()
+
+        try:
+            async with source.exported(layout):
+                say("read")
+                clock = time.monotonic()
+                counters = await asyncio.to_thread(_read_all, plan, backup, layout, parent_indexes,
+                                                 transfer, readers, watcher.hold)
+                timings["read_store"] = round(time.monotonic() - clock, 3)
+            timings.update({f"{k}_thread_s": round(sum(c.seconds[k] for c in counters), 3) for k in STEPS})
+            say("publish")
+            plan.repository.put_manifest(backup.id, _manifest(backup, point.manifest))
+            success = True
+        finally:
+            clock = time.monotonic()
+            say("teardown")
+            try:
+                problems = await source.teardown(layout, success=success, exports_deleted=let_go)
+            finally:
+                let_go()
+            torn_down = not problems
+            timings["teardown"] = round(time.monotonic() - clock, 3)
+            if problems:
+                raise HypervisorError("the backup's view could not be fully removed from the VM: "
+                                      + "; ".join(problems))
         # The view is gone: the point's record keeps the evidence, not paths that no longer exist.
         point.disks = []
         catalog.save_snapshot(point)
     except BaseException:
         if target.taken and not torn_down:
             with contextlib.suppress(FreezeframeError):
-                async with Monitor(instance.qmp_socket) as monitor:
-                    torn_down = not await teardown(monitor, layout, success=False)
+                torn_down = not await source.teardown(layout, success=False)
         raise
     finally:
         backup.timings_s = timings
@@ -345,10 +330,10 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, states: list[
 
 
 def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: list[str | None],
-              transfer: TransferProgress | None, sources: list[NbdExport],
+              transfer: TransferProgress | None, readers: list[NbdExport],
               hold: Callable[[int], None]) -> list[Counters]:
     """In a thread: block status of every disk first (so the total is known), then the reads.
-    The exports opened are added to ``sources``, for the caller to close after teardown;
+    The exports opened are added to ``readers``, for the caller to close after teardown;
     ``hold`` gets every connection's socket (the sentinel keeps it open if we die)."""
     repo = plan.repository
     fault_after = _fault_after()
@@ -356,16 +341,16 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
     parents: list[DiskIndex | None] = []
     for disk, parent_name in zip(layout.disks, parent_indexes, strict=True):
         source = NbdExport(layout.nbd_socket, disk.export, on_connect=hold)
-        sources.append(source)
+        readers.append(source)
         allocation = source.extents(ALLOCATION)
         dirty = source.extents(f"qemu:dirty-bitmap:{disk.frozen}") if disk.frozen else None
         plans.append(plan_chunks(source.size, repo.chunk_size, allocation, dirty))
         parents.append(repo.index(parent_name) if dirty is not None and parent_name else None)
     total = sum(min(repo.chunk_size, s.size - i * repo.chunk_size)
-                for s, p in zip(sources, plans, strict=True) for i, n in enumerate(p) if n is Need.READ)
+                for s, p in zip(readers, plans, strict=True) for i, n in enumerate(p) if n is Need.READ)
     done_before = 0
     results: list[Counters] = []
-    for position, (disk, record, source) in enumerate(zip(layout.disks, backup.disks, sources, strict=True)):
+    for position, (disk, record, source) in enumerate(zip(layout.disks, backup.disks, readers, strict=True)):
 
         def report(read: int, counters: Counters, base: int = done_before) -> None:
             if fault_after is not None and counters.new >= fault_after:

@@ -3,9 +3,9 @@ the VM when the backup process dies (SIGKILL included) before it could.
 
 The backup hands it the ``Layout`` (every name the backup will create) and confirms it is
 armed before it creates anything in the VM, and disarms it after its own teardown. On EOF without a
-disarm it connects to QMP (the dead process's connection is gone, so QEMU accepts a new
-one), removes the export, the job, the fleecing nodes and files and the bitmaps the
-backup started, and marks the backup failed in the catalog. The bitmap of the last good
+disarm it reaches the VM (QMP: the dead process's connection is gone, so QEMU accepts a
+new one; or libvirt), removes the export, the job, the fleecing nodes and files and the
+bitmaps (checkpoints) the backup started, and marks the backup failed in the catalog. The bitmap of the last good
 backup is left recording, so the next backup still sees every change.
 
 It also holds a duplicate of every NBD connection the backup opens (``Watcher.hold``), so
@@ -77,15 +77,14 @@ def send(watcher: Watcher, catalog: Path, layout: Layout) -> None:
 async def _teardown(layout: Layout) -> list[str]:
     import asyncio
 
-    from freezeframe.agent.qmp import Monitor
-    from freezeframe.targets.fleecing import teardown
+    from freezeframe.targets.backup_source import source_of
 
+    source = source_of(layout, timeout=10)
     last: Exception | None = None
     end = time.monotonic() + PATIENCE
     while time.monotonic() < end:
         try:
-            async with Monitor(layout.qmp_socket, timeout=10) as monitor:
-                return await teardown(monitor, layout, success=False, exports_deleted=_let_go)
+            return await source.teardown(layout, success=False, exports_deleted=_let_go)
         except FreezeframeError as err:
             last = err
             await asyncio.sleep(0.5)

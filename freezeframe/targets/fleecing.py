@@ -95,9 +95,12 @@ class Layout:
     """Every name a backup creates in the VM, decided before anything is created."""
 
     backup_id: str
-    qmp_socket: str
     nbd_socket: str
     disks: tuple[DiskLayout, ...]
+    #: Where the VM is: its QMP socket, or its libvirt connection and domain.
+    qmp_socket: str | None = None
+    libvirt_uri: str | None = None
+    libvirt_domain: str | None = None
     #: freezeframe bitmaps to remove once the backup has succeeded (superseded).
     drop_on_success: tuple[tuple[str, str], ...] = ()  # (node, bitmap)
     #: Leftovers of earlier runs to remove before the point (node, bitmap).
@@ -109,8 +112,10 @@ class Layout:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Layout:
         return cls(
-            backup_id=data["backup_id"], qmp_socket=data["qmp_socket"], nbd_socket=data["nbd_socket"],
+            backup_id=data["backup_id"], nbd_socket=data["nbd_socket"],
             disks=tuple(DiskLayout(**d) for d in data["disks"]),
+            qmp_socket=data.get("qmp_socket"), libvirt_uri=data.get("libvirt_uri"),
+            libvirt_domain=data.get("libvirt_domain"),
             drop_on_success=tuple(tuple(p) for p in data["drop_on_success"]),
             stale=tuple(tuple(p) for p in data["stale"]),
         )
@@ -177,6 +182,8 @@ class FleecingTarget(QemuTarget):
                  agent: asyncio.Task[GuestAgent] | None = None,
                  before_changes: Callable[[], None] | None = None) -> None:
         """``before_changes``: called before the first change to the VM (raising stops it)."""
+        if layout.qmp_socket is None:
+            raise HypervisorError("a fleecing view needs the VM's QMP socket")
         super().__init__(qmp_socket=layout.qmp_socket, qga_socket=qga_socket, agent=agent)
         self.layout = layout
         self._before_changes = before_changes

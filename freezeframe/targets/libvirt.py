@@ -91,13 +91,13 @@ class LibvirtTarget(GuestTarget):
         return ET.fromstring(await self._call("describe the domain", lambda: self._domain().XMLDesc(0)))
 
     async def disks(self) -> list[DomainDisk]:
-        found, _ = _domain_disks(await self._xml())
+        found, _ = domain_disks(await self._xml())
         if not found:
             raise HypervisorError(f"the domain {self.domain_name} has no writable file-backed disk to snapshot")
         return found
 
     async def skipped_disks(self) -> list[dict[str, str]]:
-        _, skipped = _domain_disks(await self._xml())
+        _, skipped = domain_disks(await self._xml())
         return skipped
 
     async def connect_agent(self, timeout: float, command_timeout: float) -> GuestAgent:
@@ -112,7 +112,7 @@ class LibvirtTarget(GuestTarget):
         tag = short_tag(snapshot_id)
         try:
             # Read once here: the snapshot itself runs inside the freeze window.
-            found, skipped = _domain_disks(await self._xml())
+            found, skipped = domain_disks(await self._xml())
             self._skipped = sorted(d["device"] for d in skipped)
             if not found:
                 raise HypervisorError(f"the domain {self.domain_name} has no writable file-backed disk to snapshot")
@@ -242,7 +242,7 @@ def open_domain(uri: str, name: str) -> tuple[Any, Any]:
     return conn, dom
 
 
-def _domain_disks(root: ET.Element) -> tuple[list[DomainDisk], list[dict[str, str]]]:
+def domain_disks(root: ET.Element) -> tuple[list[DomainDisk], list[dict[str, str]]]:
     """The writable file-backed disks of a live domain XML, and the drives left out."""
     found, skipped = [], []
     for disk in root.findall("./devices/disk"):
