@@ -12,18 +12,25 @@ and prints, for each, the freeze window (first freeze call to end of thaw, host 
 and the longest single write the guest's writer saw stall (guest clock), as min,
 median, p95 and max. Alternating the two keeps machine noise from favouring either.
 
+and a third, the consistent point of an incremental backup (``backup create``): the
+same freeze and thaw around one ``transaction`` that starts the fleecing view and the
+dirty bitmaps, into a local repository.
+
 Then the same guest as a libvirt domain, alternately with
 
   * freezeframe through libvirt: overlays made before the freeze, virDomainFSFreeze,
     one atomic disk-only snapshot onto them, virDomainFSThaw;
   * ``virsh snapshot-create-as --disk-only --atomic --quiesce --no-metadata``: libvirt
-    freezes, creates the overlay files, switches and thaws in one call.
+    freezes, creates the overlay files, switches and thaws in one call;
+  * a backup point through libvirt: ``virDomainBackupBegin`` in pull mode with a new
+    checkpoint inside the window (libvirt starts the view, the NBD server and the
+    exports in that call).
 
 virsh does not say when it froze and thawed, so for it the host column is the whole
 command's time (an upper bound of its window); the guest's longest write stall is
 measured the same way for both.
 
-    python bench/freeze_window.py [--count 20] [--keep-home] [--no-libvirt]
+    python bench/freeze_window.py [--count 20] [--keep-home] [--no-libvirt] [--no-backup]
 """
 
 from __future__ import annotations
@@ -36,13 +43,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 from freezeframe.agent.qga import GuestAgent
 from freezeframe.agent.qmp import Monitor
+from freezeframe.backup.repository import Repository
+from freezeframe.backup.store import LocalStore
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
+from freezeframe.engine.backup import BackupPlan, take_backup
 from freezeframe.engine.plan import plan_snapshot
 from freezeframe.engine.run import take_snapshot
 from freezeframe.lab import libvirt as lab_libvirt
@@ -100,6 +111,21 @@ def virsh_snapshot(vm: lab_vm.LabVM, index: int) -> float:
     return (time.perf_counter() - start) * 1000
 
 
+def backup_point(home: Home, instance: Instance, catalog: Catalog, index: int) -> float:
+    """An incremental backup (the first one full) into the home's repository; its point's window."""
+    store = LocalStore(home.root / f"repo-{instance.name}")
+    repo = Repository.open(store) if store.exists("config") else Repository.init(store)
+    backup_id = str(uuid.uuid4())
+    point = plan_snapshot(instance, now=datetime.now(UTC), level=Level.FILESYSTEM,
+                          name=f"bench-backup-{instance.name}-{index}", snapshot_id=backup_id)
+    plan = BackupPlan(point=point, type=None, repository=repo, fleecing_dir=home.fleecing, run_dir=home.run)
+    made = asyncio.run(take_backup(plan, catalog, lock_dir=home.locks))
+    assert made.point is not None
+    assert made.point.achieved_level is Level.FILESYSTEM, made.point.fallback_reasons
+    assert made.point.freeze_window_ms is not None
+    return made.point.freeze_window_ms
+
+
 def measure(home: Home, vm: lab_vm.LabVM, instance: Instance, catalog: Catalog, methods: tuple[str, str],
             count: int) -> dict[str, dict[str, list[float]]]:
     """``count`` snapshots per method, interleaved: window (host) and longest stall (guest)."""
@@ -108,7 +134,9 @@ def measure(home: Home, vm: lab_vm.LabVM, instance: Instance, catalog: Catalog, 
     for i in range(count):
         for method in methods:
             before = asyncio.run(stall_lines(vm))
-            if method.startswith("freezeframe"):
+            if method.startswith("backup"):
+                window = backup_point(home, instance, catalog, i)
+            elif method.startswith("freezeframe"):
                 plan = plan_snapshot(instance, now=datetime.now(UTC), level=Level.FILESYSTEM,
                                      name=f"bench-{instance.name}-{i}")
                 snap = asyncio.run(take_snapshot(plan, catalog, lock_dir=home.locks))
@@ -138,6 +166,7 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=20, help="snapshots per method (default 20)")
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary state directory")
     parser.add_argument("--no-libvirt", action="store_true", help="skip the libvirt domain")
+    parser.add_argument("--no-backup", action="store_true", help="skip the backup points")
     args = parser.parse_args()
 
     home = Home.open(Path(tempfile.mkdtemp(prefix="ff-bench-")))
@@ -151,10 +180,13 @@ def main() -> int:
             try:
                 instance = catalog.add_instance("bench", kind="qemu", qmp_socket=vm.qmp_socket,
                                                 qga_socket=vm.qga_socket, lab=True)
-                results = measure(home, vm, instance, catalog, ("freezeframe", "plain"), args.count)
+                methods = ("freezeframe", "plain") + (() if args.no_backup else ("backup",))
+                results = measure(home, vm, instance, catalog, methods, args.count)
             finally:
                 lab_vm.down(home.lab, "bench")
             rows += [("QEMU", "freezeframe", results["freezeframe"]), ("QEMU", "plain qemu-ga+sync", results["plain"])]
+            if not args.no_backup:
+                rows.append(("QEMU", "backup point", results["backup"]))
             if not args.no_libvirt:
                 daemons = lab_libvirt.ensure_daemons(lab_libvirt.DEFAULT_URI)
                 lv = lab_vm.up(home.lab, home.images, "bench-lv", disks=2, workload=True,
@@ -163,11 +195,14 @@ def main() -> int:
                     domain = catalog.add_instance("bench-lv", kind="libvirt", qmp_socket=None, qga_socket=None,
                                                   lab=True, libvirt_uri=lab_libvirt.DEFAULT_URI,
                                                   libvirt_domain="bench-lv")
-                    results = measure(home, lv, domain, catalog, ("freezeframe-libvirt", "virsh"), args.count)
+                    methods = ("freezeframe-libvirt", "virsh") + (() if args.no_backup else ("backup-libvirt",))
+                    results = measure(home, lv, domain, catalog, methods, args.count)
                 finally:
                     lab_vm.down(home.lab, "bench-lv")
                 rows += [("libvirt", "freezeframe", results["freezeframe-libvirt"]),
                          ("libvirt", "virsh --quiesce", results["virsh"])]
+                if not args.no_backup:
+                    rows.append(("libvirt", "backup point", results["backup-libvirt"]))
     finally:
         for pid in reversed(daemons):  # only the daemons started here
             lab_libvirt.stop_daemon(pid)

@@ -185,6 +185,12 @@ def any_vm(request: pytest.FixtureRequest) -> lab_vm.LabVM:
     return request.getfixturevalue("shared_vm" if request.param == "qemu" else "shared_libvirt_vm")  # type: ignore[no-any-return]
 
 
+@pytest.fixture
+def libvirt_lab(home: Home, catalog: Catalog, libvirtd: str) -> Iterator[LabFactory]:
+    """Like ``lab``, as libvirt domains only (for what only libvirt has: checkpoints)."""
+    yield from _lab_factory(home, catalog, libvirtd)
+
+
 @pytest.fixture(params=["qemu", "libvirt"])
 def any_lab(request: pytest.FixtureRequest, home: Home, catalog: Catalog) -> Iterator[LabFactory]:
     """Like ``lab``, under plain QEMU and as a libvirt domain."""

@@ -254,6 +254,36 @@ def test_bitmaps_survive_a_clean_restart_and_a_killed_qemu_forces_a_full_read(
     assert following["disks"][0]["bytes_unchanged"] > 0
 
 
+def test_a_checkpoint_bitmap_lost_behind_libvirts_back_forces_a_full_read_of_that_disk_only(
+        home: Home, libvirt_lab: LabFactory, tmp_path: Path) -> None:
+    """libvirt would refuse the whole backup (inside the freeze window): freezeframe asks
+    libvirt for each checkpoint's size per disk first and reads a disk without one in full."""
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    vm = libvirt_lab(disks=2)
+    full = backup(home, vm, repo)
+    digest = write_random(vm, "/mnt/ffdata1/after.bin", 2)
+    second = [b for b in qmp(vm, "query-block") if b.get("inserted")][1]["inserted"]["node-name"]
+    qmp(vm, "block-dirty-bitmap-remove", {"node": second, "name": f"ff-{full['id'][:8]}"})
+
+    inc = backup(home, vm, repo)
+    kept, lost = inc["disks"]
+    assert inc["type"] == "incremental"
+    assert kept["full_read_reason"] is None
+    assert kept["bytes_unchanged"] > 0
+    assert "missing" in (lost["full_read_reason"] or ""), lost
+    assert lost["bytes_unchanged"] == 0
+    assert lost["bytes_read"] >= 2 << 20
+    raw = restore(home, inc["id"], tmp_path / "r")[lost["device"]]
+    assert hashlib.sha256(ext4_read(raw, "/after.bin")).hexdigest() == digest
+    assert e2fsck_clean(raw)
+    # The next incremental reads only changes again, on both disks.
+    following = backup(home, vm, repo)
+    assert [d["full_read_reason"] for d in following["disks"]] == [None, None]
+    assert all(d["bytes_unchanged"] > 0 for d in following["disks"])
+    assert checkpoints(vm) == sorted({f"ff-{full['id'][:8]}", f"ff-{following['id'][:8]}"})
+
+
 def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reuses_chunks(
         home: Home, any_lab: LabFactory, tmp_path: Path, any_repo: RepoPlace) -> None:
     repo = any_repo

@@ -197,7 +197,7 @@ def _choose_reads(state: DiskState, kind: BackupType, parent: Backup | None) -> 
                                 f"{state.elsewhere[mine.bitmap]}, no longer the disk's active layer "
                                 "(a snapshot or a copy replaced it)", None)
         return _Reads(None, f"its dirty bitmap {mine.bitmap} is missing: QEMU stopped without saving it "
-                            "(killed or crashed), or the disk image was replaced", None)
+                            "(killed or crashed), or the disk image was replaced or changed by another tool", None)
     if bitmap.inconsistent:
         return _Reads(None, f"its dirty bitmap {mine.bitmap} is inconsistent: QEMU stopped without saving it "
                             "(killed or crashed)", None)

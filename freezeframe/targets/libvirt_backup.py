@@ -19,9 +19,11 @@ libvirt removes the view and the exports), deletes the scratch images, and the
 checkpoints the outcome says to drop: after a success, the superseded ones; after a
 failure, the new one, so the previous checkpoint still covers every change since it.
 
-libvirt 9.0 (Debian 12) does not refuse an incremental whose bitmap is gone from a disk,
-so ``inspect`` asks for each checkpoint's size per disk (``VIR_DOMAIN_CHECKPOINT_XML_SIZE``):
-a disk without one has no usable bitmap, and is read in full.
+libvirt refuses the whole backup when one disk lost its checkpoint's bitmap ("checkpoint
+inconsistent: missing or broken bitmap"), and only inside ``virDomainBackupBegin``, in the
+freeze window. So ``inspect`` asks first, for each checkpoint's size per disk
+(``VIR_DOMAIN_CHECKPOINT_XML_SIZE``): a disk without one has no usable bitmap, and is
+read in full while the others still read only their changes.
 """
 
 from __future__ import annotations
@@ -141,7 +143,7 @@ def job_xml(layout: Layout, skipped: list[str]) -> tuple[str, str | None]:
 
 def inspect_domain(uri: str, domain: str) -> list[DiskState]:
     """The domain's writable disks with freezeframe's checkpoints as their bitmaps
-    (blocking). A checkpoint whose bitmap a disk lacks is listed as inconsistent there."""
+    (blocking). A checkpoint whose bitmap a disk lacks is not among that disk's bitmaps."""
     import libvirt
 
     conn, dom = open_domain(uri, domain)
@@ -162,9 +164,10 @@ def inspect_domain(uri: str, domain: str) -> list[DiskState]:
         states = []
         for disk in found:
             size = int(dom.blockInfo(disk.device)[0])
+            # A checkpoint whose bitmap this disk lost is not one of its bitmaps: "missing".
             bitmaps = {name: BitmapInfo(name=name, node=disk.device, recording=True, persistent=True, busy=False,
-                                        inconsistent=not per_disk[disk.device])
-                       for name, per_disk in sizes.items() if disk.device in per_disk}
+                                        inconsistent=False)
+                       for name, per_disk in sizes.items() if per_disk.get(disk.device)}
             states.append(DiskState(
                 disk=BlockDisk(device=disk.device, node=disk.device, filename=disk.filename, format=disk.format,
                                virtual_size=size),
