@@ -200,7 +200,8 @@ def test_bad_input_is_refused_with_the_reason(home: Home, catalog: Catalog, tmp_
     refused(3, "no backup", "backup", "restore", "abcdef12", "--to", str(tmp_path / "out"), "--repo",
             str(tmp_path / "repo"))
     catalog.add_instance("files-host", kind="host", qmp_socket=None, qga_socket=None, mounts=("/srv",))
-    refused(2, "not a QEMU VM", "backup", "create", "files-host", "--repo", str(tmp_path / "repo"))
+    refused(2, "is not a VM: backups are of QEMU VMs and libvirt domains", "backup", "create", "files-host",
+            "--repo", str(tmp_path / "repo"))
     refused(2, "is not one of", "backup", "create", "files-host", "--type", "weekly")
     refused(2, "name the backups to verify, or give --all", "backup", "verify")
     refused(2, "name the backups to verify, or give --all", "backup", "verify", "abcdef12", "--all")
