@@ -1,16 +1,18 @@
 """Take a backup, and restore one.
 
 A backup is a snapshot's consistent point (``take_point``: the same levels, writers,
-guard and record as ``snapshot create``) whose last step makes a fleecing view instead of
-overlays, then a read of that view into the repository::
+guard and record as ``snapshot create``) whose last step makes a point-in-time view of
+every disk instead of overlays, then a read of that view into the repository. The view
+comes from the instance's ``BackupSource``: QEMU's image fleecing over QMP, or libvirt's
+pull-mode backup with checkpoints; this module is the same for both::
 
-    preflight  disks and their dirty bitmaps (QMP); which bitmap each disk reads, or why
-               it is read in full; free space for the temporary snapshot data
+    preflight  disks and their dirty bitmaps (or checkpoints); which one each disk reads,
+               or why it is read in full; free space for the temporary snapshot data
     sentinel   armed: if this process dies, it removes the view from the VM
-    point      take_point with FleecingTarget (freeze, one transaction, thaw)
+    point      take_point with the source's target (freeze, one transaction, thaw)
     read       NBD export of the view; block status; only the chunks needed, in parallel
     publish    one index per disk, then the manifest: only now is the backup listed
-    teardown   export, job, fleecing nodes and files, superseded bitmaps removed
+    teardown   export, job, temporary images, superseded bitmaps removed
 
 The rules this module owns:
 

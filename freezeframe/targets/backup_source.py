@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from freezeframe.agent.qga import GuestAgent
 from freezeframe.agent.qmp import Monitor
@@ -99,9 +99,11 @@ def source_for(instance: Instance) -> BackupSource:
                        hint="snapshot a host instance with: freezeframe snapshot create")
 
 
-def source_of(layout: Layout, **options: Any) -> BackupSource:
-    """The source a layout was made for (the sentinel's way back to the VM)."""
+def source_of(layout: Layout, *, timeout: float = 30.0) -> BackupSource:
+    """The source a layout was made for (the sentinel's way back to the VM); ``timeout``
+    for each QMP command."""
     if layout.libvirt_uri and layout.libvirt_domain:
         return LibvirtSource(layout.libvirt_uri, layout.libvirt_domain)
-    assert layout.qmp_socket is not None
-    return QemuSource(layout.qmp_socket, **options)
+    if layout.qmp_socket is None:
+        raise InvalidInput(f"the layout of backup {layout.backup_id} names no VM")
+    return QemuSource(layout.qmp_socket, timeout=timeout)
