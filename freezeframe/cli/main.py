@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
+import os
 import sys
+import threading
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -82,12 +87,16 @@ def cli(ctx: click.Context, home: Path | None) -> None:
 
 
 
-def main() -> None:
+def main() -> NoReturn:
+    _leave(_run())
+
+
+def _run() -> int:
+    """The command's exit code; an error it knows is printed here."""
     try:
         # Without standalone mode, click returns (not raises) the code of an Exit.
         code = cli.main(standalone_mode=False)
-        if isinstance(code, int) and code != 0:
-            sys.exit(code)
+        return code if isinstance(code, int) else 0
     except FreezeframeError as err:
         from rich.text import Text
 
@@ -95,15 +104,30 @@ def main() -> None:
         stderr.print(Text.assemble(("error: ", "bold red"), err.message), highlight=False)
         if err.hint:
             stderr.print(Text.assemble(("hint: ", "dim"), err.hint), highlight=False)
-        sys.exit(err.exit_code)
+        return err.exit_code
     except click.exceptions.Abort:
         stderr.print("aborted")
-        sys.exit(130)
+        return 130
     except click.ClickException as err:
         err.show()
-        sys.exit(err.exit_code)
+        return err.exit_code
     except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
+        return err.exit_code
     except KeyboardInterrupt:
         stderr.print("interrupted")
-        sys.exit(130)
+        return 130
+
+
+def _leave(code: int) -> NoReturn:
+    """Exit without tearing the interpreter down. The command is over and has closed what
+    it opened; what the teardown would add is freeing the memory of every module and
+    object, which the kernel does at once anyway: 25-40 ms measured here, a tenth of an
+    incremental backup. What must happen still does: the threads that Python would wait
+    for, the functions registered with ``atexit`` (libraries flush and clean up there),
+    and the standard streams."""
+    threading._shutdown()  # type: ignore[attr-defined]  # what Python's own exit does first
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
