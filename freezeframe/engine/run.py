@@ -340,6 +340,44 @@ class _Run:
                 await target.close()
 
     async def _with_target(self, target: Target) -> None:
+        # Where the target allows it, its copies are prepared while the probe talks to the
+        # guest: a VM's images are the host's, and neither waits for the other.
+        preparing = asyncio.create_task(self._prepare(target)) if target.prepare_with_probe else None
+        try:
+            inner_expected = await self._preflight(target)
+            if preparing is None:
+                await self._prepare(target)
+            else:
+                await preparing
+        except BaseException:
+            if preparing is not None and not preparing.done():
+                preparing.cancel()
+            if preparing is not None:
+                # What it made is then discarded by target.close(); its own error, if any,
+                # is not the one to report.
+                with contextlib.suppress(BaseException):
+                    await preparing
+            raise
+
+        try:
+            try:
+                await self._hold_and_snapshot(target)
+            finally:
+                if inner_expected:
+                    await self._collect_inner(target)
+            self._judge_writers()
+        except (_StepDownRefused, WritersFailed):
+            await self._undo(target)
+            raise
+
+    async def _prepare(self, target: Target) -> None:
+        self.say("prepare")
+        with self.clock.phase("prepare"):
+            await target.prepare(self.snap.id)
+
+    async def _preflight(self, target: Target) -> bool:
+        """The probe, the level it leaves, and the writers' preparation; returns whether
+        writers inside the guest will report."""
         inner_expected = False
         with self.clock.phase("preflight"):
             if self.ladder.level >= Level.FILESYSTEM:
@@ -365,21 +403,7 @@ class _Run:
             self.say("writers prepare")
             with self.clock.phase("writers_prepare"):
                 await self.quiesce.prepare()
-
-        self.say("prepare")
-        with self.clock.phase("prepare"):
-            await target.prepare(self.snap.id)
-
-        try:
-            try:
-                await self._hold_and_snapshot(target)
-            finally:
-                if inner_expected:
-                    await self._collect_inner(target)
-            self._judge_writers()
-        except (_StepDownRefused, WritersFailed):
-            await self._undo(target)
-            raise
+        return inner_expected
 
     async def _collect_inner(self, target: Target) -> None:
         """Read what the guest's hooks reported. Evidence, even when the freeze failed."""

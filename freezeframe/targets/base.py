@@ -31,6 +31,10 @@ class FreezeProbe:
 
 class Target(Protocol):
     kind: str
+    #: ``prepare`` does not depend on what ``probe_freeze`` does, so the engine may run
+    #: them at once: true for VMs (images on the host, the agent in the guest), false on a
+    #: host, whose probe may thaw the very file systems its prepare writes to.
+    prepare_with_probe: bool
 
     async def connect(self) -> None: ...
 

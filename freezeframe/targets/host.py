@@ -106,6 +106,8 @@ class _Plan:
 
 class HostTarget:
     kind = "host"
+    #: The probe may thaw a file system left frozen that prepare then writes to.
+    prepare_with_probe = False
 
     def __init__(self, *, mounts: Sequence[str], protect: Sequence[Path] = ()) -> None:
         self.mounts = [os.path.normpath(m) for m in mounts]

@@ -75,6 +75,8 @@ class GuestTarget:
 
     #: Commands the agent must allow for a filesystem-consistent snapshot.
     FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
+    #: The images are the host's, the probe talks to the guest: one need not wait for the other.
+    prepare_with_probe = True
 
     def __init__(self) -> None:
         self.agent: GuestAgent | None = None
