@@ -27,7 +27,7 @@ from backups import (
     restore,
     write_random,
 )
-from conftest import LabFactory, RepoPlace, checkpoints, qmp, run_cli, unique
+from conftest import LabFactory, RepoPlace, checkpoints, qmp, run_cli, unique, vm_status
 from oracles import assert_in_step, ext4_needs_recovery, ext4_read, sequence
 from servers import S3Server
 
@@ -282,6 +282,34 @@ def test_a_checkpoint_bitmap_lost_behind_libvirts_back_forces_a_full_read_of_tha
     assert [d["full_read_reason"] for d in following["disks"]] == [None, None]
     assert all(d["bytes_unchanged"] > 0 for d in following["disks"])
     assert checkpoints(vm) == sorted({f"ff-{full['id'][:8]}", f"ff-{following['id'][:8]}"})
+
+
+def test_a_killed_backup_of_a_domain_with_iothreads_leaves_it_running(
+        home: Home, libvirt_lab: LabFactory, tmp_path: Path) -> None:
+    """libvirt ends a job by stopping QEMU's NBD server at once; with the disks in an
+    iothread, QEMU 7.2 aborts when the connections the sentinel holds close after that.
+    The sentinel takes the exports down first, so the domain lives on."""
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    vm = libvirt_lab(disks=1, iothread=True)
+    assert qmp(vm, "query-iothreads"), "the domain runs no iothread: the test proves nothing"
+    full = backup(home, vm, repo)
+    before = vm_state(vm)
+    digest = write_random(vm, "/mnt/ffdata0/data.bin", 40)
+    for _ in range(2):
+        killed = run_cli(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
+                         env={"FREEZEFRAME_FAULT": f"mid-read:{8 << 20}"})
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        deadline = time.monotonic() + 30
+        while vm_state(vm) != before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert vm_status(vm) == "running", "the domain died with the killed backup"
+        assert assert_left_as_it_was(vm, before) == before
+    rerun = backup(home, vm, repo)
+    assert rerun["parent"] == full["id"]
+    assert rerun["disks"][0]["full_read_reason"] is None
+    raw = restore(home, rerun["id"], tmp_path / "r")[rerun["disks"][0]["device"]]
+    assert hashlib.sha256(ext4_read(raw, "/data.bin")).hexdigest() == digest
 
 
 def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reuses_chunks(

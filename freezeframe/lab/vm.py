@@ -221,10 +221,13 @@ def up(
     boot_timeout: float = 90.0,
     disk_images: list[Path] | None = None,
     libvirt_uri: str | None = None,
+    iothread: bool = False,
 ) -> LabVM:
     """Build (or reuse) the guest image, create the disks and boot the VM; returns once the
     guest has mounted its disks and started its agent. ``disk_images``: qcow2 files to
-    boot on instead of new disks (moved into the VM's directory), such as a restored backup."""
+    boot on instead of new disks (moved into the VM's directory), such as a restored backup.
+    ``iothread`` (libvirt only; plain QEMU layouts come from ``up_attached``): every disk
+    in one iothread, ``cache=none``, as production domains often run."""
     if disk_images is not None:
         disks = len(disk_images)
     if fs not in FILESYSTEMS:
@@ -244,6 +247,8 @@ def up(
         raise LabError("guest-agent arguments cannot contain spaces or '+' (they travel on the kernel command line)")
     if libvirt_uri is not None and app in apps.DATABASES:
         raise LabError("the lab's database applications run under plain QEMU only")
+    if iothread and libvirt_uri is None:
+        raise LabError("iothread is a libvirt lab option", hint="for plain QEMU, use lab.vm.up_attached")
     vm_dir, image, accel = _claim(lab_root, image_cache, name)
     try:
         disk_paths = [vm_dir / f"disk{i}.qcow2" for i in range(disks)]
@@ -265,7 +270,7 @@ def up(
                            hook_policy=hook_policy, hook_timeout=hook_timeout, app=app)
         if libvirt_uri is not None:
             pid = _boot_libvirt(libvirt_uri, name, vm_dir, image, disk_paths, accel=accel, cmdline=cmdline,
-                                memory_mib=memory_mib, timeout=boot_timeout)
+                                memory_mib=memory_mib, timeout=boot_timeout, iothread=iothread)
         else:
             pid = _boot(vm_dir, image, disk_paths, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
                         timeout=boot_timeout, extra=_app_args(app, app_port))
@@ -324,10 +329,11 @@ def _cmdline(*, agent: bool = True, workload: bool = False, workload_sync: bool 
 
 
 def _boot_libvirt(uri: str, name: str, vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str,
-                  cmdline: str, memory_mib: int, timeout: float) -> int | None:
+                  cmdline: str, memory_mib: int, timeout: float, iothread: bool = False) -> int | None:
     lab_libvirt.ensure_daemons(uri)
     xml = lab_libvirt.domain_xml(name, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline, disks=disks,
-                                 console=vm_dir / "console.log", memory_mib=memory_mib, accel=accel)
+                                 console=vm_dir / "console.log", memory_mib=memory_mib, accel=accel,
+                                 iothread=iothread)
     pid = lab_libvirt.start_domain(uri, xml)
     if _wait_ready(vm_dir, pid, timeout):
         return pid

@@ -31,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -189,6 +191,8 @@ def teardown_domain(dom: Any, layout: Layout, *, success: bool,
 
     problems: list[str] = []
     if _our_job(dom, layout):
+        if _in_iothreads(dom):
+            problems += _delete_exports(dom, exports_deleted)
         try:
             dom.abortJob()
         except libvirt.libvirtError as err:
@@ -217,6 +221,49 @@ def teardown_domain(dom: Any, layout: Layout, *, success: bool,
     return problems
 
 
+def _in_iothreads(dom: Any) -> bool:
+    """Does any disk of the domain run in an iothread?"""
+    disks = ET.fromstring(dom.XMLDesc(0)).findall("./devices/disk/driver")
+    return any(d.get("iothread") for d in disks)
+
+
+def _delete_exports(dom: Any, exports_deleted: Callable[[], None] | None) -> list[str]:
+    """Take the job's NBD exports down before libvirt ends the job (blocking).
+
+    libvirt ends a pull-mode job by stopping QEMU's NBD server at once. A connection still
+    open then (the reader's, or the duplicates the sentinel holds after the backup process
+    died, with replies nobody reads) is closed in its disk's iothread, and QEMU 7.2 aborts
+    on that, killing the VM: "nbd_blockdev_client_closed: Assertion `qemu_in_main_thread()
+    && nbd_server' failed" (seen here on a domain with an iothread after a killed backup).
+    Deleting the exports first makes QEMU close the connections in its main loop, as the
+    QEMU target does. libvirt has no call for that, so it goes through its QMP pass-through,
+    for which libvirt marks the domain "tainted: custom-monitor"; only domains with disks
+    in iothreads need it. While the job runs, every ``libvirt-nbd-`` export is the job's.
+    ``exports_deleted`` is called once the deletion is asked for, before waiting: an
+    export whose client holds replies it never read goes only when the client lets go."""
+    import libvirt
+    import libvirt_qemu
+
+    def qmp(command: str, arguments: dict[str, Any] | None = None) -> Any:
+        request = {"execute": command, **({"arguments": arguments} if arguments else {})}
+        return json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(request), 0))["return"]
+
+    try:
+        ours = {e["id"] for e in qmp("query-block-exports") if str(e.get("id", "")).startswith("libvirt-nbd-")}
+        for export in sorted(ours):
+            qmp("block-export-del", {"id": export, "mode": "hard"})
+        if exports_deleted is not None:
+            exports_deleted()
+        deadline = time.monotonic() + _JOB_TIMEOUT
+        while ours & {e["id"] for e in qmp("query-block-exports")}:
+            if time.monotonic() > deadline:
+                return [f"the backup's NBD exports were not gone within {_JOB_TIMEOUT:g}s"]
+            time.sleep(0.02)
+    except (libvirt.libvirtError, ValueError, KeyError, TypeError) as err:
+        return [f"the backup's NBD exports could not be deleted through libvirt: {err}"]
+    return []
+
+
 def _delete_checkpoint(dom: Any, name: str) -> None:
     """Delete a checkpoint and its bitmaps. libvirt refuses when a disk lacks the bitmap
     (it was lost behind libvirt's back); then only libvirt's record of it goes, and the
@@ -243,8 +290,6 @@ def _our_job(dom: Any, layout: Layout) -> bool:
 
 
 def _wait_job_gone(dom: Any, layout: Layout) -> bool:
-    import time
-
     deadline = time.monotonic() + _JOB_TIMEOUT
     while _our_job(dom, layout):
         if time.monotonic() > deadline:
