@@ -284,6 +284,17 @@ def test_a_checkpoint_bitmap_lost_behind_libvirts_back_forces_a_full_read_of_tha
     assert checkpoints(vm) == sorted({f"ff-{full['id'][:8]}", f"ff-{following['id'][:8]}"})
 
 
+def kill_mid_read(home: Home, vm: LabVM, repo: Path | RepoPlace, stored: int, before: dict[str, Any]) -> None:
+    """A backup SIGKILLed once it has stored ``stored`` bytes; returns when the VM is back
+    to ``before`` (the sentinel's work) or 30 s have passed, for the caller to judge."""
+    killed = run_cli(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
+                     env={"FREEZEFRAME_FAULT": f"mid-read:{stored}"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    deadline = time.monotonic() + 30
+    while vm_state(vm) != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_a_killed_backup_of_a_domain_with_iothreads_leaves_it_running(
         home: Home, libvirt_lab: LabFactory, tmp_path: Path) -> None:
     """libvirt ends a job by stopping QEMU's NBD server at once; with the disks in an
@@ -297,12 +308,7 @@ def test_a_killed_backup_of_a_domain_with_iothreads_leaves_it_running(
     before = vm_state(vm)
     digest = write_random(vm, "/mnt/ffdata0/data.bin", 40)
     for _ in range(2):
-        killed = run_cli(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
-                         env={"FREEZEFRAME_FAULT": f"mid-read:{8 << 20}"})
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
-        deadline = time.monotonic() + 30
-        while vm_state(vm) != before and time.monotonic() < deadline:
-            time.sleep(0.2)
+        kill_mid_read(home, vm, repo, 8 << 20, before)
         assert vm_status(vm) == "running", "the domain died with the killed backup"
         assert assert_left_as_it_was(vm, before) == before
     rerun = backup(home, vm, repo)
@@ -322,12 +328,7 @@ def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reus
     before = vm_state(vm)
     assert before["bitmaps"] == [f"ff-{full['id'][:8]}"]
 
-    killed = run_cli(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "filesystem",
-                     env={"FREEZEFRAME_FAULT": f"mid-read:{24 << 20}"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    deadline = time.monotonic() + 30
-    while vm_state(vm) != before and time.monotonic() < deadline:
-        time.sleep(0.2)
+    kill_mid_read(home, vm, repo, 24 << 20, before)
     after = assert_left_as_it_was(vm, before)
     assert after == before, "the sentinel did not put the VM back as it was (nodes, exports, jobs, bitmaps)"
 

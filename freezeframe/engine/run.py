@@ -350,11 +350,10 @@ class _Run:
             else:
                 await preparing
         except BaseException:
-            if preparing is not None and not preparing.done():
-                preparing.cancel()
             if preparing is not None:
                 # What it made is then discarded by target.close(); its own error, if any,
                 # is not the one to report.
+                preparing.cancel()  # nothing, when it is done
                 with contextlib.suppress(BaseException):
                     await preparing
             raise

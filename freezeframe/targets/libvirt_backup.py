@@ -43,7 +43,7 @@ from freezeframe.errors import HypervisorError
 from freezeframe.model import SnapshotDisk
 from freezeframe.targets.fleecing import BITMAP_PREFIX, BitmapInfo, DiskState, Layout
 from freezeframe.targets.libvirt import LibvirtTarget, domain_disks, open_domain
-from freezeframe.targets.qemu import BlockDisk, allocated_bytes, create_overlay
+from freezeframe.targets.qemu import BlockDisk, allocated_bytes, create_empty
 
 _JOB_TIMEOUT = 30.0
 
@@ -82,7 +82,7 @@ class LibvirtBackupTarget(LibvirtTarget):
             for disk in self.layout.disks:
                 Path(disk.file).parent.mkdir(parents=True, exist_ok=True)
                 self._scratch.append(disk.file)
-                await create_overlay(disk.file, None, "", disk.virtual_size, what="scratch image")
+                await create_empty(disk.file, disk.virtual_size, what="scratch image")
         except BaseException:
             await self.discard()
             raise

@@ -539,13 +539,19 @@ def allocated_bytes(filename: str) -> int:
         return 0
 
 
-async def create_overlay(path: str, backing: str | None, backing_format: str, size: int, *,
-                         what: str = "overlay") -> None:
-    """A qcow2 file at ``path`` on top of ``backing`` (None: an empty image of ``size``).
-    ``-u``: the backing file is not opened (the running VM holds its lock), so the size is
-    given instead."""
-    on_top = ["-F", backing_format, "-b", str(Path(backing).absolute()), "-u"] if backing else []
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", *on_top, path, str(size)]
+async def create_overlay(path: str, backing: str, backing_format: str, size: int, *, what: str = "overlay") -> None:
+    """A qcow2 file at ``path`` on top of ``backing``. ``-u``: the backing file is not
+    opened (the running VM holds its lock), so the size is given instead."""
+    await _qemu_img_create(path, size, ["-F", backing_format, "-b", str(Path(backing).absolute()), "-u"], what)
+
+
+async def create_empty(path: str, size: int, *, what: str) -> None:
+    """An empty qcow2 file of ``size`` at ``path`` (a scratch image)."""
+    await _qemu_img_create(path, size, [], what)
+
+
+async def _qemu_img_create(path: str, size: int, options: list[str], what: str) -> None:
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", *options, path, str(size)]
     process = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = await process.communicate()
     if process.returncode != 0:
