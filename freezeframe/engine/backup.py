@@ -57,8 +57,8 @@ from freezeframe.engine.run import Progress, instance_lock, take_point
 from freezeframe.errors import BackupFailed, FreezeframeError, HypervisorError, NotFound
 from freezeframe.model import Backup, BackupDisk, BackupState, BackupType, Level
 from freezeframe.targets.backup_source import BackupSource, source_for
+from freezeframe.targets.bitmaps import PREFIX as BITMAP_PREFIX
 from freezeframe.targets.fleecing import (
-    BITMAP_PREFIX,
     DiskLayout,
     DiskState,
     Layout,
@@ -195,11 +195,13 @@ def _choose_reads(state: DiskState, kind: BackupType, parent: Backup | None) -> 
     bitmap = state.bitmaps.get(mine.bitmap)
     if bitmap is None:
         if mine.bitmap in state.elsewhere:
-            return _Reads(None, f"its dirty bitmap {mine.bitmap} belongs to another chain: it is on "
-                                f"{state.elsewhere[mine.bitmap]}, no longer the disk's active layer "
-                                "(a snapshot or a copy replaced it)", None)
-        return _Reads(None, f"its dirty bitmap {mine.bitmap} is missing: QEMU stopped without saving it "
-                            "(killed or crashed), or the disk image was replaced or changed by another tool", None)
+            # freezeframe's snapshots carry the bitmap up: whatever put a layer on top did not.
+            return _Reads(None, f"its dirty bitmap {mine.bitmap} is on {state.elsewhere[mine.bitmap]}, below the "
+                                "disk's active layer: a layer was put on top without it (a snapshot or a copy "
+                                "made by another tool), so the writes since are not marked", None)
+        return _Reads(None, f"its dirty bitmap {mine.bitmap} is in no layer of the disk's chain: QEMU stopped "
+                            "without saving it (killed or crashed), or another tool replaced the image or "
+                            "merged away the layer that held it", None)
     if bitmap.inconsistent:
         return _Reads(None, f"its dirty bitmap {mine.bitmap} is inconsistent: QEMU stopped without saving it "
                             "(killed or crashed)", None)

@@ -38,10 +38,9 @@ from freezeframe.agent.qga import GuestAgent
 from freezeframe.agent.qmp import Monitor
 from freezeframe.errors import HypervisorError, InvalidInput, MonitorCommandError
 from freezeframe.model import SnapshotDisk
+from freezeframe.targets.bitmaps import PREFIX as BITMAP_PREFIX
 from freezeframe.targets.qemu import BlockDisk, QemuTarget, block_disks, create_overlay, disk_chain, short_tag
 
-#: Bitmaps freezeframe made start with this; others are the operator's and left alone.
-BITMAP_PREFIX = "ff-"
 #: Above what the guest may overwrite during the backup, keep this much free.
 SPACE_MARGIN = 64 << 20
 

@@ -41,7 +41,8 @@ from typing import Any
 
 from freezeframe.errors import HypervisorError
 from freezeframe.model import SnapshotDisk
-from freezeframe.targets.fleecing import BITMAP_PREFIX, BitmapInfo, DiskState, Layout
+from freezeframe.targets.bitmaps import PREFIX as BITMAP_PREFIX
+from freezeframe.targets.fleecing import BitmapInfo, DiskState, Layout
 from freezeframe.targets.libvirt import LibvirtTarget, domain_disks, open_domain
 from freezeframe.targets.qemu import BlockDisk, allocated_bytes, create_empty
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -40,7 +41,7 @@ from freezeframe.errors import (
     MonitorCommandError,
 )
 from freezeframe.model import SnapshotDisk
-from freezeframe.targets import guest_hooks
+from freezeframe.targets import bitmaps, guest_hooks
 from freezeframe.targets.base import FreezeProbe
 
 _OVERLAY_SUFFIX = re.compile(r"\.ff-[0-9a-f]{8}$")
@@ -67,6 +68,8 @@ class _Overlay:
     disk: BlockDisk
     node: str
     filename: str
+    #: freezeframe's bitmaps on the disk's active layer, carried onto the overlay.
+    bitmaps: tuple[bitmaps.Bitmap, ...] = ()
 
 
 class GuestTarget:
@@ -283,13 +286,14 @@ class QemuTarget(GuestTarget):
     async def prepare(self, snapshot_id: str) -> None:
         """Create and attach one overlay per disk, ready for the transaction."""
         disks = await self.disks()
+        nodes = {n["node-name"]: n for n in await self.monitor.execute("query-named-block-nodes", {"flat": True})}
         tag = short_tag(snapshot_id)
         try:
             for index, disk in enumerate(disks):
                 overlay = overlay_path(disk.filename, tag)
                 await create_overlay(overlay, disk.filename, disk.format, disk.virtual_size)
                 node = f"ff{tag}-{index}"
-                self._prepared.append(_Overlay(disk, node, overlay))
+                self._prepared.append(_Overlay(disk, node, overlay, tuple(bitmaps.ours(nodes.get(disk.node, {})))))
                 await self.monitor.execute(
                     "blockdev-add",
                     {
@@ -311,6 +315,10 @@ class QemuTarget(GuestTarget):
             {"type": "blockdev-snapshot", "data": {"node": o.disk.node, "overlay": o.node}}
             for o in self._prepared
         ]
+        # The next incremental backup reads what these bitmaps mark: they move up with the
+        # active layer, at the same instant (see targets/bitmaps.py).
+        for o in self._prepared:
+            actions += bitmaps.carry(o.disk.node, o.node, list(o.bitmaps))
         await self.monitor.execute("transaction", {"actions": actions})
         done, self._prepared = self._prepared, []
         # No QMP query here: this runs inside the freeze window, and query-named-block-nodes
@@ -398,7 +406,8 @@ class QemuTarget(GuestTarget):
             active = position == 1
             if not active:
                 args["top-node"] = nodes[above]["node-name"]
-            await self._run_commit(job, args, active)
+            await self._run_commit(job, args, active, before_pivot=functools.partial(
+                self._merge_bitmaps, nodes[above]["node-name"], nodes[image]["node-name"]))
             with contextlib.suppress(MonitorCommandError):
                 # Overlays we added with blockdev-add keep a monitor reference.
                 await self.monitor.execute("blockdev-del", {"node-name": nodes[above]["node-name"]})
@@ -407,7 +416,18 @@ class QemuTarget(GuestTarget):
             return above
         return None
 
-    async def _run_commit(self, job: str, args: dict[str, Any], active: bool) -> None:
+    async def _merge_bitmaps(self, top: str, base: str) -> None:
+        """Before an active commit's pivot: ``top``'s bitmaps of freezeframe's backups merged
+        into ``base``'s (see targets/bitmaps.py). A lower layer's need nothing: the active
+        layer above it holds a copy of each, carried up when the snapshot was taken."""
+        nodes = {n["node-name"]: n for n in await self.monitor.execute("query-named-block-nodes", {"flat": True})}
+        present = {str(b.get("name")) for b in nodes.get(base, {}).get("dirty-bitmaps", [])}
+        actions = bitmaps.carry(top, base, bitmaps.ours(nodes.get(top, {})), present=present)
+        if actions:
+            await self.monitor.execute("transaction", {"actions": actions})
+
+    async def _run_commit(self, job: str, args: dict[str, Any], active: bool,
+                          before_pivot: Callable[[], Awaitable[None]]) -> None:
         async with self.monitor.events(
             "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_ERROR", "BLOCK_JOB_CANCELLED"
         ) as next_event:
@@ -421,6 +441,14 @@ class QemuTarget(GuestTarget):
                     continue
                 name = event["event"]
                 if name == "BLOCK_JOB_READY" and active:
+                    try:
+                        await before_pivot()
+                    except BaseException:
+                        # The chain stays as it was: the snapshot is still there, and so are
+                        # the bitmaps on top. A delete run again starts a new job.
+                        with contextlib.suppress(HypervisorError):
+                            await self.monitor.execute("job-cancel", {"id": job})
+                        raise
                     await self.monitor.execute("job-complete", {"id": job})
                 elif name == "BLOCK_JOB_COMPLETED":
                     if data.get("error"):
