@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import agent_call, run_cli, unique
+from conftest import LabFactory, agent_call, run_cli, unique
 from hostfs import data_fs
 from test_host_apps import add_host, add_writer
 
@@ -88,3 +92,65 @@ def test_host_mounts_and_writers_are_checked(home: Home, tmp_path: Path) -> None
     add_host(home, root, Path("/"))
     report, code = check(home, root)
     assert (code, report["verdict"]) == (6, None)
+
+
+@contextlib.contextmanager
+def held(path: str) -> Iterator[int]:
+    """Another client holding a QEMU socket, as a monitoring tool or a forgotten socat
+    would: a process of its own, connected, reading nothing. Yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('held', flush=True)\n"
+        "sys.stdin.read()\n"), path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline() == "held\n"
+        # QEMU accepts a connection in its main loop: wait until it has taken this one.
+        deadline = time.monotonic() + 30
+        while not any(str(holder.pid) in line and "u_str" in line for line in _ss()):
+            assert time.monotonic() < deadline, "the holder's connection never showed"
+            time.sleep(0.05)
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _ss() -> list[str]:
+    return subprocess.run(["ss", "-xapH"], capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+@pytest.mark.vm
+def test_a_socket_held_by_another_client_is_named_not_blamed_on_qemu_or_the_guest(
+        home: Home, lab: LabFactory) -> None:
+    """QEMU serves one client per socket; a second one is queued and never answered. The
+    check and the runs say the socket is held, by whom, and how to find it."""
+    vm = lab(disks=1)
+    with held(vm.qmp_socket) as pid:
+        report, _ = check(home, vm.name)
+        detail = {c["check"]: c["detail"] for c in report["checks"]}["qmp"]
+        assert "held by another client" in detail, detail
+        assert f"pid {pid}" in detail, detail
+        assert f"ss -xp | grep {vm.qmp_socket}" in detail
+        done = run_cli(home, "snapshot", "create", vm.name, "--consistency", "filesystem")
+        assert done.returncode == 7
+        assert "held by another client" in done.stderr
+        assert f"ss -xp | grep {vm.qmp_socket}" in done.stderr
+
+    with held(vm.qga_socket) as pid:
+        report, _ = check(home, vm.name)
+        detail = {c["check"]: c["detail"] for c in report["checks"]}["agent"]
+        assert report["verdict"] == "crash"
+        assert "held by another client" in detail, detail
+        assert f"pid {pid}" in detail, detail
+        assert "qemu-ga running" not in detail
+        done = run_cli(home, "snapshot", "create", vm.name, "--consistency", "filesystem", "--agent-timeout", "2",
+                       "-o", "json")
+        assert done.returncode == 0, done.stderr
+        snap = json.loads(done.stdout)
+        assert snap["consistency"] == "crash"
+        assert any("guest-agent socket" in r and "held by another client" in r for r in snap["fallback_reasons"])
+
+    # Let go, both work again: QEMU accepts the next client.
+    report, _ = check(home, vm.name)
+    assert report["verdict"] == "filesystem", report

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from freezeframe.agent import vss
+from freezeframe.agent import holders, vss
 from freezeframe.errors import (
     AgentCommandError,
     AgentError,
@@ -144,14 +144,20 @@ class GuestAgent:
         except TimeoutError as err:
             raise AgentUnavailable(f"connecting to {self.socket_path} timed out") from err
         except OSError as err:
+            await self._raise_if_held(err)
             raise AgentUnavailable(
                 f"cannot connect to the guest agent at {self.socket_path}: {err.strerror or err}",
                 hint="is the VM running? another client may hold the channel",
             ) from err
         try:
             await self._sync(asyncio.get_running_loop().time() + limit)
+        except AgentUnavailable as err:  # the connection broke (queued, then refused?)
+            await self.close()
+            await self._raise_if_held(err)
+            raise
         except AgentTimeout as err:
             await self.close()
+            await self._raise_if_held(err)
             raise AgentUnavailable(
                 f"the guest agent did not answer within {limit:g}s",
                 hint="is qemu-ga running in the guest?",
@@ -159,6 +165,13 @@ class GuestAgent:
         except BaseException:
             await self.close()
             raise
+
+    async def _raise_if_held(self, err: BaseException) -> None:
+        """QEMU passes the guest one client at a time; a connection queued behind another
+        looks like a guest without qemu-ga. The socket's queue tells them apart."""
+        found = await asyncio.to_thread(holders.held, self.socket_path)
+        if found is not None:
+            raise AgentUnavailable(found.describe("guest-agent"), hint=found.hint) from err
 
     async def close(self) -> None:
         writer, self._reader, self._writer = self._writer, None, None

@@ -13,6 +13,7 @@ from typing import Any
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
+from freezeframe.agent import holders
 from freezeframe.errors import HypervisorError, MonitorCommandError
 
 DEFAULT_TIMEOUT = 30.0
@@ -42,12 +43,21 @@ class Monitor:
         try:
             await asyncio.wait_for(self._client.connect(self.socket_path), self.timeout)
         except TimeoutError as err:
-            raise HypervisorError(f"QMP at {self.socket_path} did not answer within {self.timeout:g}s") from err
+            await self._raise_if_held(err)
+            raise HypervisorError(f"QMP at {self.socket_path} did not answer within {self.timeout:g}s",
+                                  hint="is QEMU hung? (it accepted the connection but sent no greeting)") from err
         except (ConnectError, QMPError, OSError) as err:
+            await self._raise_if_held(err)
             raise HypervisorError(
                 f"cannot connect to QMP at {self.socket_path}: {err}",
                 hint="is the VM running, and is no other client holding its QMP socket?",
             ) from err
+
+    async def _raise_if_held(self, err: BaseException) -> None:
+        """A connection queued behind another client never gets a greeting: say so."""
+        found = await asyncio.to_thread(holders.held, self.socket_path)
+        if found is not None:
+            raise HypervisorError(found.describe("QMP"), hint=found.hint) from err
 
     async def close(self) -> None:
         with contextlib.suppress(QMPError, OSError):
