@@ -113,6 +113,8 @@ class Template:
     name: str
     application_consistent: bool
     created_at: str
+    #: The guest freeze hooks its instances need for application level (see Instance).
+    guest_hooks: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +137,12 @@ class Instance:
     #: libvirt domains: the connection URI and the domain's name.
     libvirt_uri: str | None = None
     libvirt_domain: str | None = None
+    #: The instance's own list of required guest hooks; None: as its template says.
+    own_guest_hooks: tuple[str, ...] | None = None
+    #: The guest freeze hooks (names in fsfreeze-hook.d) that must have run, with exit
+    #: status 0 on freeze and thaw, for application level; empty: every hook found must
+    #: have, and at least one must be found.
+    guest_hooks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import LabFactory, agent_call, run_cli
 from oracles import export_raw, ext4_needs_recovery
+from test_check import check
 from test_snapshot_vm import assert_guest_writable, create, created
 
 from freezeframe.config import Home
+from freezeframe.lab.vm import LabVM
 
 pytestmark = pytest.mark.vm
 
@@ -24,6 +26,23 @@ def dump_from_ext4(raw: Path, names: list[str], dest: Path) -> None:
     dest.mkdir()
     for name in names:
         subprocess.run(["debugfs", "-R", f"dump /{name} {dest / name}", str(raw)], check=True, capture_output=True)
+
+
+def assert_sqlite_copy_has_every_acknowledged_commit(vm: LabVM, raw: Path, freeze_began: float,
+                                                     tmp_path: Path) -> None:
+    """The copy's journal is clean, its database passes its integrity check, and every
+    commit the guest application saw acknowledged before ``freeze_began`` (the guest's
+    clock) is in it."""
+    assert not ext4_needs_recovery(raw)
+    dump_from_ext4(raw, ["app.db"], tmp_path / "copy")
+    copy = sqlite3.connect(tmp_path / "copy" / "app.db")
+    assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    present = {row[0] for row in copy.execute("SELECT n FROM t")}
+    copy.close()
+    acked = agent_call(vm, lambda a: a.read_file("/run/ff-sqlite-app.acked", max_bytes=8 << 20))
+    before = {int(n) for n, at in (line.split() for line in acked.decode().splitlines()) if float(at) < freeze_began}
+    assert before, "the application committed nothing before the freeze"
+    assert before <= present, f"lost {len(before - present)} acknowledged commits"
 
 
 def test_guest_sqlite_snapshot_is_application_consistent(home: Home, any_lab: LabFactory, tmp_path: Path) -> None:
@@ -43,19 +62,8 @@ def test_guest_sqlite_snapshot_is_application_consistent(home: Home, any_lab: La
     freeze_began = manifest["guest_hooks"]["freeze_started_at_guest_clock"]
     assert freeze_began
 
-    raw = export_raw(snap["disks"][0]["image"], tmp_path / "disk.raw")
-    assert not ext4_needs_recovery(raw)
-    dump_from_ext4(raw, ["app.db"], tmp_path / "copy")
-    copy = sqlite3.connect(tmp_path / "copy" / "app.db")
-    assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    present = {row[0] for row in copy.execute("SELECT n FROM t")}
-    copy.close()
-
-    # Every commit the guest application saw acknowledged before the freeze began is there.
-    acked = agent_call(vm, lambda a: a.read_file("/run/ff-sqlite-app.acked", max_bytes=8 << 20))
-    before = {int(n) for n, at in (line.split() for line in acked.decode().splitlines()) if float(at) < freeze_began}
-    assert before, "the application committed nothing before the freeze"
-    assert before <= present, f"lost {len(before - present)} acknowledged commits"
+    assert_sqlite_copy_has_every_acknowledged_commit(vm, export_raw(snap["disks"][0]["image"], tmp_path / "disk.raw"),
+                                                     freeze_began, tmp_path)
     assert_guest_writable(vm, 1)
 
     # The application runs on after the thaw: it is not left locked.
@@ -102,3 +110,77 @@ def test_hanging_hook_is_killed_and_fail_policy_fails_the_freeze(home: Home, lab
     assert statuses["10-ok"][0] == "ok"  # it froze, and the runner thawed it again at once
     assert elapsed < 2 + 20, f"took {elapsed:.1f}s with a 2s hook timeout"
     assert_guest_writable(vm, 1)
+
+
+# -- the stock fsfreeze-hook: qemu-ga -F/etc/qemu/fsfreeze-hook, its log as the evidence ----------
+
+
+def test_stock_fsfreeze_hook_log_makes_snapshots_and_backups_application_consistent(
+        home: Home, any_lab: LabFactory, tmp_path: Path) -> None:
+    """No freezeframe code in the guest: Debian's stock hook script runs the hooks and logs
+    their exit status; that log is the evidence, read through the agent."""
+    vm = any_lab(disks=1, hooks=("sqlite", "ok"), app="sqlite", hook_runner="stock")
+    # Required by name: so the very first freeze counts too (its log does not exist yet).
+    assert run_cli(home, "instance", "update", vm.name, "--guest-hooks", "10-sqlite,20-ok").returncode == 0
+    time.sleep(2)  # the application commits for a while
+
+    snap = created(home, vm.name, "--consistency", "application", "--freeze-timeout", "30")
+
+    assert snap["consistency"] == "application", snap["fallback_reasons"]
+    assert [(w["name"], w["where"], w["status"]) for w in snap["writers"]] == [
+        ("10-sqlite", "guest", "ok"), ("20-ok", "guest", "ok")]
+    manifest = json.loads(run_cli(home, "snapshot", "manifest", snap["id"]).stdout)
+    for writer in manifest["writers"]:
+        assert (writer["manifest"]["freeze_exit_status"], writer["manifest"]["thaw_exit_status"]) == (0, 0)
+        assert "qga-fsfreeze-hook.log" in writer["manifest"]["evidence"]
+    assert json.loads(manifest["writers"][0]["manifest"]["freeze_output"])["status"] == "held"
+    hooks = manifest["guest_hooks"]
+    assert hooks["resolution_s"] == 1.0
+    # The log has whole seconds: a commit acknowledged before that second began preceded the hook.
+    assert_sqlite_copy_has_every_acknowledged_commit(
+        vm, export_raw(snap["disks"][0]["image"], tmp_path / "disk.raw"), hooks["freeze_started_at_guest_clock"],
+        tmp_path)
+    assert_guest_writable(vm, 1)
+
+    repo = tmp_path / "repo"
+    assert run_cli(home, "repo", "init", str(repo)).returncode == 0
+    done = run_cli(home, "backup", "create", vm.name, "--repo", str(repo), "--consistency", "application",
+                   "-o", "json")
+    assert done.returncode == 0, done.stderr
+    backup = json.loads(done.stdout)
+    point = json.loads(run_cli(home, "snapshot", "manifest", backup["id"]).stdout)
+    assert point["achieved_level"] == "application", point["fallback_reasons"]
+    assert [(w["name"], w["status"]) for w in point["writers"]] == [("10-sqlite", "ok"), ("20-ok", "ok")]
+
+
+def test_stock_hook_failures_missing_hooks_and_blocked_files_step_down_with_their_reason(
+        home: Home, lab: LabFactory) -> None:
+    vm = lab(disks=1, hooks=("ok", "fail"), hook_runner="stock")
+    snap = created(home, vm.name, "--consistency", "application")
+    # The stock script ignores a hook's exit status, so the file systems froze: filesystem.
+    assert snap["consistency"] == "filesystem"
+    statuses = {w["name"]: (w["status"], w["error"]) for w in snap["writers"]}
+    assert statuses == {"10-ok": ("ok", None), "20-fail": ("failed", "freeze exited with status 3")}
+    assert snap["fallback_reasons"] == ["guest hook 20-fail failed: freeze exited with status 3"]
+    manifest = json.loads(run_cli(home, "snapshot", "manifest", snap["id"]).stdout)
+    assert "refusing to quiesce" in {w["name"]: w for w in manifest["writers"]}["20-fail"]["manifest"]["freeze_output"]
+
+    # A hook the instance requires that the guest does not have: named.
+    assert run_cli(home, "instance", "update", vm.name, "--guest-hooks", "10-ok,30-postgresql").returncode == 0
+    snap = created(home, vm.name, "--consistency", "application")
+    assert snap["consistency"] == "filesystem"
+    assert any(r.startswith("required guest hook 30-postgresql did not run this freeze")
+               for r in snap["fallback_reasons"]), snap["fallback_reasons"]
+    assert_guest_writable(vm, 1)
+
+    # Only the freeze commands count for filesystem; the evidence needs guest-file-*.
+    blocked = lab(disks=1, hooks=("ok",), hook_runner="stock", agent_args=("--block-rpcs=guest-file-open",))
+    report, _ = check(home, blocked.name)
+    status = {c["check"]: (c["status"], c["detail"]) for c in report["checks"]}
+    assert report["verdict"] == "filesystem"
+    assert status["guest hooks"][0] == "warn"
+    assert "blocks guest-file-open" in status["guest hooks"][1]
+    snap = created(home, blocked.name, "--consistency", "application")
+    assert snap["consistency"] == "filesystem"
+    assert len(snap["fallback_reasons"]) == 1
+    assert "the guest agent blocks guest-file-open" in snap["fallback_reasons"][0]

@@ -415,6 +415,51 @@ class GuestAgent:
     async def file_close(self, handle: int) -> None:
         await self.execute("guest-file-close", {"handle": handle})
 
+    async def file_seek(self, handle: int, offset: int, whence: str = "set") -> int:
+        """Move the file position (``whence``: set, cur or end); returns the new position."""
+        result = _dict(await self.execute("guest-file-seek", {"handle": handle, "offset": offset, "whence": whence}),
+                       "guest-file-seek")
+        position = _int(result, "position", "guest-file-seek")
+        if position < 0:
+            raise AgentProtocolError(f"guest-file-seek returned position {position}")
+        return position
+
+    async def time_ns(self) -> int:
+        """The guest's clock, in nanoseconds since the epoch."""
+        value = await self.execute("guest-get-time")
+        if type(value) is not int or value < 0:
+            raise AgentProtocolError(f"guest-get-time returned {_preview(value)}, not a time")
+        return value
+
+    async def file_size(self, path: str) -> int:
+        """The size of a guest file (its end, found by seeking); AgentCommandError when absent."""
+        handle = await self.file_open(path, "r")
+        try:
+            return await self.file_seek(handle, 0, "end")
+        finally:
+            if self._writer is not None:
+                await self.file_close(handle)
+
+    async def read_from(self, path: str, offset: int, *, max_bytes: int) -> tuple[bytes, int, bool]:
+        """What a guest file holds from ``offset`` on, at most ``max_bytes`` of it: returns
+        the bytes, the offset they start at (0 when the file is now shorter than
+        ``offset``: it was truncated or rotated), and whether more was left unread."""
+        handle = await self.file_open(path, "r")
+        data = bytearray()
+        try:
+            size = await self.file_seek(handle, 0, "end")
+            start = offset if offset <= size else 0
+            await self.file_seek(handle, start, "set")
+            while len(data) < max_bytes:
+                chunk, eof = await self.file_read(handle, min(FILE_CHUNK, max_bytes - len(data)))
+                data += chunk
+                if eof or not chunk:
+                    return bytes(data), start, False
+            return bytes(data), start, start + len(data) < size
+        finally:
+            if self._writer is not None:
+                await self.file_close(handle)
+
     async def read_file(self, path: str, *, max_bytes: int = 1 << 20) -> bytes:
         """Read a whole guest file, refusing one larger than ``max_bytes``."""
         handle = await self.file_open(path, "r")

@@ -172,6 +172,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE instances ADD COLUMN libvirt_uri TEXT;
     ALTER TABLE instances ADD COLUMN libvirt_domain TEXT
     """,
+    # 10: the guest freeze hooks an application-consistent snapshot needs (JSON list of
+    # names; [] every hook found; NULL on an instance: as its template says).
+    """
+    ALTER TABLE instances ADD COLUMN guest_hooks TEXT;
+    ALTER TABLE templates ADD COLUMN guest_hooks TEXT
+    """,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -270,7 +276,8 @@ class Catalog:
             if db.execute("SELECT 1 FROM templates WHERE name = ?", (name,)).fetchone():
                 raise Conflict(f"template {name!r} exists already")
             db.execute(
-                "INSERT INTO templates VALUES (?, ?, ?)", (name, int(application_consistent), utc_now())
+                "INSERT INTO templates (name, application_consistent, created_at) VALUES (?, ?, ?)",
+                (name, int(application_consistent), utc_now()),
             )
         return self.template(name)
 
@@ -283,13 +290,15 @@ class Catalog:
     def templates(self) -> list[Template]:
         return [_template(r) for r in self._db.execute("SELECT * FROM templates ORDER BY name")]
 
-    def update_template(self, name: str, *, application_consistent: bool) -> Template:
+    def update_template(self, name: str, *, application_consistent: bool | None = None,
+                        guest_hooks: tuple[str, ...] | None = None) -> Template:
         with self._tx() as db:
             self.template(name)
-            db.execute(
-                "UPDATE templates SET application_consistent = ? WHERE name = ?",
-                (int(application_consistent), name),
-            )
+            if application_consistent is not None:
+                db.execute("UPDATE templates SET application_consistent = ? WHERE name = ?",
+                           (int(application_consistent), name))
+            if guest_hooks is not None:
+                db.execute("UPDATE templates SET guest_hooks = ? WHERE name = ?", (json.dumps(list(guest_hooks)), name))
         return self.template(name)
 
     def remove_template(self, name: str) -> None:
@@ -338,7 +347,8 @@ class Catalog:
 
     def instance(self, name: str) -> Instance:
         row = self._db.execute(
-            """SELECT i.*, t.application_consistent AS template_application_consistent
+            """SELECT i.*, t.application_consistent AS template_application_consistent,
+                      t.guest_hooks AS template_guest_hooks
                FROM instances i LEFT JOIN templates t ON t.name = i.template WHERE i.name = ?""",
             (name,),
         ).fetchone()
@@ -348,13 +358,14 @@ class Catalog:
 
     def instances(self) -> list[Instance]:
         rows = self._db.execute(
-            """SELECT i.*, t.application_consistent AS template_application_consistent
+            """SELECT i.*, t.application_consistent AS template_application_consistent,
+                      t.guest_hooks AS template_guest_hooks
                FROM instances i LEFT JOIN templates t ON t.name = i.template ORDER BY i.name"""
         )
         return [_instance(r) for r in rows]
 
     def update_instance(self, name: str, **changes: Any) -> Instance:
-        allowed = {"qmp_socket", "qga_socket", "template", "application_consistent", "freeze_budget"}
+        allowed = {"qmp_socket", "qga_socket", "template", "application_consistent", "freeze_budget", "guest_hooks"}
         unknown = set(changes) - allowed
         if unknown:
             raise InvalidInput(f"cannot change {', '.join(sorted(unknown))} of an instance")
@@ -365,6 +376,8 @@ class Catalog:
             for column, value in changes.items():
                 if column == "application_consistent" and value is not None:
                     value = int(value)
+                if column == "guest_hooks" and value is not None:
+                    value = json.dumps(list(value))
                 db.execute(f"UPDATE instances SET {column} = ? WHERE name = ?", (value, name))
         return self.instance(name)
 
@@ -638,14 +651,21 @@ def _retention(row: sqlite3.Row) -> Retention:
 
 def _template(row: sqlite3.Row) -> Template:
     return Template(
-        name=row["name"], application_consistent=bool(row["application_consistent"]), created_at=row["created_at"]
+        name=row["name"], application_consistent=bool(row["application_consistent"]), created_at=row["created_at"],
+        guest_hooks=_hooks(row["guest_hooks"]),
     )
+
+
+def _hooks(stored: str | None) -> tuple[str, ...] | None:
+    return None if stored is None else tuple(str(h) for h in json.loads(stored))
 
 
 def _instance(row: sqlite3.Row) -> Instance:
     own = row["application_consistent"]
     inherited = row["template_application_consistent"]
     effective = own if own is not None else inherited
+    own_hooks = _hooks(row["guest_hooks"])
+    hooks = own_hooks if own_hooks is not None else _hooks(row["template_guest_hooks"])
     return Instance(
         name=row["name"],
         kind=row["kind"],
@@ -660,4 +680,6 @@ def _instance(row: sqlite3.Row) -> Instance:
         freeze_budget=row["freeze_budget"],
         libvirt_uri=row["libvirt_uri"],
         libvirt_domain=row["libvirt_domain"],
+        own_guest_hooks=own_hooks,
+        guest_hooks=hooks or (),
     )

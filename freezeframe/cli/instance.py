@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,25 @@ _APP_CONSISTENT = "--application-consistent-snapshot-enabled/--no-application-co
 _BUDGET_HELP = "Seconds this instance may stay frozen at most (default 10, the VSS hold limit)."
 _APP_HELP = ("Ask for application-consistent snapshots by default (else crash). "
              "Unset: inherit from the template.")
+_HOOKS_HELP = ("The guest's freeze hooks (names in /etc/qemu/fsfreeze-hook.d, comma-separated) that must "
+               "have run with exit status 0 on freeze and thaw for application level; 'all' (the "
+               "default): every hook found must have, and at least one must be found.")
+_HOOK_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}")
+
+
+def _guest_hooks(value: str | None) -> tuple[str, ...] | None:
+    """``all`` -> () (every hook found); ``a,b`` -> ("a", "b"); None: not given."""
+    if value is None:
+        return None
+    if value.strip() == "all":
+        return ()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    bad = [n for n in names if not _HOOK_NAME.fullmatch(n)]
+    if not names or bad:
+        raise click.BadParameter(f"{', '.join(bad) or value!r} is not a hook file name: give names as in "
+                                 "/etc/qemu/fsfreeze-hook.d (e.g. 10-postgresql,20-app) or 'all'",
+                                 param_hint="--guest-hooks")
+    return names
 
 
 def _show(record: dict[str, Any], fmt: str) -> None:
@@ -123,13 +143,17 @@ def instance_show(app: App, name: str, fmt: str) -> None:
 @click.option("--inherit-application-consistent", is_flag=True,
               help="Drop the instance's own setting and follow its template again.")
 @click.option("--freeze-budget", type=click.FloatRange(0.1, 3600), help=_BUDGET_HELP)
+@click.option("--guest-hooks", "guest_hooks", metavar="NAMES|all", help=_HOOKS_HELP)
 @output_option
 @pass_app
 def instance_update(app: App, name: str, qmp: str | None, qga: str | None, template: str | None,
                     no_template: bool, app_consistent: bool | None, inherit_application_consistent: bool,
-                    freeze_budget: float | None, fmt: str) -> None:
-    """Change an instance's sockets, template or default consistency."""
+                    freeze_budget: float | None, guest_hooks: str | None, fmt: str) -> None:
+    """Change an instance's sockets, template, default consistency or required guest hooks."""
     changes: dict[str, Any] = {}
+    hooks = _guest_hooks(guest_hooks)
+    if hooks is not None:
+        changes["guest_hooks"] = hooks
     if qmp is not None:
         changes["qmp_socket"] = _socket(qmp)
     if qga is not None:
@@ -223,13 +247,17 @@ def template_show(app: App, name: str, fmt: str) -> None:
 @click.argument("name")
 @click.option(_APP_CONSISTENT, "app_consistent", default=None,
               help="Change the default for instances that inherit it.")
+@click.option("--guest-hooks", "guest_hooks", metavar="NAMES|all", help=_HOOKS_HELP)
 @output_option
 @pass_app
-def template_update(app: App, name: str, app_consistent: bool | None, fmt: str) -> None:
+def template_update(app: App, name: str, app_consistent: bool | None, guest_hooks: str | None, fmt: str) -> None:
     """Change a template; instances without their own setting follow it."""
-    if app_consistent is None:
-        raise click.UsageError("nothing to change: give --[no-]application-consistent-snapshot-enabled")
-    _show(template_json(app.catalog.update_template(name, application_consistent=app_consistent)), fmt)
+    hooks = _guest_hooks(guest_hooks)
+    if app_consistent is None and hooks is None:
+        raise click.UsageError("nothing to change: give --[no-]application-consistent-snapshot-enabled "
+                               "or --guest-hooks")
+    _show(template_json(app.catalog.update_template(name, application_consistent=app_consistent,
+                                                    guest_hooks=hooks)), fmt)
 
 
 @template_group.command("remove")

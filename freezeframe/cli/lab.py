@@ -53,12 +53,15 @@ def build(app: App) -> None:
                    "and mariadb run the host's server on /mnt/ffdata0, reachable on a port of 127.0.0.1 "
                    "(app_port), with its writer registered.")
 @click.option("--hook", "hooks", multiple=True, type=click.Choice(sorted(SAMPLE_HOOKS)),
-              help="Install a sample freeze hook, run by freezeframe's guest hook runner (repeatable, in order): "
+              help="Install a sample freeze hook in /etc/qemu/fsfreeze-hook.d (repeatable, in order): "
                    "sqlite holds the app's write lock; ok, fail, hang and badowner show the failure policies.")
 @click.option("--hook-policy", type=click.Choice(["fail", "continue"]), default="fail", show_default=True,
               help="What a failing hook does: fail the freeze, or continue and report it.")
 @click.option("--hook-timeout", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
               help="Seconds each hook may take before its process group is killed.")
+@click.option("--hook-runner", type=click.Choice(lab_vm.HOOK_RUNNERS), default="freezeframe", show_default=True,
+              help="Who runs the hooks: freezeframe's guest hook runner, or qemu-ga's stock fsfreeze-hook "
+                   "script (qemu-ga -F/etc/qemu/fsfreeze-hook), whose log freezeframe reads as evidence.")
 @click.option("--libvirt", "libvirt", is_flag=True,
               help="Run it as a transient libvirt domain (starting virtlogd and libvirtd if none runs).")
 @click.option("--uri", default="qemu:///system", show_default=True, help="With --libvirt: the libvirt connection.")
@@ -71,7 +74,7 @@ def build(app: App) -> None:
 @pass_app
 def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool, workload_sync: bool,
        application: str | None, hooks: tuple[str, ...], hook_policy: str, hook_timeout: float,
-       libvirt: bool, uri: str, template: str | None, from_backup: str | None, repo_path: str | None,
+       hook_runner: str, libvirt: bool, uri: str, template: str | None, from_backup: str | None, repo_path: str | None,
        passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
     """Start lab VM NAME and register it as instance NAME."""
     # Check names before the slow part, so a clash is reported at once.
@@ -93,7 +96,8 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
         say("booting")
         vm = lab_vm.up(app.home.lab, app.home.images, name, disks=disks, fs=fs, agent=not no_agent,
                        workload=workload, workload_sync=workload_sync, app=application, hooks=hooks,
-                       hook_policy=hook_policy, hook_timeout=hook_timeout, disk_images=images,
+                       hook_policy=hook_policy, hook_timeout=hook_timeout, hook_runner=hook_runner,
+                       disk_images=images,
                        libvirt_uri=uri if libvirt else None)
     try:
         if vm.libvirt_uri is not None:

@@ -173,6 +173,7 @@ def instance_json(inst: Instance) -> dict[str, Any]:
         "freeze_budget": inst.freeze_budget,
         "libvirt_uri": inst.libvirt_uri,
         "libvirt_domain": inst.libvirt_domain,
+        "guest_hooks": list(inst.guest_hooks) or "all found",
         "created_at": inst.created_at,
     }
 
@@ -181,6 +182,7 @@ def template_json(tmpl: Template) -> dict[str, Any]:
     return {
         "name": tmpl.name,
         "application_consistent_snapshot_enabled": tmpl.application_consistent,
+        "guest_hooks": "all found" if not tmpl.guest_hooks else list(tmpl.guest_hooks),
         "created_at": tmpl.created_at,
     }
 

@@ -10,11 +10,11 @@ from typing import Any
 from freezeframe.agent import vss
 from freezeframe.agent.qga import FreezeState, GuestAgent
 from freezeframe.agent.qmp import Monitor
-from freezeframe.errors import AgentCommandError, FreezeframeError, InvalidInput
+from freezeframe.errors import FreezeframeError, InvalidInput
 from freezeframe.model import Instance, Level, WriterSpec
-from freezeframe.targets.guest_hooks import CONFIG_PATH
 from freezeframe.targets.host import HostTarget
 from freezeframe.targets.qemu import WINDOWS_FREEZE_BUDGET_S, QemuTarget
+from freezeframe.targets.survey import survey
 from freezeframe.writers import WriterError, make_writer
 
 #: File systems a guest agent skips or that cannot be frozen meaningfully.
@@ -135,50 +135,43 @@ async def _agent_findings(connect: Callable[[], Awaitable[GuestAgent]],
 
 
 async def _check_agent(agent: GuestAgent, findings: list[Finding]) -> tuple[bool, bool]:
-    info = await agent.info()
-    findings.append(Finding("agent", "ok", f"qemu-ga {info.version}"))
-    if info.allows("guest-get-osinfo"):
-        guest_os = await agent.osinfo()
+    """The run's own survey (targets/survey.py), reported: what it allows, what it runs."""
+    found = await survey(agent)
+    findings.append(Finding("agent", "ok", f"qemu-ga {found.info.version}"))
+    if found.guest_os is not None:
+        guest_os = found.guest_os
         findings.append(Finding("guest os", "ok", guest_os.describe() + (
             f"; freezes through VSS, which holds writes for at most {vss.HOLD_LIMIT_S:g} s: the freeze budget "
             f"is {WINDOWS_FREEZE_BUDGET_S:g} s at most" if guest_os.windows else "")))
-    try:
-        state = await agent.fsfreeze_status()
-    except AgentCommandError as err:
-        if not vss.provider_missing(err.desc):
-            raise
-        findings.append(Finding("freeze", "fail", f"{vss.explain(err.desc)}: crash-consistent only"))
+    if found.no_vss is not None:
+        findings.append(Finding("freeze", "fail", f"{vss.explain(found.no_vss)}: crash-consistent only"))
         return False, False
-    if state is FreezeState.FROZEN:
+    if found.state is FreezeState.FROZEN:
         findings.append(Finding("freeze state", "warn", "frozen now (a run died?); the next snapshot thaws it first"))
         findings.append(Finding("commands", "info", "cannot be judged while frozen"))
         return True, False
     findings.append(Finding("freeze state", "ok", "thawed"))
-    needed = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
-    blocked = [c for c in needed if not info.allows(c)]
-    if blocked:
-        findings.append(Finding("commands", "fail", f"blocked: {', '.join(blocked)}: crash-consistent only"))
+    if found.blocked:
+        findings.append(Finding("commands", "fail", f"blocked: {', '.join(found.blocked)}: crash-consistent only"))
         return False, False
-    files = all(info.allows(c) for c in ("guest-file-open", "guest-file-read", "guest-file-close"))
-    findings.append(Finding("commands", "ok" if files else "warn",
-                            "freeze, thaw and status allowed" + ("" if files else
-                                                                 "; guest-file-* blocked: no hook reports")))
-    if info.allows("guest-get-fsinfo"):
-        filesystems = await agent.get_fsinfo()
-        frozen = [f"{fs.mountpoint} ({fs.type})" for fs in filesystems if fs.type not in PSEUDO_OR_NETWORK]
-        skipped = [f"{fs.mountpoint} ({fs.type})" for fs in filesystems if fs.type in PSEUDO_OR_NETWORK]
+    hooks = found.hooks
+    assert hooks is not None  # surveyed thawed, with the freeze commands allowed
+    findings.append(Finding("commands", "ok" if hooks.blocked is None else "warn",
+                            "freeze, thaw and status allowed" + (f"; {hooks.blocked}" if hooks.blocked else "")))
+    if found.filesystems is not None:
+        frozen = [f"{fs.mountpoint} ({fs.type})" for fs in found.filesystems if fs.type not in PSEUDO_OR_NETWORK]
+        skipped = [f"{fs.mountpoint} ({fs.type})" for fs in found.filesystems if fs.type in PSEUDO_OR_NETWORK]
         findings.append(Finding("file systems", "ok" if frozen else "warn",
                                 f"freezable: {', '.join(frozen) or 'none'}"
                                 + (f"; skipped: {', '.join(skipped)}" if skipped else "")))
-    inner = False
-    if files:
-        try:
-            await agent.read_file(CONFIG_PATH, max_bytes=64 * 1024)
-            inner = True
-            findings.append(Finding("guest hooks", "ok", f"freezeframe's hook runner is configured ({CONFIG_PATH})"))
-        except AgentCommandError:
-            findings.append(Finding("guest hooks", "info", f"no hook runner configured ({CONFIG_PATH} absent)"))
-    return True, inner
+    if hooks.blocked is not None:
+        findings.append(Finding("guest hooks", "warn", hooks.blocked))
+        return True, False
+    if hooks.kind is None:
+        findings.append(Finding("guest hooks", "info", hooks.detail))
+        return True, False
+    findings.append(Finding("guest hooks", "ok", hooks.detail))
+    return True, True
 
 
 async def _check_writers(writers: Sequence[WriterSpec], findings: list[Finding]) -> bool:

@@ -273,6 +273,8 @@ class _Run:
         self.freeze_not_held: str | None = None
         self.inner_writers: list[dict[str, Any]] = []
         self.inner_problem: str | None = None
+        #: Why the guest's hook evidence cannot be had, as the probe found.
+        self.inner_unreadable: str | None = None
         self._window_start = 0
         self.freeze_window_ms: float | None = None
         self.manifest: dict[str, Any] = {
@@ -385,7 +387,10 @@ class _Run:
                 for text in probe.events:
                     self.event(text)
                 self.manifest.update(probe.details)
-                inner_expected = probe.inner_writers
+                self.inner_unreadable = probe.inner_unreadable
+                # Hooks the instance requires are looked for even where no evidence was
+                # seen yet (the stock hook's log appears at the first freeze that runs it).
+                inner_expected = probe.inner_writers or bool(self.plan.instance.guest_hooks)
                 if probe.unusable:
                     self.ladder.step_down(Level.CRASH, probe.unusable)
                 elif probe.freeze_limit is not None and self.policy.freeze_budget > probe.freeze_limit[0]:
@@ -396,7 +401,8 @@ class _Run:
             # Writers inside the guest (its freeze hooks) only report after the thaw; without
             # them or host writers there is nothing that could make the level application.
             if self.ladder.level is Level.APPLICATION and not self.plan.writers and not inner_expected:
-                self.ladder.step_down(Level.FILESYSTEM, NO_WRITER)
+                self.ladder.step_down(Level.FILESYSTEM, NO_WRITER + (
+                    f"; in the guest, {self.inner_unreadable}" if self.inner_unreadable else ""))
 
         if self.ladder.level is Level.APPLICATION and self.plan.writers:
             self.say("writers prepare")
@@ -422,14 +428,25 @@ class _Run:
             return
         if self.plan.writers and not self.quiesce.all_held:
             self.ladder.step_down(Level.FILESYSTEM, "not every selected writer held until the thaw")
+        required = self.plan.instance.guest_hooks
+        seen = {w["name"] for w in self.inner_writers}
+        missing = [name for name in required if name not in seen]
         failed = [w for w in self.inner_writers if w["status"] != "ok"]
+        if missing:
+            evidence = self.manifest.get("guest_hooks", {})
+            where = (evidence.get("no_hook_because") or evidence.get("log") or evidence.get("report")
+                     or self.inner_unreadable or "no hook evidence")
+            self.ladder.step_down(Level.FILESYSTEM, f"required guest hook{'s' if len(missing) > 1 else ''} "
+                                                    f"{', '.join(missing)} did not run this freeze ({where})")
         if failed:
             self.ladder.step_down(Level.FILESYSTEM, "; ".join(
                 f"guest hook {w['name']} {w['status']}: {w['error']}" for w in failed))
         elif self.inner_problem:
             self.ladder.step_down(Level.FILESYSTEM, self.inner_problem)
         elif not self.plan.writers and not self.inner_writers:
-            self.ladder.step_down(Level.FILESYSTEM, NO_WRITER + " (the guest hook runner ran no hook)")
+            why = self.manifest.get("guest_hooks", {}).get("no_hook_because")
+            self.ladder.step_down(Level.FILESYSTEM, NO_WRITER + " (no guest freeze hook ran"
+                                  + (f": {why})" if why else ")"))
 
     async def _hold_and_snapshot(self, target: Target) -> None:
         frozen = 0

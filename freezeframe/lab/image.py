@@ -24,7 +24,7 @@ from freezeframe.errors import LabError
 from freezeframe.lab import host_tools
 
 #: Bump when the image layout or /init changes, so cached images are rebuilt.
-IMAGE_FORMAT = 10
+IMAGE_FORMAT = 11
 
 #: Modules the guest needs; their dependencies are added from modules.dep.
 #: crc32c_generic comes first: ext4 (metadata_csum) and xfs ask the crypto API for
@@ -47,7 +47,10 @@ WANTED_MODULES = (
 
 GUEST_AGENT = Path("/usr/sbin/qemu-ga")
 BUSYBOX = Path("/bin/busybox")
-HOST_BINARIES = (GUEST_AGENT, BUSYBOX, Path("/usr/bin/python3.11"), Path("/sbin/lvm"), Path("/sbin/mke2fs"))
+#: qemu-ga's stock fsfreeze hook script, as Debian's qemu-guest-agent ships it.
+STOCK_HOOK = Path("/etc/qemu/fsfreeze-hook")
+HOST_BINARIES = (GUEST_AGENT, BUSYBOX, Path("/usr/bin/python3.11"), Path("/sbin/lvm"), Path("/sbin/mke2fs"),
+                 STOCK_HOOK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +101,13 @@ done
 files=""
 for serial in $(echo $serials | tr ' ' '\n' | sort); do files="$files /mnt/$serial/workload.log"; done
 
-# Freeze hooks (ff.hooks=sqlite,ok,fail,hang,badowner) run by freezeframe's hook runner.
+# Freeze hooks (ff.hooks=sqlite,ok,fail,hang,badowner) run by freezeframe's hook runner,
+# or (ff.hook_runner=stock) by qemu-ga's stock fsfreeze-hook script, which logs to /var/log.
 hook_flag=""
 hooks="$(arg ff.hooks | tr ',' ' ')"
-if [ -n "$hooks" ]; then
-    mkdir -p /etc/qemu/fsfreeze-hook.d /etc/freezeframe
+runner="$(arg ff.hook_runner)"
+if [ -n "$hooks" ] || [ "$runner" = stock ]; then
+    mkdir -p /etc/qemu/fsfreeze-hook.d /etc/freezeframe /var/log
     chmod 755 /etc/qemu/fsfreeze-hook.d
     i=10
     for h in $hooks; do
@@ -111,9 +116,13 @@ if [ -n "$hooks" ]; then
         [ "$h" = badowner ] && chmod 777 /etc/qemu/fsfreeze-hook.d/$i-$h
         i=$((i + 10))
     done
-    policy="$(arg ff.hook_policy)"; timeout="$(arg ff.hook_timeout)"
-    echo "{\"on_failure\": \"${policy:-fail}\", \"timeout\": ${timeout:-10}}" > /etc/freezeframe/guest-hooks.json
-    hook_flag="-F/usr/local/bin/freezeframe-guest-hook"
+    if [ "$runner" = stock ]; then
+        hook_flag="-F/etc/qemu/fsfreeze-hook"
+    else
+        policy="$(arg ff.hook_policy)"; timeout="$(arg ff.hook_timeout)"
+        echo "{\"on_failure\": \"${policy:-fail}\", \"timeout\": ${timeout:-10}}" > /etc/freezeframe/guest-hooks.json
+        hook_flag="-F/usr/local/bin/freezeframe-guest-hook"
+    fi
 fi
 
 # The SQLite application (ff.app=sqlite) on the first data disk.
@@ -296,6 +305,8 @@ def _write_initrd(dest: Path, modules_dir: Path, work: Path) -> None:
     archive.file("init", INIT_SCRIPT.encode(), 0o755)
     archive.file("bin/busybox", BUSYBOX.read_bytes(), 0o755)
     archive.file("usr/sbin/qemu-ga", GUEST_AGENT.read_bytes(), 0o755)
+    archive.directory("etc/qemu")
+    archive.file("etc/qemu/fsfreeze-hook", STOCK_HOOK.read_bytes(), 0o755)
     archive.file("etc/passwd", b"root:x:0:0:root:/:/bin/sh\n", 0o644)
     seen: set[str] = set()
     for lib in shared_libraries(GUEST_AGENT):

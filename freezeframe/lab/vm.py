@@ -25,6 +25,8 @@ from freezeframe.lab.image import SAMPLE_HOOKS, GuestImage, ensure_image
 
 READY_MARKER = b"ff-lab: ready"
 FILESYSTEMS = ("ext4", "xfs")
+#: Who runs the guest's freeze hooks: freezeframe's runner, or qemu-ga's stock fsfreeze-hook script.
+HOOK_RUNNERS = ("freezeframe", "stock")
 #: xfsprogs 6 refuses file systems under 300 MiB; the disks are sparse either way.
 DEFAULT_DISK_MIB = 320
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -215,6 +217,7 @@ def up(
     hooks: tuple[str, ...] = (),
     hook_policy: str = "fail",
     hook_timeout: float = 10.0,
+    hook_runner: str = "freezeframe",
     app: str | None = None,
     disk_mib: int = DEFAULT_DISK_MIB,
     memory_mib: int = 256,
@@ -239,6 +242,8 @@ def up(
         raise LabError(f"no sample hook named {', '.join(unknown)}", hint=f"hooks: {', '.join(SAMPLE_HOOKS)}")
     if hook_policy not in ("fail", "continue"):
         raise LabError(f"hook policy is fail or continue, not {hook_policy!r}")
+    if hook_runner not in HOOK_RUNNERS:
+        raise LabError(f"the hook runner is {' or '.join(HOOK_RUNNERS)}, not {hook_runner!r}")
     if app not in (None, "sqlite", *apps.DATABASES):
         raise LabError(f"unknown lab application {app!r}", hint=f"the lab has: sqlite, {', '.join(apps.DATABASES)}")
     if app in apps.DATABASES and (fs != "ext4" or disk_images is not None):
@@ -267,7 +272,7 @@ def up(
             memory_mib = max(memory_mib, 512)  # the server, beside the initramfs the guest runs from
         cmdline = _cmdline(agent=agent, workload=workload, workload_sync=workload_sync,
                            workload_interval_us=workload_interval_us, agent_args=agent_args, hooks=hooks,
-                           hook_policy=hook_policy, hook_timeout=hook_timeout, app=app)
+                           hook_policy=hook_policy, hook_timeout=hook_timeout, hook_runner=hook_runner, app=app)
         if libvirt_uri is not None:
             pid = _boot_libvirt(libvirt_uri, name, vm_dir, image, disk_paths, accel=accel, cmdline=cmdline,
                                 memory_mib=memory_mib, timeout=boot_timeout, iothread=iothread)
@@ -314,7 +319,8 @@ def _abandon(vm_dir: Path, name: str, libvirt_uri: str | None) -> None:
 
 def _cmdline(*, agent: bool = True, workload: bool = False, workload_sync: bool = False,
              workload_interval_us: int = 2000, agent_args: tuple[str, ...] = (), hooks: tuple[str, ...] = (),
-             hook_policy: str = "fail", hook_timeout: float = 10.0, app: str | None = None) -> str:
+             hook_policy: str = "fail", hook_timeout: float = 10.0, hook_runner: str = "freezeframe",
+             app: str | None = None) -> str:
     """The guest's kernel command line: what its init reads to set itself up."""
     return " ".join([
         "console=ttyS0", "quiet", "panic=-1",
@@ -324,6 +330,7 @@ def _cmdline(*, agent: bool = True, workload: bool = False, workload_sync: bool 
         f"ff.agent_args={'+'.join(agent_args)}" if agent_args else "",
         f"ff.hooks={','.join(hooks)} ff.hook_policy={hook_policy} ff.hook_timeout={hook_timeout:g}"
         if hooks else "",
+        f"ff.hook_runner={hook_runner}" if hook_runner != "freezeframe" else "",
         f"ff.app={app}" if app else "",
     ]).strip()
 

@@ -25,6 +25,9 @@ class FreezeProbe:
     details: dict[str, Any] = field(default_factory=dict)
     #: Writers run inside the instance (guest freeze hooks) and will report after the thaw.
     inner_writers: bool = False
+    #: Why the guest's hook evidence cannot be had (commands blocked, no hook set up), for
+    #: the reason a snapshot asked for ``application`` steps down; None when it can.
+    inner_unreadable: str | None = None
     #: The longest the instance can hold a freeze (Windows VSS), and why; None: no limit known.
     freeze_limit: tuple[float, str] | None = None
 

@@ -41,7 +41,7 @@ from freezeframe.errors import (
     MonitorCommandError,
 )
 from freezeframe.model import SnapshotDisk
-from freezeframe.targets import bitmaps, guest_hooks
+from freezeframe.targets import bitmaps, guest_hooks, stock_hooks, survey
 from freezeframe.targets.base import FreezeProbe
 
 _OVERLAY_SUFFIX = re.compile(r"\.ff-[0-9a-f]{8}$")
@@ -64,6 +64,14 @@ class BlockDisk:
 
 
 @dataclass(frozen=True, slots=True)
+class _StockWatch:
+    #: Where the stock hook's log ended at the probe.
+    offset: int
+    #: The guest's clock then (seconds since the epoch), when the agent tells it.
+    not_before: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Overlay:
     disk: BlockDisk
     node: str
@@ -77,7 +85,7 @@ class GuestTarget:
     freeze, thaw, the guest hook runner's report), whatever carries the agent's commands."""
 
     #: Commands the agent must allow for a filesystem-consistent snapshot.
-    FREEZE_COMMANDS = ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw", "guest-fsfreeze-status")
+    FREEZE_COMMANDS = survey.FREEZE_COMMANDS
     #: The images are the host's, the probe talks to the guest: one need not wait for the other.
     prepare_with_probe = True
 
@@ -85,7 +93,10 @@ class GuestTarget:
         self.agent: GuestAgent | None = None
         #: The guest runs Windows (learnt in preflight): freeze errors are VSS errors.
         self._windows = False
+        #: The guest runs freezeframe's hook runner: its report is read after the thaw.
         self._hooks = False
+        #: Or the stock fsfreeze-hook: its log is read from here after the thaw.
+        self._stock: _StockWatch | None = None
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -116,86 +127,97 @@ class GuestTarget:
         return self.agent
 
     async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
+        """The survey ``instance check`` reports too, then what a run does about it: a guest
+        found frozen is thawed; the hook evidence is made ready to read after the thaw."""
         probe = FreezeProbe()
         skipped = await self.skipped_disks()
         if skipped:
             probe.details["skipped_disks"] = skipped
-        no_vss: str | None = None
         try:
             agent = await self.connect_agent(agent_timeout, command_timeout)
-            # First the freeze state: while frozen, qemu-ga reports most commands disabled,
-            # so what it allows can only be judged once it is thawed.
-            try:
-                state = await agent.fsfreeze_status()
-            except AgentCommandError as err:
-                if not vss.provider_missing(err.desc):
-                    raise
-                no_vss, state = err.desc, FreezeState.THAWED  # Windows without its VSS provider
-            if state is FreezeState.FROZEN:
+            found = await survey.survey(agent)
+            if found.state is FreezeState.FROZEN:
                 thawed = await agent.fsfreeze_thaw()
                 probe.events.append(f"the guest was found frozen before the snapshot (a previous run died?); "
                                     f"thawed {thawed} file systems")
-                if await agent.fsfreeze_status() is FreezeState.FROZEN:
+                found = await survey.survey(agent)
+                if found.state is FreezeState.FROZEN:
                     raise HypervisorError("the guest was found frozen and stays frozen after a thaw",
                                           hint="check qemu-ga in the guest")
-            info = await agent.info()
-            guest_os = await agent.osinfo() if info.allows("guest-get-osinfo") else None
         except AgentError as err:
             probe.unusable = f"no usable guest agent: {err}"
             return probe
-        probe.details["agent"] = {"version": info.version}
-        if guest_os is not None:
-            probe.details["guest_os"] = asdict(guest_os)
-            self._windows = guest_os.windows
-            if guest_os.windows:
+        probe.details["agent"] = {"version": found.info.version}
+        if found.guest_os is not None:
+            probe.details["guest_os"] = asdict(found.guest_os)
+            self._windows = found.guest_os.windows
+            if found.guest_os.windows:
                 probe.freeze_limit = (WINDOWS_FREEZE_BUDGET_S, f"Windows VSS holds writes for at most "
-                                      f"{vss.HOLD_LIMIT_S:g} s ({guest_os.describe()})")
-        if no_vss is not None:
-            probe.unusable = vss.explain(no_vss)
+                                      f"{vss.HOLD_LIMIT_S:g} s ({found.guest_os.describe()})")
+        if found.no_vss is not None:
+            probe.unusable = vss.explain(found.no_vss)
             return probe
-        blocked = [c for c in self.FREEZE_COMMANDS if not info.allows(c)]
-        if blocked:
-            probe.unusable = f"the guest agent does not allow {', '.join(blocked)} (blocked by its configuration)"
+        if found.blocked:
+            probe.unusable = f"the guest agent does not allow {', '.join(found.blocked)} (blocked by its configuration)"
             return probe
-        await self._probe_hooks(agent, info.allows, probe)
-        if info.allows("guest-get-fsinfo"):
+        if found.hooks is not None:
             try:
-                probe.details["filesystems"] = [
-                    {"mountpoint": fs.mountpoint, "type": fs.type, "name": fs.name,
-                     "devices": [d.dev for d in fs.disks if d.dev]}
-                    for fs in await agent.get_fsinfo()
-                ]
+                await self._ready_hook_evidence(agent, found, probe)
             except AgentError as err:
-                probe.unusable = f"the guest agent failed in preflight: {err}"
+                probe.inner_unreadable = f"the guest's hook evidence could not be prepared: {err}"
+                probe.events.append(probe.inner_unreadable)
+        if found.filesystems is not None:
+            probe.details["filesystems"] = [
+                {"mountpoint": fs.mountpoint, "type": fs.type, "name": fs.name,
+                 "devices": [d.dev for d in fs.disks if d.dev]}
+                for fs in found.filesystems
+            ]
         return probe
 
-    async def _probe_hooks(self, agent: GuestAgent, allows: Callable[[str], bool], probe: FreezeProbe) -> None:
-        """Does the guest run freezeframe's hook runner? Its config file says so. If it does,
-        clear the last report, so the one read after the thaw is this snapshot's."""
-        if not all(allows(c) for c in ("guest-file-open", "guest-file-read", "guest-file-write",
-                                       "guest-file-close")):
-            probe.events.append("the guest agent blocks guest-file-*: guest hook reports cannot be read")
+    async def _ready_hook_evidence(self, agent: GuestAgent, found: survey.Survey, probe: FreezeProbe) -> None:
+        """Clear the hook runner's last report, or note where the stock hook's log ends,
+        so that what is read after the thaw is this freeze's."""
+        hooks = found.hooks
+        assert hooks is not None
+        if hooks.blocked is not None:
+            probe.inner_unreadable = hooks.blocked
+            probe.events.append(hooks.blocked)
             return
-        try:
-            await agent.read_file(guest_hooks.CONFIG_PATH, max_bytes=64 * 1024)
-        except AgentCommandError:
-            return  # no hook runner configured in this guest
-        self._hooks = True
-        probe.inner_writers = True
-        probe.details["guest_hooks"] = {"config": guest_hooks.CONFIG_PATH, "report": guest_hooks.RESULT_PATH}
-        with contextlib.suppress(AgentCommandError):  # no report yet: the runner never ran
-            await agent.file_close(await agent.file_open(guest_hooks.RESULT_PATH, "w"))  # truncate
+        if hooks.kind == "runner":
+            self._hooks = True
+            probe.inner_writers = True
+            probe.details["guest_hooks"] = {"config": guest_hooks.CONFIG_PATH, "report": guest_hooks.RESULT_PATH}
+            with contextlib.suppress(AgentCommandError):  # no report yet: the runner never ran
+                await agent.file_close(await agent.file_open(guest_hooks.RESULT_PATH, "w"))  # truncate
+            return
+        if hooks.can_watch_log:
+            # Watched even when there is no log yet: the first freeze that runs the stock
+            # hook creates it. What the log then shows (or that there is none) is the evidence.
+            self._stock = _StockWatch(offset=hooks.log_size or 0, not_before=found.guest_time)
+            probe.inner_writers = True
+            probe.details["guest_hooks"] = {"runner": f"stock fsfreeze-hook ({stock_hooks.SCRIPT_PATH})",
+                                            "log": stock_hooks.LOG_PATH}
 
     async def inner_writers(self) -> dict[str, Any] | None:
-        if not self._hooks:
+        if self._hooks:
+            data = await self._agent().read_file(guest_hooks.RESULT_PATH, max_bytes=guest_hooks.MAX_BYTES)
+            if not data.strip():
+                raise AgentProtocolError(
+                    "the guest hook runner left no report",
+                    hint="is qemu-ga started with -F pointing at freezeframe's guest hook runner?",
+                )
+            return guest_hooks.parse_hook_result(data)
+        if self._stock is None:
             return None
-        data = await self._agent().read_file(guest_hooks.RESULT_PATH, max_bytes=guest_hooks.MAX_BYTES)
-        if not data.strip():
-            raise AgentProtocolError(
-                "the guest hook runner left no report",
-                hint="is qemu-ga started with -F pointing at freezeframe's guest hook runner?",
-            )
-        return guest_hooks.parse_hook_result(data)
+        agent = self._agent()
+        after = await agent.time_ns() / 1e9 if self._stock.not_before is not None else None
+        try:
+            data, _, more = await agent.read_from(stock_hooks.LOG_PATH, self._stock.offset,
+                                                  max_bytes=stock_hooks.MAX_BYTES)
+        except AgentCommandError:
+            return {"writers": [], "summary": {"runner": f"stock fsfreeze-hook ({stock_hooks.SCRIPT_PATH})",
+                                               "log": None, "no_hook_because": stock_hooks.NO_LOG}}
+        return stock_hooks.parse_log(data, not_before=self._stock.not_before, not_after=after, truncated=more)
 
     async def is_frozen(self, timeout: float) -> bool:
         return await self._agent().fsfreeze_status(timeout=timeout) is FreezeState.FROZEN
