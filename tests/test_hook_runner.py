@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hostfs import data_fs, thaw_quietly
 
 import freezeframe.guest
 
@@ -26,6 +27,10 @@ class Hooks:
         self.log = root / "calls.log"
         self.config = root / "config.json"
         self.config.write_text(json.dumps({"hook_dir": str(self.dir), "on_failure": policy, "timeout": timeout}))
+        # The deadman thaws only what this table lists: file systems a test made itself.
+        self.mounts = root / "mounts"
+        self.mounts.write_text("")
+        self.request = root / "deadman-request.json"
 
     def add(self, name: str, body: str = "", mode: int = 0o755) -> Path:
         path = self.dir / name
@@ -34,7 +39,8 @@ class Hooks:
         return path
 
     def run(self, action: str) -> int:
-        env = dict(os.environ, FREEZEFRAME_HOOK_CONFIG=str(self.config), FREEZEFRAME_HOOK_STATE_DIR=str(self.state))
+        env = dict(os.environ, FREEZEFRAME_HOOK_CONFIG=str(self.config), FREEZEFRAME_HOOK_STATE_DIR=str(self.state),
+                   FREEZEFRAME_HOOK_MOUNTS=str(self.mounts), FREEZEFRAME_DEADMAN_REQUEST=str(self.request))
         return subprocess.run([sys.executable, str(RUNNER), action], env=env, capture_output=True,
                               timeout=60, check=False).returncode
 
@@ -110,3 +116,36 @@ def test_unsafe_hooks_are_refused_and_not_run(tmp_path: Path, owner: int, mode: 
     refused = hooks.report()["freeze"][1]
     assert refused["status"] == "refused"
     assert reason in refused["error"]
+
+
+def test_the_deadman_thaws_a_freeze_no_thaw_came_for_and_a_thaw_disarms_it(tmp_path: Path) -> None:
+    """A real file system frozen with FIFREEZE (a loop mount made here), then the runner's
+    freeze with a one-second deadline and no thaw: the deadman thaws it and says so."""
+    with data_fs(tmp_path) as fs:
+        (tmp_path / "runner").mkdir()
+        hooks = Hooks(tmp_path / "runner")
+        hooks.add("10-a")
+        hooks.mounts.write_text(f"/dev/loop-test {fs.mountpoint} ext4 rw 0 0\n")
+        hooks.request.write_text(json.dumps({"thaw_after_s": 1}))
+        try:
+            subprocess.run(["fsfreeze", "--freeze", str(fs.mountpoint)], check=True)
+            assert hooks.run("freeze") == 0
+            assert hooks.report()["deadman"]["armed_s"] == 1
+            assert not hooks.request.exists(), "a deadline request serves one freeze"
+            log = hooks.state / "deadman.log"
+            deadline = time.monotonic() + 30
+            while not log.exists():
+                assert time.monotonic() < deadline, "the deadman never fired"
+                time.sleep(0.1)
+            assert f"thawed 1 file system(s) itself ({fs.mountpoint})" in log.read_text()
+            (fs.mountpoint / "written-after").write_text("the file system takes writes again\n")
+        finally:
+            thaw_quietly(fs.mountpoint)
+
+        # A thaw in time disarms it: no second line, even well past its deadline.
+        hooks.request.write_text(json.dumps({"thaw_after_s": 1}))
+        assert hooks.run("freeze") == 0
+        assert hooks.run("thaw") == 0
+        time.sleep(2.5)  # the deadman polls every second: past its deadline by then
+        assert len(log.read_text().splitlines()) == 1
+        assert json.loads((hooks.state / "deadman.json").read_text())["armed"] is False

@@ -5,6 +5,7 @@ the kills come from the engine's own fault points (FREEZEFRAME_FAULT)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import LabFactory, active_images, agent_call, run_cli, unique
+from conftest import LabFactory, active_images, agent_call, qmp, run_cli, unique
 from hostfs import data_fs
 from oracles import backing_chain
 from test_host_apps import add_host, add_writer
@@ -24,6 +25,7 @@ from test_writer_failures import assert_writable, sqlite_db
 
 from freezeframe.agent.qga import FreezeState
 from freezeframe.config import Home
+from freezeframe.engine.run import DEADMAN_MARGIN, GUARD_GRACE
 from freezeframe.lab.vm import LabVM
 
 
@@ -200,3 +202,82 @@ def test_an_agent_killed_while_frozen_comes_back_frozen_and_the_next_run_thaws(h
     time.sleep(3)  # this run's freeze killed the agent again; it is back by now
     assert agent_call(vm.qga_socket, lambda a: a.fsfreeze_status(), timeout=10) is FreezeState.THAWED
     assert_guest_writable(vm, 1)
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+    except (OSError, IndexError):
+        return False
+
+
+def _guards_of(pid: int) -> list[int]:
+    """The freeze guard processes the run ``pid`` started."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"freezeframe.engine.guard" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.vm
+def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab: LabFactory) -> None:
+    """The run stopped while the guest is frozen, its guard killed, then the run killed (and
+    with it the agent socket's peer): nothing on the host will ever thaw. The guest hook
+    runner's deadman does, by the deadline the run gave it (budget + grace + margin)."""
+    vm = lab(disks=1, hooks=("ok",), workload=True, workload_sync=True)
+    budget = 2.0
+
+    def writes() -> int:
+        """What the guest has written so far, as QEMU counts it (its one disk: the root is in memory)."""
+        return sum(int(s["stats"]["wr_operations"]) for s in qmp(vm, "query-blockstats"))
+
+    assert writes() > 0, "the workload writes nothing"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "freezeframe", "snapshot", "create", vm.name, "--consistency", "filesystem",
+         "--freeze-budget", str(budget)],
+        env=dict(os.environ, FREEZEFRAME_HOME=str(home.root), FREEZEFRAME_FAULT="stop-after-freeze"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not _stopped(run.pid):
+            assert run.poll() is None, "the run ended before it froze the guest"
+            assert time.monotonic() < deadline, "the run never reached the freeze"
+            time.sleep(0.05)
+        guards = _guards_of(run.pid)
+        assert guards, "no freeze guard was armed"
+        for pid in guards:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        run.kill()
+        run.wait()
+    gone = time.monotonic()
+
+    # Frozen, the workload's writes stop; they go on once the guest has thawed itself.
+    allowed = budget + GUARD_GRACE + DEADMAN_MARGIN
+    frozen_at = writes()
+    while writes() == frozen_at:
+        assert time.monotonic() - gone < allowed + 30, "the guest never thawed itself"
+        time.sleep(0.2)
+    took = time.monotonic() - gone
+    # Counted from the freeze, which came before the kill; a loaded TCG guest gets slack.
+    assert took <= allowed + 10, f"the guest wrote again {took:.1f}s after the host side was gone"
+
+    # qemu-ga still believes the guest is frozen (it never thaws by itself), and its own
+    # thaw finds nothing frozen: the deadman had thawed it, and says so.
+    assert agent_call(vm.qga_socket, lambda a: a.fsfreeze_status()) is FreezeState.FROZEN
+    assert agent_call(vm.qga_socket, lambda a: a.fsfreeze_thaw()) == 0
+    log = agent_call(vm.qga_socket, lambda a: a.read_file("/run/freezeframe/deadman.log")).decode()
+    assert "thawed 1 file system(s) itself (/mnt/ffdata0)" in log, log
+    assert_guest_writable(vm, 1)
+    # The next run reports what happened.
+    snap = created(home, vm.name, "--consistency", "filesystem")
+    manifest = json.loads(run_cli(home, "snapshot", "manifest", snap["id"]).stdout)
+    assert any("deadman acted" in e["event"] for e in manifest["events"]), manifest["events"]

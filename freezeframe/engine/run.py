@@ -60,6 +60,9 @@ TargetFactory = Callable[[Instance], Target]
 MANIFEST_FORMAT = "freezeframe-manifest/1"
 #: The guard acts this long after the freeze budget, if the run has not thawed by then.
 GUARD_GRACE = 10.0
+#: The guest's own deadman thaws this long after the guard would have: the last resort,
+#: for when this process, its guard and the agent's socket are all gone.
+DEADMAN_MARGIN = 5.0
 #: How long a thaw keeps trying to confirm (a freeze that timed out may still complete).
 THAW_PATIENCE = 60.0
 NO_WRITER = ("application level needs every selected writer to report itself quiesced, "
@@ -219,7 +222,8 @@ def _close_stale_records(catalog: Catalog, instance: str) -> None:
 
 async def fault(point: str) -> None:
     """Fault injection for the tests: ``FREEZEFRAME_FAULT=after-freeze`` kills this process
-    (SIGKILL, no clean-up) when the run reaches that point; ``slow-snapshot:SECONDS`` at
+    (SIGKILL, no clean-up) when the run reaches that point, ``stop-after-freeze`` stops it
+    there (SIGSTOP: alive, holding everything, doing nothing); ``slow-snapshot:SECONDS`` at
     ``before-snapshot`` stalls it the way a stuck QMP call would (awaiting, so the rest of
     the run, its budget watchdog included, goes on). Nothing happens without the variable."""
     wanted = os.environ.get("FREEZEFRAME_FAULT")
@@ -227,6 +231,8 @@ async def fault(point: str) -> None:
         return
     if wanted == point:
         os.kill(os.getpid(), signal.SIGKILL)
+    if wanted == f"stop-{point}":
+        os.kill(os.getpid(), signal.SIGSTOP)
     if point == "before-snapshot" and wanted == "during-snapshot":
         # Die a moment after the QMP transaction has been sent, while its reply is awaited.
         asyncio.get_running_loop().call_later(0.003, os.kill, os.getpid(), signal.SIGKILL)
@@ -382,8 +388,9 @@ class _Run:
         inner_expected = False
         with self.clock.phase("preflight"):
             if self.ladder.level >= Level.FILESYSTEM:
-                probe = await target.probe_freeze(agent_timeout=self.policy.agent_timeout,
-                                                  command_timeout=self.policy.command_timeout)
+                probe = await target.probe_freeze(
+                    agent_timeout=self.policy.agent_timeout, command_timeout=self.policy.command_timeout,
+                    deadman_s=self.policy.freeze_budget + GUARD_GRACE + DEADMAN_MARGIN)
                 for text in probe.events:
                     self.event(text)
                 self.manifest.update(probe.details)

@@ -12,13 +12,19 @@ A drop-in for qemu-ga's fsfreeze-hook script, with what it lacks:
 * Hooks not owned by root, or writable by group or others, are refused and not run.
 * The result (each hook's status, duration, bounded output) is written as JSON on tmpfs,
   where the host reads it after the thaw with guest-file-read.
+* A deadman: when the freeze goes ahead, a detached process is armed that thaws every
+  file system itself (FITHAW) if no thaw comes within the host's deadline (written to
+  ``/run/freezeframe-deadman-request.json`` by the host before the freeze; ``deadman_s`` of the config
+  otherwise). It covers what no host-side guard can: the host process, its guard and the
+  agent socket's peer all gone at once, with qemu-ga waiting for a thaw that never comes
+  (it never thaws by itself). What it did goes to ``deadman.log`` and the kernel log.
 
 The thaw always exits 0: qemu-ga runs it after thawing the file systems, and a failing
 thaw hook must not make the host believe the guest is still frozen.
 
 Configuration: ``/etc/freezeframe/guest-hooks.json`` (``FREEZEFRAME_HOOK_CONFIG``)::
 
-    {"hook_dir": "/etc/qemu/fsfreeze-hook.d", "timeout": 10, "on_failure": "fail"}
+    {"hook_dir": "/etc/qemu/fsfreeze-hook.d", "timeout": 10, "on_failure": "fail", "deadman_s": 60}
 
 Standard library only, Python 3.8 or newer: it runs inside guests.
 """
@@ -26,8 +32,10 @@ Standard library only, Python 3.8 or newer: it runs inside guests.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import secrets
 import signal
 import stat
 import subprocess
@@ -39,9 +47,20 @@ CONFIG = os.environ.get("FREEZEFRAME_HOOK_CONFIG", "/etc/freezeframe/guest-hooks
 STATE_DIR = os.environ.get("FREEZEFRAME_HOOK_STATE_DIR", "/run/freezeframe")
 RESULT = STATE_DIR + "/hook-result.json"
 STATE = STATE_DIR + "/hook-state.json"
+DEADMAN_REQUEST = os.environ.get("FREEZEFRAME_DEADMAN_REQUEST", "/run/freezeframe-deadman-request.json")
+DEADMAN_STATE = STATE_DIR + "/deadman.json"
+DEADMAN_LOG = STATE_DIR + "/deadman.log"
+#: The mount table the deadman thaws from (another one only in the runner's own tests).
+MOUNTS = os.environ.get("FREEZEFRAME_HOOK_MOUNTS", "/proc/self/mounts")
 FORMAT = "freezeframe-guest-hooks/1"
-DEFAULTS: dict[str, Any] = {"hook_dir": "/etc/qemu/fsfreeze-hook.d", "timeout": 10.0, "on_failure": "fail"}
+DEFAULTS: dict[str, Any] = {"hook_dir": "/etc/qemu/fsfreeze-hook.d", "timeout": 10.0, "on_failure": "fail",
+                            "deadman_s": 60.0}
 OUTPUT_LIMIT = 4096
+FITHAW = 0xC0045878  # _IOWR('X', 120, int)
+#: Never frozen by FIFREEZE, or not worth the ioctl.
+PSEUDO = {"proc", "sysfs", "devtmpfs", "devpts", "tmpfs", "cgroup", "cgroup2", "securityfs", "debugfs",
+          "tracefs", "pstore", "bpf", "mqueue", "hugetlbfs", "configfs", "fusectl", "autofs", "rootfs",
+          "ramfs", "efivarfs", "binfmt_misc", "nsfs", "rpc_pipefs"}
 
 
 def load_config() -> dict[str, Any]:
@@ -55,10 +74,11 @@ def load_config() -> dict[str, Any]:
         pass
     if config["on_failure"] not in ("fail", "continue"):
         config["on_failure"] = "fail"
-    try:
-        config["timeout"] = max(0.1, float(str(config["timeout"])))
-    except (TypeError, ValueError):
-        config["timeout"] = DEFAULTS["timeout"]
+    for key, least in (("timeout", 0.1), ("deadman_s", 1.0)):
+        try:
+            config[key] = max(least, float(str(config[key])))
+        except (TypeError, ValueError):
+            config[key] = DEFAULTS[key]
     return config
 
 
@@ -165,6 +185,7 @@ def freeze(config: dict[str, Any]) -> int:
         write_json(STATE, {"frozen": []})
         return 1
     write_json(STATE, {"frozen": frozen})
+    result["deadman"] = arm_deadman(config)
     write_json(RESULT, result)
     return 0
 
@@ -179,9 +200,94 @@ def thaw(config: dict[str, Any]) -> int:
         result["thaw"].append(run(path, "thaw", config["timeout"]))
     result["status"] = "thawed"
     result["thawed_at"] = time.time()
+    disarm_deadman()
     write_json(STATE, {"frozen": []})
     write_json(RESULT, result)
     return 0
+
+
+# -- the deadman -------------------------------------------------------------------------
+
+
+def arm_deadman(config: dict[str, Any]) -> dict[str, Any]:
+    """Start the detached process that thaws the guest if no thaw comes in time."""
+    seconds = config["deadman_s"]
+    request = read_json(DEADMAN_REQUEST)
+    with contextlib.suppress(OSError):
+        os.unlink(DEADMAN_REQUEST)  # one request, one freeze
+    if isinstance(request, dict):
+        with contextlib.suppress(TypeError, ValueError):
+            seconds = min(max(1.0, float(str(request.get("thaw_after_s")))), 24 * 3600.0)
+    token = secrets.token_hex(8)
+    deadline = time.time() + seconds
+    write_json(DEADMAN_STATE, {"token": token, "armed": True, "deadline": deadline})
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child never returns
+        try:
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            deadman(token, deadline)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    return {"armed_s": seconds, "token": token}
+
+
+def deadman(token: str, deadline: float) -> None:
+    """Sleep until the deadline; if this freeze is still not thawed, thaw it."""
+    while True:
+        left = deadline - time.time()
+        if left <= 0:
+            break
+        time.sleep(min(left, 1.0))
+        state = read_json(DEADMAN_STATE)
+        if not isinstance(state, dict) or state.get("token") != token or not state.get("armed"):
+            return  # thawed (or a newer freeze armed its own)
+    thawed = thaw_everything()
+    write_json(DEADMAN_STATE, {"token": token, "armed": False, "fired_at": time.time(), "thawed": thawed})
+    line = ("freezeframe deadman: no thaw came within the deadline; thawed %d file system(s) itself (%s)"
+            % (len(thawed), ", ".join(thawed) or "none was frozen"))
+    with contextlib.suppress(OSError), open(DEADMAN_LOG, "a") as log:
+        log.write("%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), line))
+    with contextlib.suppress(OSError), open("/dev/kmsg", "w") as kmsg:
+        kmsg.write("<3>%s\n" % line)  # an error (the host side failed): shown even on a quiet console
+
+
+def thaw_everything() -> list[str]:
+    """FITHAW on every mounted file system; the ones that were frozen are returned."""
+    thawed: list[str] = []
+    try:
+        with open(MOUNTS) as mounts:
+            entries = [line.split() for line in mounts]
+    except OSError:
+        return thawed
+    for entry in reversed(entries):  # children before parents, as qemu-ga thaws
+        if len(entry) < 3 or entry[2] in PSEUDO:
+            continue
+        point = entry[1].replace("\\040", " ")
+        try:
+            fd = os.open(point, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            fcntl.ioctl(fd, FITHAW, 0)
+            thawed.append(point)
+        except OSError:
+            pass  # not frozen (EINVAL), or cannot be
+        finally:
+            os.close(fd)
+    return thawed
+
+
+def disarm_deadman() -> None:
+    state = read_json(DEADMAN_STATE)
+    if isinstance(state, dict) and state.get("armed"):
+        state["armed"] = False
+        write_json(DEADMAN_STATE, state)
 
 
 def main(argv: list[str]) -> int:

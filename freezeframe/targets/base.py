@@ -44,8 +44,11 @@ class Target(Protocol):
     async def close(self) -> None:
         """Release everything, including copies prepared but not taken."""
 
-    async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
-        """Find out whether the file systems can be frozen; thaw any left frozen."""
+    async def probe_freeze(self, *, agent_timeout: float, command_timeout: float,
+                           deadman_s: float | None = None) -> FreezeProbe:
+        """Find out whether the file systems can be frozen; thaw any left frozen. Where the
+        instance runs freezeframe's own freeze hooks, arm their deadman: if no thaw has come
+        ``deadman_s`` after the freeze, the instance thaws itself."""
 
     async def prepare(self, snapshot_id: str) -> None:
         """Everything slow that can happen before the freeze."""

@@ -16,6 +16,11 @@ from freezeframe.errors import AgentProtocolError
 FORMAT = "freezeframe-guest-hooks/1"
 RESULT_PATH = "/run/freezeframe/hook-result.json"
 CONFIG_PATH = "/etc/freezeframe/guest-hooks.json"
+#: The host writes the deadline for the runner's deadman here before each freeze (in /run
+#: itself: the runner's own folder appears only at its first freeze) ...
+DEADMAN_REQUEST_PATH = "/run/freezeframe-deadman-request.json"
+#: ... and reads here, at the next probe, what a deadman that fired did.
+DEADMAN_LOG_PATH = "/run/freezeframe/deadman.log"
 MAX_BYTES = 1 << 20
 _MAX_HOOKS = 256
 _STATUSES = ("ok", "failed", "refused")
@@ -66,6 +71,11 @@ def parse_hook_result(data: bytes) -> dict[str, Any]:
         "freeze_started_at_guest_clock": _number(report.get("freeze_started_at"), "freeze_started_at"),
         "thawed_at_guest_clock": _number(report.get("thawed_at"), "thawed_at"),
     }
+    deadman = report.get("deadman")
+    if deadman is not None:
+        if not isinstance(deadman, dict):
+            raise AgentProtocolError("the guest hook report's deadman is not an object")
+        summary["deadman_armed_s"] = _number(deadman.get("armed_s"), "deadman armed_s")
     return {"writers": writers, "summary": summary}
 
 

@@ -170,7 +170,8 @@ class HostTarget:
         if self._frozen:
             await self.thaw(10)
 
-    async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
+    async def probe_freeze(self, *, agent_timeout: float, command_timeout: float,
+                           deadman_s: float | None = None) -> FreezeProbe:
         probe = FreezeProbe()
         for plan in self._plans:
             if plan.provider == "reflink" and await asyncio.to_thread(fs_ioctl, plan.mount.mountpoint, FITHAW):

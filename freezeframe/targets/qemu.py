@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -126,9 +127,11 @@ class GuestTarget:
             raise AgentUnavailable("the guest agent is not connected")
         return self.agent
 
-    async def probe_freeze(self, *, agent_timeout: float, command_timeout: float) -> FreezeProbe:
+    async def probe_freeze(self, *, agent_timeout: float, command_timeout: float,
+                           deadman_s: float | None = None) -> FreezeProbe:
         """The survey ``instance check`` reports too, then what a run does about it: a guest
-        found frozen is thawed; the hook evidence is made ready to read after the thaw."""
+        found frozen is thawed; the hook evidence is made ready to read after the thaw, and
+        the guest hook runner's deadman told when to thaw by itself (``deadman_s``)."""
         probe = FreezeProbe()
         skipped = await self.skipped_disks()
         if skipped:
@@ -162,7 +165,7 @@ class GuestTarget:
             return probe
         if found.hooks is not None:
             try:
-                await self._ready_hook_evidence(agent, found, probe)
+                await self._ready_hook_evidence(agent, found, probe, deadman_s)
             except AgentError as err:
                 probe.inner_unreadable = f"the guest's hook evidence could not be prepared: {err}"
                 probe.events.append(probe.inner_unreadable)
@@ -174,7 +177,8 @@ class GuestTarget:
             ]
         return probe
 
-    async def _ready_hook_evidence(self, agent: GuestAgent, found: survey.Survey, probe: FreezeProbe) -> None:
+    async def _ready_hook_evidence(self, agent: GuestAgent, found: survey.Survey, probe: FreezeProbe,
+                                   deadman_s: float | None) -> None:
         """Clear the hook runner's last report, or note where the stock hook's log ends,
         so that what is read after the thaw is this freeze's."""
         hooks = found.hooks
@@ -189,6 +193,7 @@ class GuestTarget:
             probe.details["guest_hooks"] = {"config": guest_hooks.CONFIG_PATH, "report": guest_hooks.RESULT_PATH}
             with contextlib.suppress(AgentCommandError):  # no report yet: the runner never ran
                 await agent.file_close(await agent.file_open(guest_hooks.RESULT_PATH, "w"))  # truncate
+            await self._deadman(agent, probe, deadman_s)
             return
         if hooks.can_watch_log:
             # Watched even when there is no log yet: the first freeze that runs the stock
@@ -197,6 +202,28 @@ class GuestTarget:
             probe.inner_writers = True
             probe.details["guest_hooks"] = {"runner": f"stock fsfreeze-hook ({stock_hooks.SCRIPT_PATH})",
                                             "log": stock_hooks.LOG_PATH}
+
+    async def _deadman(self, agent: GuestAgent, probe: FreezeProbe, deadman_s: float | None) -> None:
+        """What a deadman that fired since the last run did (it means a run died with the
+        guest frozen), then this freeze's deadline for it."""
+        with contextlib.suppress(AgentCommandError):  # none fired
+            fired = await agent.read_file(guest_hooks.DEADMAN_LOG_PATH, max_bytes=64 * 1024)
+            for line in fired.decode("utf-8", "replace").splitlines()[-10:]:
+                probe.events.append(f"the guest's deadman acted since the last run: {line[:300]}")
+            await agent.file_close(await agent.file_open(guest_hooks.DEADMAN_LOG_PATH, "w"))
+        if deadman_s is None:
+            return
+        try:
+            handle = await agent.file_open(guest_hooks.DEADMAN_REQUEST_PATH, "w")
+            try:
+                await agent.file_write(handle, json.dumps({"thaw_after_s": round(deadman_s, 3)}).encode())
+            finally:
+                await agent.file_close(handle)
+        except AgentCommandError as err:
+            probe.events.append(f"the deadman's deadline could not be given to the guest ({err}): it keeps the "
+                                "guest's own (deadman_s in its config)")
+            return
+        probe.details.setdefault("guest_hooks", {})["deadman_s"] = deadman_s
 
     async def inner_writers(self) -> dict[str, Any] | None:
         if self._hooks:
