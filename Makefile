@@ -33,6 +33,7 @@ test: setup
 
 lint:
 	$(BIN)/ruff check freezeframe tests bench fuzz
+	shellcheck -s sh freezeframe/guest/hook.sh
 
 typecheck:
 	$(BIN)/mypy

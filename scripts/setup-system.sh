@@ -11,6 +11,7 @@ packages=(
     btrfs-progs util-linux lvm2 procps            # host snapshots: btrfs, loop mounts; LVM (in lab guests); pgrep
     postgresql mariadb-server redis-server sqlite3  # real servers the writer tests quiesce
     python3 python3-venv
+    shellcheck                                    # the guest hook runner in POSIX sh
     python3-libnbd                                # reading backups over NBD (linked into the venv)
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt  # libvirt domains
 )

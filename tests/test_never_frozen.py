@@ -228,11 +228,12 @@ def _guards_of(pid: int) -> list[int]:
 
 
 @pytest.mark.vm
-def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab: LabFactory) -> None:
+@pytest.mark.parametrize("runner", ["python", "sh"])
+def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab: LabFactory, runner: str) -> None:
     """The run stopped while the guest is frozen, its guard killed, then the run killed (and
     with it the agent socket's peer): nothing on the host will ever thaw. The guest hook
     runner's deadman does, by the deadline the run gave it (budget + grace + margin)."""
-    vm = lab(disks=1, hooks=("ok",), workload=True, workload_sync=True)
+    vm = lab(disks=1, hooks=("ok",), workload=True, workload_sync=True, hook_runner=runner)
     budget = 2.0
 
     def writes() -> int:

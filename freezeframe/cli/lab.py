@@ -59,9 +59,10 @@ def build(app: App) -> None:
               help="What a failing hook does: fail the freeze, or continue and report it.")
 @click.option("--hook-timeout", type=click.FloatRange(0.1, 600), default=10.0, show_default=True,
               help="Seconds each hook may take before its process group is killed.")
-@click.option("--hook-runner", type=click.Choice(lab_vm.HOOK_RUNNERS), default="freezeframe", show_default=True,
-              help="Who runs the hooks: freezeframe's guest hook runner, or qemu-ga's stock fsfreeze-hook "
-                   "script (qemu-ga -F/etc/qemu/fsfreeze-hook), whose log freezeframe reads as evidence.")
+@click.option("--hook-runner", type=click.Choice(lab_vm.HOOK_RUNNERS), default="python", show_default=True,
+              help="Who runs the hooks: freezeframe's guest hook runner (python, or sh for guests without "
+                   "Python), or qemu-ga's stock fsfreeze-hook script (qemu-ga -F/etc/qemu/fsfreeze-hook), "
+                   "whose log freezeframe reads as evidence.")
 @click.option("--libvirt", "libvirt", is_flag=True,
               help="Run it as a transient libvirt domain (starting virtlogd and libvirtd if none runs).")
 @click.option("--uri", default="qemu:///system", show_default=True, help="With --libvirt: the libvirt connection.")

@@ -47,6 +47,7 @@ _GROUPS = {
     "instance": ("instance", "instance_group"),
     "template": ("instance", "template_group"),
     "lab": ("lab", "group"),
+    "guest": ("guest", "group"),
 }
 
 

@@ -52,6 +52,7 @@ DEADMAN_STATE = STATE_DIR + "/deadman.json"
 DEADMAN_LOG = STATE_DIR + "/deadman.log"
 #: The mount table the deadman thaws from (another one only in the runner's own tests).
 MOUNTS = os.environ.get("FREEZEFRAME_HOOK_MOUNTS", "/proc/self/mounts")
+KMSG = os.environ.get("FREEZEFRAME_HOOK_KMSG", "/dev/kmsg")
 FORMAT = "freezeframe-guest-hooks/1"
 DEFAULTS: dict[str, Any] = {"hook_dir": "/etc/qemu/fsfreeze-hook.d", "timeout": 10.0, "on_failure": "fail",
                             "deadman_s": 60.0}
@@ -253,7 +254,7 @@ def deadman(token: str, deadline: float) -> None:
             % (len(thawed), ", ".join(thawed) or "none was frozen"))
     with contextlib.suppress(OSError), open(DEADMAN_LOG, "a") as log:
         log.write("%s %s\n" % (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), line))
-    with contextlib.suppress(OSError), open("/dev/kmsg", "w") as kmsg:
+    with contextlib.suppress(OSError), open(KMSG, "w") as kmsg:
         kmsg.write("<3>%s\n" % line)  # an error (the host side failed): shown even on a quiet console
 
 

@@ -102,7 +102,8 @@ files=""
 for serial in $(echo $serials | tr ' ' '\n' | sort); do files="$files /mnt/$serial/workload.log"; done
 
 # Freeze hooks (ff.hooks=sqlite,ok,fail,hang,badowner) run by freezeframe's hook runner,
-# or (ff.hook_runner=stock) by qemu-ga's stock fsfreeze-hook script, which logs to /var/log.
+# its POSIX sh twin (ff.hook_runner=sh), or (ff.hook_runner=stock) by qemu-ga's stock
+# fsfreeze-hook script, which logs to /var/log.
 hook_flag=""
 hooks="$(arg ff.hooks | tr ',' ' ')"
 runner="$(arg ff.hook_runner)"
@@ -122,6 +123,7 @@ if [ -n "$hooks" ] || [ "$runner" = stock ]; then
         policy="$(arg ff.hook_policy)"; timeout="$(arg ff.hook_timeout)"
         echo "{\"on_failure\": \"${policy:-fail}\", \"timeout\": ${timeout:-10}}" > /etc/freezeframe/guest-hooks.json
         hook_flag="-F/usr/local/bin/freezeframe-guest-hook"
+        [ "$runner" = sh ] && hook_flag="-F/usr/local/bin/freezeframe-guest-hook-sh"
     fi
 fi
 
@@ -253,7 +255,7 @@ def _image_key(kernel: Path) -> str:
     # Everything that goes into the image: a change to any of it makes a new one.
     digest.update(f"{IMAGE_FORMAT}\n{INIT_SCRIPT}\n{_LIST_MODULES}\n{SAMPLE_HOOKS!r}\n{WANTED_MODULES!r}".encode())
     digest.update(resources.files("freezeframe.lab").joinpath("workload.c").read_bytes())
-    for program in ("hook.py", "sqlite_hold.py", "sqlite_app.py"):
+    for program in ("hook.py", "hook.sh", "sqlite_hold.py", "sqlite_app.py"):
         digest.update(resources.files("freezeframe.guest").joinpath(program).read_bytes())
     for path in (kernel, *HOST_BINARIES, *GUEST_TOOLS):
         st = path.stat()
@@ -392,6 +394,7 @@ def _guest_python(archive: _Cpio, seen: set[str]) -> None:
     for folder in ("usr/local/lib/freezeframe", "usr/share/freezeframe/hooks"):
         archive.directory(folder)
     archive.file("usr/local/bin/freezeframe-guest-hook", guest_dir.joinpath("hook.py").read_bytes(), 0o755)
+    archive.file("usr/local/bin/freezeframe-guest-hook-sh", guest_dir.joinpath("hook.sh").read_bytes(), 0o755)
     for program in ("sqlite_hold.py", "sqlite_app.py"):
         archive.file(f"usr/local/lib/freezeframe/{program}", guest_dir.joinpath(program).read_bytes(), 0o755)
     for name, body in SAMPLE_HOOKS.items():

@@ -25,8 +25,9 @@ from freezeframe.lab.image import SAMPLE_HOOKS, GuestImage, ensure_image
 
 READY_MARKER = b"ff-lab: ready"
 FILESYSTEMS = ("ext4", "xfs")
-#: Who runs the guest's freeze hooks: freezeframe's runner, or qemu-ga's stock fsfreeze-hook script.
-HOOK_RUNNERS = ("freezeframe", "stock")
+#: Who runs the guest's freeze hooks: freezeframe's runner (Python, or POSIX sh), or qemu-ga's
+#: stock fsfreeze-hook script.
+HOOK_RUNNERS = ("python", "sh", "stock")
 #: xfsprogs 6 refuses file systems under 300 MiB; the disks are sparse either way.
 DEFAULT_DISK_MIB = 320
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
@@ -217,7 +218,7 @@ def up(
     hooks: tuple[str, ...] = (),
     hook_policy: str = "fail",
     hook_timeout: float = 10.0,
-    hook_runner: str = "freezeframe",
+    hook_runner: str = "python",
     app: str | None = None,
     disk_mib: int = DEFAULT_DISK_MIB,
     memory_mib: int = 256,
@@ -319,7 +320,7 @@ def _abandon(vm_dir: Path, name: str, libvirt_uri: str | None) -> None:
 
 def _cmdline(*, agent: bool = True, workload: bool = False, workload_sync: bool = False,
              workload_interval_us: int = 2000, agent_args: tuple[str, ...] = (), hooks: tuple[str, ...] = (),
-             hook_policy: str = "fail", hook_timeout: float = 10.0, hook_runner: str = "freezeframe",
+             hook_policy: str = "fail", hook_timeout: float = 10.0, hook_runner: str = "python",
              app: str | None = None) -> str:
     """The guest's kernel command line: what its init reads to set itself up."""
     return " ".join([
@@ -330,7 +331,7 @@ def _cmdline(*, agent: bool = True, workload: bool = False, workload_sync: bool 
         f"ff.agent_args={'+'.join(agent_args)}" if agent_args else "",
         f"ff.hooks={','.join(hooks)} ff.hook_policy={hook_policy} ff.hook_timeout={hook_timeout:g}"
         if hooks else "",
-        f"ff.hook_runner={hook_runner}" if hook_runner != "freezeframe" else "",
+        f"ff.hook_runner={hook_runner}" if hook_runner != "python" else "",
         f"ff.app={app}" if app else "",
     ]).strip()
 

@@ -66,6 +66,7 @@ def parse_hook_result(data: bytes) -> dict[str, Any]:
             },
         })
     summary = {
+        "runner": f"freezeframe's guest hook runner ({_text(report.get('runner', 'python'), 'runner', 16)})",
         "status": _text(report.get("status", ""), "status", 32),
         "policy": _text(report.get("policy", ""), "policy", 32),
         "freeze_started_at_guest_clock": _number(report.get("freeze_started_at"), "freeze_started_at"),
