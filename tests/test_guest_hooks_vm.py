@@ -218,3 +218,29 @@ def test_the_sh_runner_installed_through_the_agent_thaws_in_reverse_and_kills_at
     # Installed again: the stock script kept the first time is not overwritten by the runner.
     again = json.loads(run_cli(home, "guest", "install", vm.name, "-o", "json").stdout)
     assert (again["kept"], again["config_written"]) == (None, False)
+
+
+@pytest.mark.parametrize("runner", ["python", "sh", "stock"])
+def test_a_slow_hook_counts_as_hook_time_not_frozen_time_and_the_budget_bounds_the_frozen_part(
+        home: Home, lab: LabFactory, runner: str) -> None:
+    """A hook that takes 6 s to quiesce its application runs before the file systems
+    freeze: the manifest splits the window, and a 3 s budget (which bounds the frozen
+    part) does not cut it."""
+    vm = lab(disks=1, hooks=("ok", "slow"), hook_runner=runner)
+    if runner == "stock":
+        assert run_cli(home, "instance", "update", vm.name, "--guest-hooks", "10-ok,20-slow").returncode == 0
+
+    snap = created(home, vm.name, "--consistency", "application", "--freeze-timeout", "30",
+                   "--freeze-budget", "3")
+
+    assert snap["consistency"] == "application", snap["fallback_reasons"]
+    phases = snap["freeze_phases"]
+    resolution = phases["resolution_ms"]
+    assert resolution == {"python": 10, "sh": 10, "stock": 1000}[runner]
+    assert phases["hooks_freeze_ms"] >= 6000 - resolution, phases
+    assert phases["frozen_ms"] < phases["hooks_freeze_ms"], phases
+    assert phases["frozen_ms"] < 3000, phases
+    assert phases["window_ms"] >= phases["hooks_freeze_ms"] + phases["frozen_at_least_ms"], phases
+    shown = run_cli(home, "snapshot", "show", snap["id"]).stdout
+    assert "file systems frozen" in shown
+    assert "applications held" in shown

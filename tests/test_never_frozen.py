@@ -232,9 +232,10 @@ def _guards_of(pid: int) -> list[int]:
 def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab: LabFactory, runner: str) -> None:
     """The run stopped while the guest is frozen, its guard killed, then the run killed (and
     with it the agent socket's peer): nothing on the host will ever thaw. The guest hook
-    runner's deadman does, by the deadline the run gave it (budget + grace + margin)."""
+    runner's deadman does, by the deadline the run gave it (freeze timeout + budget + grace
+    + margin)."""
     vm = lab(disks=1, hooks=("ok",), workload=True, workload_sync=True, hook_runner=runner)
-    budget = 2.0
+    budget, freeze_timeout = 2.0, 3.0
 
     def writes() -> int:
         """What the guest has written so far, as QEMU counts it (its one disk: the root is in memory)."""
@@ -243,7 +244,7 @@ def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab
     assert writes() > 0, "the workload writes nothing"
     run = subprocess.Popen(
         [sys.executable, "-m", "freezeframe", "snapshot", "create", vm.name, "--consistency", "filesystem",
-         "--freeze-budget", str(budget)],
+         "--freeze-budget", str(budget), "--freeze-timeout", str(freeze_timeout)],
         env=dict(os.environ, FREEZEFRAME_HOME=str(home.root), FREEZEFRAME_FAULT="stop-after-freeze"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -262,7 +263,7 @@ def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab
     gone = time.monotonic()
 
     # Frozen, the workload's writes stop; they go on once the guest has thawed itself.
-    allowed = budget + GUARD_GRACE + DEADMAN_MARGIN
+    allowed = freeze_timeout + budget + GUARD_GRACE + DEADMAN_MARGIN
     frozen_at = writes()
     while writes() == frozen_at:
         assert time.monotonic() - gone < allowed + 30, "the guest never thawed itself"

@@ -88,6 +88,7 @@ def snapshot_json(snap: Snapshot) -> dict[str, Any]:
         "application_consistent": snap.application_consistent,
         "fallback_reasons": snap.fallback_reasons,
         "freeze_window_ms": snap.freeze_window_ms,
+        "freeze_phases": snap.manifest.get("freeze_phases"),
         "timings_ms": snap.timings_ms,
         "error": snap.error,
         "disks": [asdict(d) for d in snap.disks],
@@ -115,7 +116,7 @@ def snapshot_table(snap: Snapshot) -> Table:
         ("Requested Consistency", snap.requested_level.value),
         ("Consistency", snap.achieved_level.value if snap.achieved_level else "-"),
         ("Application Consistent Snapshot", _yes_no(snap.application_consistent)),
-        ("Freeze Window", _ms(snap.freeze_window_ms)),
+        ("Freeze Window", _window(snap.freeze_window_ms, snap.manifest.get("freeze_phases"))),
         ("Fallback Reason", "\n".join(snap.fallback_reasons) or "-"),
     ]
     if snap.error:
@@ -134,6 +135,21 @@ def snapshot_table(snap: Snapshot) -> Table:
     for field, value in rows:
         table.add_row(field, value)
     return table
+
+
+def _window(total: float | None, phases: dict[str, Any] | None) -> str:
+    """The window, then what of it held applications and what froze file systems."""
+    if total is None or not phases:
+        return _ms(total)
+    resolution = phases.get("resolution_ms") or 1.0
+    hooks = [phases.get("hooks_freeze_ms"), phases.get("hooks_thaw_ms")]
+    lines = [_ms(total)]
+    if hooks[0] is not None:
+        lines.append(f"hooks (applications held, file systems writable): {hooks[0]:.0f} ms before the freeze"
+                     + (f", {hooks[1]:.0f} ms after the thaw" if hooks[1] is not None else ""))
+    lines.append(f"file systems frozen: {phases['frozen_ms']:.0f} ms (at least {phases['frozen_at_least_ms']:.0f} ms)")
+    lines.append(f"resolution ±{resolution:g} ms: {phases.get('evidence', '')}")
+    return "\n".join(lines)
 
 
 def snapshots_table(snaps: Sequence[Snapshot]) -> Table:
@@ -242,6 +258,7 @@ def backup_json(backup: Backup) -> dict[str, Any]:
         "application_consistent": bool(point and point.application_consistent),
         "fallback_reasons": point.fallback_reasons if point else [],
         "freeze_window_ms": point.freeze_window_ms if point else None,
+        "freeze_phases": point.manifest.get("freeze_phases") if point else None,
         "duration_s": backup.duration_s,
         "timings_s": backup.timings_s,
         "error": backup.error,
@@ -265,7 +282,7 @@ def backup_table(backup: Backup) -> Table:
             ("Creation Date", data["created_at"]), ("State", data["state"]), ("Repository", data["repository"]),
             ("Parent", data["parent"] or "-"), ("Consistency", data["consistency"] or "-"),
             ("Application Consistent", _yes_no(data["application_consistent"])),
-            ("Freeze Window", _ms(data["freeze_window_ms"])),
+            ("Freeze Window", _window(data["freeze_window_ms"], data["freeze_phases"])),
             ("Fallback Reason", "\n".join(data["fallback_reasons"]) or "-"),
             ("Duration", "-" if data["duration_s"] is None else f"{data['duration_s']:.1f} s")]
     if data["error"]:

@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 
 from freezeframe.agent import vss
 from freezeframe.catalog.store import Catalog, utc_now
+from freezeframe.engine import window
 from freezeframe.engine.guard import Arming, Watcher, start_time
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.quiesce import Quiesce, WritersFailed
@@ -283,6 +284,10 @@ class _Run:
         self.inner_unreadable: str | None = None
         self._window_start = 0
         self.freeze_window_ms: float | None = None
+        #: The freeze window's instants, to split it into its hook and frozen phases.
+        self.instants = window.Instants()
+        #: Set once the freeze call has returned: the freeze budget counts from there.
+        self._frozen = asyncio.Event()
         self.manifest: dict[str, Any] = {
             "format": MANIFEST_FORMAT,
             "instance": {"name": plan.instance.name, "kind": plan.instance.kind},
@@ -321,6 +326,7 @@ class _Run:
                 "fallback_reasons": snap.fallback_reasons,
                 "timings_ms": snap.timings_ms,
                 "freeze_window_ms": snap.freeze_window_ms,
+                "freeze_phases": window.split(self.instants, self.manifest.get("guest_hooks", {})),
                 "writers": self.quiesce.manifests() + self.inner_writers,
                 "disks": [asdict(d) for d in snap.disks],
                 "error": snap.error,
@@ -390,7 +396,7 @@ class _Run:
             if self.ladder.level >= Level.FILESYSTEM:
                 probe = await target.probe_freeze(
                     agent_timeout=self.policy.agent_timeout, command_timeout=self.policy.command_timeout,
-                    deadman_s=self.policy.freeze_budget + GUARD_GRACE + DEADMAN_MARGIN)
+                    deadman_s=self._guard_deadline() + DEADMAN_MARGIN)
                 for text in probe.events:
                     self.event(text)
                 self.manifest.update(probe.details)
@@ -524,11 +530,17 @@ class _Run:
                 f"({frozen} frozen, the thaw found none frozen)",
             )
 
+    def _guard_deadline(self) -> float:
+        """Seconds from arming the guard until it takes over from a run that is alive but
+        stuck: the freeze call (its hooks, bounded by the freeze timeout), then the budget
+        the file systems may stay frozen, then the grace."""
+        return self.policy.freeze_timeout + self.policy.freeze_budget + GUARD_GRACE
+
     async def _arm_guard(self) -> None:
         instance = self.plan.instance
         arming = Arming(
             snapshot_id=self.snap.id, catalog=str(self.catalog_path), owner_pid=os.getpid(),
-            owner_start=start_time(os.getpid()), deadline_s=self.policy.freeze_budget + GUARD_GRACE,
+            owner_start=start_time(os.getpid()), deadline_s=self._guard_deadline(),
             kind=instance.kind, qga_socket=instance.qga_socket, qmp_socket=instance.qmp_socket,
             mounts=instance.mounts, libvirt_uri=instance.libvirt_uri, libvirt_domain=instance.libvirt_domain,
         )
@@ -552,7 +564,11 @@ class _Run:
             self.event("the thaw was not confirmed: the guard took over")
 
     async def _budget_watchdog(self, target: Target) -> None:
-        """Thaw when the freeze budget runs out, whatever the run is stuck on."""
+        """Thaw when the freeze budget runs out, whatever the run is stuck on. The budget
+        bounds the time the file systems are frozen, so it counts from the freeze call's
+        return: the guest's freeze hooks run before, inside the call, while the file systems
+        still take writes, and the freeze timeout bounds them."""
+        await self._frozen.wait()
         await asyncio.sleep(self.policy.freeze_budget)
         self.budget_cut = (f"the freeze was cut at its budget of {self.policy.freeze_budget:g}s "
                            "before the snapshot completed")
@@ -564,14 +580,18 @@ class _Run:
 
     async def _freeze(self, target: Target) -> int:
         self.manifest["window"]["freeze_started_at"] = utc_now()
-        self._window_start = self.clock.now()
+        self._window_start = self.instants.freeze_sent = self.clock.now()
         try:
             frozen = await target.freeze(self.policy.freeze_timeout)
+            self.instants.freeze_returned = self.clock.now()
+            self.manifest["window"]["frozen_at"] = utc_now()
         except (AgentError, HypervisorError) as err:
             # A freeze that timed out may still complete in the guest later (a slow hook):
             # the thaw that follows waits for it (see _thaw_and_confirm).
             self.ladder.step_down(Level.CRASH, f"freezing the file systems failed: {err}")
             return 0
+        finally:
+            self._frozen.set()
         self.manifest["frozen_filesystems"] = frozen
         if frozen == 0:
             self.ladder.step_down(Level.CRASH, "no file system was frozen (nothing mounted to freeze?)")
@@ -591,12 +611,15 @@ class _Run:
         with self.clock.phase("thaw"):
             while attempt == 0 or loop.time() < give_up:
                 attempt += 1
+                if self.instants.thaw_sent is None:
+                    self.instants.thaw_sent = self.clock.now()
                 try:
                     thawed = await target.thaw(timeout)
                     total += thawed
                     self.manifest["window"].setdefault("thawed_at", utc_now())
                     if self.freeze_window_ms is None:
-                        self.freeze_window_ms = round((self.clock.now() - self._window_start) / 1e6, 3)
+                        self.instants.thaw_returned = self.clock.now()
+                        self.freeze_window_ms = round((self.instants.thaw_returned - self._window_start) / 1e6, 3)
                     still_frozen = await target.is_frozen(timeout)
                 except FreezeNotHeld as err:
                     # The guest thawed (qemu-ga lets go whatever VSS said), but not at our
@@ -605,7 +628,8 @@ class _Run:
                     self.event(f"thaw attempt {attempt}: {err.message}")
                     self.manifest["window"].setdefault("thawed_at", utc_now())
                     if self.freeze_window_ms is None:
-                        self.freeze_window_ms = round((self.clock.now() - self._window_start) / 1e6, 3)
+                        self.instants.thaw_returned = self.clock.now()
+                        self.freeze_window_ms = round((self.instants.thaw_returned - self._window_start) / 1e6, 3)
                     try:
                         if not await target.is_frozen(timeout):
                             return total

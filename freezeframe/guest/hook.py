@@ -156,9 +156,25 @@ def read_json(path: str) -> Any:
         return None
 
 
+def age_ms(began: float) -> float:
+    """Milliseconds since this process started: qemu-ga's freeze (or thaw) waits for all of
+    it, the interpreter's start-up included (seconds under emulation). From the kernel's
+    start time of the process (clock ticks); since ``began`` where /proc cannot tell."""
+    try:
+        with open("/proc/self/stat") as stat_file:
+            ticks = int(stat_file.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime:
+            now = float(uptime.read().split()[0])
+        return round(max(0.0, now - ticks / os.sysconf("SC_CLK_TCK")) * 1000, 1)
+    except (OSError, ValueError, IndexError):
+        return round((time.monotonic() - began) * 1000, 1)
+
+
 def freeze(config: dict[str, Any]) -> int:
-    result: dict[str, Any] = {"format": FORMAT, "policy": config["on_failure"], "timeout": config["timeout"],
-              "freeze_started_at": time.time(), "freeze": [], "thaw": [], "status": "frozen"}
+    began = time.monotonic()
+    result: dict[str, Any] = {"format": FORMAT, "runner": "python", "policy": config["on_failure"],
+                              "timeout": config["timeout"], "freeze_started_at": time.time(), "freeze": [],
+                              "thaw": [], "status": "frozen", "clock_resolution_ms": 10}
     paths, problem = hooks(config["hook_dir"])
     if problem:
         result["freeze"].append({"name": config["hook_dir"], "action": "freeze", "status": "refused",
@@ -187,11 +203,14 @@ def freeze(config: dict[str, Any]) -> int:
         return 1
     write_json(STATE, {"frozen": frozen})
     result["deadman"] = arm_deadman(config)
+    # The hook phase: file systems still writable; qemu-ga freezes them when this exits.
+    result["freeze_hooks_ms"] = age_ms(began)
     write_json(RESULT, result)
     return 0
 
 
 def thaw(config: dict[str, Any]) -> int:
+    began = time.monotonic()
     result = read_json(RESULT)
     if not isinstance(result, dict) or result.get("format") != FORMAT:
         result = {"format": FORMAT, "freeze": [], "thaw": []}
@@ -202,6 +221,7 @@ def thaw(config: dict[str, Any]) -> int:
     result["status"] = "thawed"
     result["thawed_at"] = time.time()
     disarm_deadman()
+    result["thaw_hooks_ms"] = age_ms(began)  # after qemu-ga's thaw
     write_json(STATE, {"frozen": []})
     write_json(RESULT, result)
     return 0

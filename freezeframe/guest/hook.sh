@@ -159,8 +159,10 @@ write_report() {
         awk 'BEGIN { ORS = "" } { if (NR > 1) print ", "; print }' "$FREEZES"
         printf '], "thaw": ['
         awk 'BEGIN { ORS = "" } { if (NR > 1) print ", "; print }' "$THAWS"
-        printf '], "status": "%s"' "$1"
+        printf '], "status": "%s", "clock_resolution_ms": 10' "$1"
         [ -n "${ARMED:-}" ] && printf ', "deadman": {"armed_s": %s}' "$ARMED"
+        [ -n "${FREEZE_MS:-}" ] && printf ', "freeze_hooks_ms": %s' "$FREEZE_MS"
+        [ -n "${THAW_MS:-}" ] && printf ', "thaw_hooks_ms": %s' "$THAW_MS"
         [ -n "${2:-}" ] && printf ', "thawed_at": %s' "$2"
         printf '}\n'
     } > "$RESULT.tmp" && mv -f "$RESULT.tmp" "$RESULT"
@@ -202,9 +204,19 @@ deadman() {
     echo "<3>$line" > "$KMSG" 2> /dev/null || :
 }
 
+# Milliseconds since $1 (centiseconds of /proc/uptime).
+ms_since() { awk -v a="$1" -v b="$(now_cs)" 'BEGIN { printf "%d", (b - a) * 10 }'; }
+
+# When this process started, in centiseconds of /proc/uptime: qemu-ga waits for all of it.
+started_cs() {
+    ticks=$(getconf CLK_TCK 2> /dev/null) || ticks=100
+    sed 's/.*) //' /proc/$$/stat | awk -v hz="${ticks:-100}" '{ printf "%d", $20 * 100 / hz }'
+}
+
 freeze() {
+    began=$(started_cs)
     STARTED=$(date +%s)
-    ARMED=""
+    ARMED="" FREEZE_MS="" THAW_MS=""
     : > "$FREEZES"
     : > "$THAWS"
     : > "$FROZEN"
@@ -237,13 +249,16 @@ freeze() {
         return 1
     fi
     arm_deadman
-    printf 'STARTED=%s\nARMED=%s\n' "$STARTED" "$ARMED" > "$RUN"
+    # The hook phase: file systems still writable; qemu-ga freezes them when this exits.
+    FREEZE_MS=$(ms_since "$began")
+    printf 'STARTED=%s\nARMED=%s\nFREEZE_MS=%s\n' "$STARTED" "$ARMED" "$FREEZE_MS" > "$RUN"
     write_report frozen
     return 0
 }
 
 thaw() {
-    STARTED=0 ARMED=""
+    began=$(started_cs)
+    STARTED=0 ARMED="" FREEZE_MS="" THAW_MS=""
     # shellcheck source=/dev/null  # this runner's own file, written at the freeze
     [ -f "$RUN" ] && . "$RUN"
     [ -f "$FREEZES" ] || : > "$FREEZES"
@@ -251,6 +266,7 @@ thaw() {
     [ -f "$FROZEN" ] && thaw_frozen
     state=$(cat "$DEADMAN_STATE" 2> /dev/null)
     case $state in *" armed") echo "${state% armed} disarmed" > "$DEADMAN_STATE" ;; esac
+    THAW_MS=$(ms_since "$began")  # after qemu-ga's thaw
     write_report thawed "$(date +%s)"
     return 0
 }

@@ -72,6 +72,9 @@ def parse_hook_result(data: bytes) -> dict[str, Any]:
         "freeze_started_at_guest_clock": _number(report.get("freeze_started_at"), "freeze_started_at"),
         "thawed_at_guest_clock": _number(report.get("thawed_at"), "thawed_at"),
     }
+    for key in ("freeze_hooks_ms", "thaw_hooks_ms", "clock_resolution_ms"):
+        if report.get(key) is not None:
+            summary[key] = _number(report.get(key), key)
     deadman = report.get("deadman")
     if deadman is not None:
         if not isinstance(deadman, dict):

@@ -80,11 +80,13 @@ def parse_log(data: bytes, *, not_before: float | None = None, not_after: float 
             current = None
     writers = [_writer(name, hooks[name]) for name in order]
     freeze_runs = [hooks[n]["freeze"] for n in order if "freeze" in hooks[n]]
+    thaw_runs = [hooks[n]["thaw"] for n in order if "thaw" in hooks[n]]
     summary: dict[str, Any] = {
         "runner": f"stock fsfreeze-hook ({SCRIPT_PATH})",
         "log": LOG_PATH,
         "resolution_s": RESOLUTION_S,
         "freeze_hooks_s": _span(freeze_runs),
+        "thaw_hooks_s": _span(thaw_runs),
         "lines_outside_this_freeze": ignored,
         "freeze_started_at_guest_clock": min((r["started"] for r in freeze_runs if r["started"] is not None),
                                              default=None),
