@@ -235,7 +235,9 @@ def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab
     runner's deadman does, by the deadline the run gave it (freeze timeout + budget + grace
     + margin)."""
     vm = lab(disks=1, hooks=("ok",), workload=True, workload_sync=True, hook_runner=runner)
-    budget, freeze_timeout = 2.0, 3.0
+    # The freeze timeout leaves the runner's start-up (seconds under a loaded TCG) time to
+    # finish: a freeze that timed out would go on in the guest after the run stopped.
+    budget, freeze_timeout = 2.0, 20.0
 
     def writes() -> int:
         """What the guest has written so far, as QEMU counts it (its one disk: the root is in memory)."""
@@ -265,6 +267,8 @@ def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab
     # Frozen, the workload's writes stop; they go on once the guest has thawed itself.
     allowed = freeze_timeout + budget + GUARD_GRACE + DEADMAN_MARGIN
     frozen_at = writes()
+    time.sleep(1)  # the workload writes every few ms: a second without a write means frozen
+    assert writes() == frozen_at, "the guest was not frozen when the host side went"
     while writes() == frozen_at:
         assert time.monotonic() - gone < allowed + 30, "the guest never thawed itself"
         time.sleep(0.2)
