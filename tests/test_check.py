@@ -15,6 +15,9 @@ from typing import Any
 import pytest
 from conftest import LabFactory, agent_call, run_cli, unique
 from hostfs import data_fs
+from servers import mariadb as mariadb_running
+from servers import mariadb_init, open_base, pg_init, redis_server
+from servers import postgres as postgres_running
 from test_host_apps import add_host, add_writer
 
 from freezeframe.agent.qga import FreezeState, GuestAgent
@@ -154,3 +157,72 @@ def test_a_socket_held_by_another_client_is_named_not_blamed_on_qemu_or_the_gues
     # Let go, both work again: QEMU accepts the next client.
     report, _ = check(home, vm.name)
     assert report["verdict"] == "filesystem", report
+
+
+def _statements(detail: str) -> str:
+    """What a writer's finding says to run ("...; as a superuser, run: GRANT ...")."""
+    assert ", run: " in detail, detail
+    return detail.split(", run: ", 1)[1]
+
+
+@contextlib.contextmanager
+def postgres_server(datadir: Path, sockdir: Path) -> Iterator[Any]:
+    pg_init(datadir)
+    with postgres_running(datadir, sockdir) as pg:
+        yield pg
+
+
+@contextlib.contextmanager
+def mariadb_server(datadir: Path, rundir: Path) -> Iterator[Any]:
+    mariadb_init(datadir)
+    with mariadb_running(datadir, rundir) as my:
+        yield my
+
+
+@pytest.mark.host
+def test_writers_name_the_grant_or_acl_they_lack_and_pass_once_it_is_given(home: Home, tmp_path: Path) -> None:
+    """Real servers, users with too little: instance check prints the exact statement that
+    is missing; run as printed, the next check passes."""
+    name = unique("privileges")
+    with data_fs(tmp_path) as fs, open_base() as base, \
+            postgres_server(base / "pg", base / "pgsock") as pg, \
+            mariadb_server(tmp_path / "my", tmp_path / "myrun") as my, \
+            redis_server(tmp_path) as rd:
+        add_host(home, name, fs.mountpoint)
+        psql = ["runuser", "-u", "postgres", "--", "psql", "-h", str(pg.sockdir), "-p", str(pg.port), "-d", "postgres",
+                "-v", "ON_ERROR_STOP=1", "-c"]
+        mysql = ["mariadb", f"--socket={my.socket}", "-uroot", "-e"]
+        redis_cli = ["redis-cli", "-p", str(rd.port)]
+        subprocess.run([*psql, "CREATE ROLE app LOGIN"], check=True, capture_output=True)
+        subprocess.run([*mysql, "CREATE USER app@localhost; GRANT SELECT ON *.* TO app@localhost"], check=True)
+        assert subprocess.run([*redis_cli, "ACL", "SETUSER", "app", "on", ">secret", "+@all", "-bgsave",
+                               "-client|pause"], capture_output=True, text=True, check=True).stdout.strip() == "OK"
+        add_writer(home, name, "postgresql", f"host={pg.sockdir}", f"port={pg.port}", "user=app")
+        add_writer(home, name, "mysql", f"unix_socket={my.socket}", "user=app")
+        add_writer(home, name, "redis", f"port={rd.port}", "username=app", "password_env=FF_TEST_REDIS")
+        env = {"FF_TEST_REDIS": "secret"}
+
+        done = run_cli(home, "instance", "check", name, "-o", "json", env=env)
+        found = {c["check"]: (c["status"], c["detail"]) for c in json.loads(done.stdout)["checks"]}
+        assert json.loads(done.stdout)["verdict"] == "filesystem"
+        assert found["writer postgresql"][0] == "fail"
+        grants = _statements(found["writer postgresql"][1])
+        assert grants == "GRANT pg_checkpoint TO app; GRANT pg_read_all_settings TO app;"
+        assert found["writer mysql"][0] == "fail"
+        grant = _statements(found["writer mysql"][1])
+        assert grant == "GRANT RELOAD, BINLOG MONITOR ON *.* TO 'app'@'localhost';"
+        assert found["writer redis"][0] == "fail"
+        acl = _statements(found["writer redis"][1])
+        assert acl == "ACL SETUSER app +client|pause +bgsave"
+
+        subprocess.run([*psql, grants], check=True, capture_output=True)
+        subprocess.run([*mysql, grant], check=True)
+        subprocess.run([*redis_cli, *acl.split()], check=True, capture_output=True)
+        done = run_cli(home, "instance", "check", name, "-o", "json", env=env)
+        report = json.loads(done.stdout)
+        assert report["verdict"] == "application", report
+        assert "may run every command" in {c["check"]: c["detail"] for c in report["checks"]}["writer redis"]
+        # And the run agrees: an application-consistent snapshot with all three.
+        snap = json.loads(run_cli(home, "snapshot", "create", name, "--consistency", "application", "-o", "json",
+                                  env=env).stdout)
+        assert snap["consistency"] == "application", snap["fallback_reasons"]

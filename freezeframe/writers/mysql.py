@@ -26,6 +26,13 @@ from freezeframe.writers.base import CREDENTIAL_OPTIONS, Option, WorkerThread, W
 T = TypeVar("T")
 
 
+#: The connected account's global privileges (an ALL PRIVILEGES account lists each one).
+_GLOBAL_PRIVILEGES = (
+    "SELECT PRIVILEGE_TYPE AS p FROM information_schema.USER_PRIVILEGES WHERE GRANTEE = "
+    "CONCAT(\"'\", SUBSTRING_INDEX(CURRENT_USER(), '@', 1), \"'@'\", SUBSTRING_INDEX(CURRENT_USER(), '@', -1), \"'\")"
+)
+
+
 class MySQLWriter(Writer):
     kind = "mysql"
     summary = "FLUSH TABLES in prepare; FLUSH TABLES WITH READ LOCK across the freeze; binlog position and GTID"
@@ -77,9 +84,22 @@ class MySQLWriter(Writer):
 
     async def check(self) -> str:
         try:
-            row = (await self._call(lambda: self._query("SELECT @@version AS v, @@datadir AS d")))[0]
+            row = (await self._call(lambda: self._query(
+                "SELECT @@version AS v, @@datadir AS d, @@log_bin AS log_bin, CURRENT_USER() AS who")))[0]
+            granted = {str(r["p"]).upper() for r in await self._call(lambda: self._query(_GLOBAL_PRIVILEGES))}
         finally:
             await self._close()
+        missing = []
+        if "RELOAD" not in granted:
+            missing.append("RELOAD")  # FLUSH TABLES, and FLUSH TABLES WITH READ LOCK
+        mariadb = "mariadb" in str(row["v"]).lower()
+        binlog = {"BINLOG MONITOR", "SUPER"} if mariadb else {"REPLICATION CLIENT", "SUPER"}
+        if int(row["log_bin"] or 0) and not granted & binlog:
+            missing.append("BINLOG MONITOR" if mariadb else "REPLICATION CLIENT")  # SHOW MASTER STATUS
+        if missing:
+            user, _, host = str(row["who"]).rpartition("@")
+            raise WriterError(f"MySQL/MariaDB: {row['who']} lacks {', '.join(missing)}, which the writer needs; "
+                              f"as an administrator, run: GRANT {', '.join(missing)} ON *.* TO '{user}'@'{host}';")
         return f"{row['v']}, data in {row['d']}"
 
     async def prepare(self) -> None:

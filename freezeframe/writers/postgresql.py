@@ -30,7 +30,8 @@ class PostgresWriter(Writer):
     options: ClassVar[Mapping[str, Option]] = {
         "host": Option("host name or socket directory", default="/var/run/postgresql"),
         "port": Option("port", default="5432"),
-        "user": Option("role (needs pg_checkpoint or superuser for CHECKPOINT)", default="postgres"),
+        "user": Option("role: a superuser, or one granted pg_checkpoint and pg_read_all_settings "
+                       "(instance check names what is missing)", default="postgres"),
         "dbname": Option("database to connect to", default="postgres"),
         "connect_timeout": Option("seconds", default="5"),
         **CREDENTIAL_OPTIONS,
@@ -63,11 +64,33 @@ class PostgresWriter(Writer):
 
     async def check(self) -> str:
         try:
+            missing = await self._missing_grants()
+            if missing:
+                role = missing[0].rsplit(" ", 1)[-1].rstrip(";")
+                raise WriterError(f"PostgreSQL: role {role} may not run CHECKPOINT and SHOW data_directory, which "
+                                  f"the writer needs; as a superuser, run: {' '.join(missing)}")
             (version,) = await self._one("SHOW server_version")
             (data_directory,) = await self._one("SHOW data_directory")
         finally:
             await self._close()
         return f"PostgreSQL {version}, data in {data_directory}"
+
+    async def _missing_grants(self) -> list[str]:
+        """The statements that would give this role what the writer runs: CHECKPOINT
+        (pg_checkpoint, PostgreSQL 15 and later; a superuser before) and SHOW data_directory
+        (pg_read_all_settings)."""
+        number, role, superuser = await self._one(
+            "SELECT current_setting('server_version_num')::int, quote_ident(current_user), "
+            "(SELECT rolsuper FROM pg_roles WHERE rolname = current_user)")
+        if superuser:
+            return []
+        if number < 150000:
+            return [f"ALTER ROLE {role} SUPERUSER;"]
+        checkpoint, settings = await self._one(
+            "SELECT pg_has_role(current_user, 'pg_checkpoint', 'USAGE'), "
+            "pg_has_role(current_user, 'pg_read_all_settings', 'USAGE')")
+        return ([] if checkpoint else [f"GRANT pg_checkpoint TO {role};"]) + \
+            ([] if settings else [f"GRANT pg_read_all_settings TO {role};"])
 
     async def prepare(self) -> None:
         (version,) = await self._one("SHOW server_version")

@@ -63,9 +63,33 @@ class RedisWriter(Writer):
         try:
             await self._run("PING")
             info = await self._persistence()
+            acl = await self._acl()
         finally:
             await self._close()
-        return f"Redis answers; last background save: {info.get('rdb_last_bgsave_status')}"
+        return f"Redis answers; last background save: {info.get('rdb_last_bgsave_status')}; {acl}"
+
+    async def _acl(self) -> str:
+        """Whether this user may run every command the writer sends, asked with ACL DRYRUN
+        (Redis 7), which changes nothing. A user that may not ask is told what it needs."""
+        user = self.option("username") or "default"
+        needs = " ".join(name for name, _ in _COMMANDS)
+        denied = []
+        client = await self._connect()
+        for name, command in _COMMANDS:
+            try:
+                answer = await client.execute_command("ACL", "DRYRUN", user, *command)
+            except redis.exceptions.ResponseError as err:
+                if "dryrun" in str(err).lower() or "unknown" in str(err).lower():
+                    return f"its ACL could not be checked ({err}); the writer needs: {needs}"
+                raise WriterError(f"Redis: ACL DRYRUN failed: {err}") from err
+            except redis.exceptions.RedisError as err:
+                raise WriterError(f"Redis: ACL DRYRUN failed: {err}") from err
+            if answer != "OK":
+                denied.append(name)
+        if denied:
+            raise WriterError(f"Redis: user {user} may not run {' '.join(denied)}, which the writer needs; as an "
+                              f"administrator, run: ACL SETUSER {user} {' '.join(denied)}")
+        return f"user {user} may run every command the writer sends"
 
     async def prepare(self) -> None:
         info = await self._persistence()
@@ -114,6 +138,12 @@ class RedisWriter(Writer):
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
+
+
+#: What the writer sends, as ACL names it and with arguments ACL DRYRUN checks without running.
+_COMMANDS = (("+ping", ("PING",)), ("+info", ("INFO", "persistence")), ("+config|get", ("CONFIG", "GET", "dir")),
+             ("+client|pause", ("CLIENT", "PAUSE", "1", "WRITE")), ("+client|unpause", ("CLIENT", "UNPAUSE")),
+             ("+bgsave", ("BGSAVE",)))
 
 
 def _config_value(reply: Any) -> str:
