@@ -30,7 +30,13 @@ virsh does not say when it froze and thawed, so for it the host column is the wh
 command's time (an upper bound of its window); the guest's longest write stall is
 measured the same way for both.
 
-    python bench/freeze_window.py [--count 20] [--keep-home] [--no-libvirt] [--no-backup]
+Then (``--hooks``) two guests that run the same freeze hook (``checkpoint``: ``sync``, then
+a second, as a database checkpoint would), one through qemu-ga's stock fsfreeze-hook script
+and one through freezeframe's sh runner, snapshotted alternately at application level: the
+window, its hook phase and its frozen phase as the manifest splits them, and the
+resolution each runner's evidence allows.
+
+    python bench/freeze_window.py [--count 20] [--keep-home] [--no-libvirt] [--no-backup] [--hooks|--only-hooks]
 """
 
 from __future__ import annotations
@@ -155,6 +161,45 @@ def measure(home: Home, vm: lab_vm.LabVM, instance: Instance, catalog: Catalog, 
     return results
 
 
+def measure_hooks(home: Home, catalog: Catalog, count: int) -> dict[str, dict[str, list[float]]]:
+    """The same hook through the stock script and through the sh runner, interleaved."""
+    runners = {"stock fsfreeze-hook": "stock", "freezeframe sh runner": "sh"}
+    results: dict[str, dict[str, list[float]]] = {
+        label: {"window": [], "hooks": [], "frozen": [], "at least": [], "stall": [], "resolution": []}
+        for label in runners}
+    vms: dict[str, tuple[lab_vm.LabVM, Instance]] = {}
+    try:
+        for label, runner in runners.items():
+            name = f"bench-{runner}"
+            vm = lab_vm.up(home.lab, home.images, name, disks=2, workload=True, hooks=("checkpoint",),
+                           hook_runner=runner)
+            catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket, qga_socket=vm.qga_socket, lab=True)
+            vms[label] = (vm, catalog.update_instance(name, guest_hooks=("10-checkpoint",)))
+        time.sleep(2)  # let the writers get going
+        for i in range(count):
+            for label, (vm, instance) in vms.items():
+                before = asyncio.run(stall_lines(vm))
+                plan = plan_snapshot(instance, now=datetime.now(UTC), level=Level.APPLICATION,
+                                     name=f"bench-{instance.name}-{i}", freeze_timeout=30)
+                snap = asyncio.run(take_snapshot(plan, catalog, lock_dir=home.locks))
+                assert snap.achieved_level is Level.APPLICATION, snap.fallback_reasons
+                phases = snap.manifest["freeze_phases"]
+                time.sleep(0.3)  # the writer logs a stall once the write returns
+                after = asyncio.run(stall_lines(vm))
+                found = results[label]
+                found["window"].append(phases["window_ms"])
+                found["hooks"].append(phases["hooks_freeze_ms"])
+                found["frozen"].append(phases["frozen_ms"])
+                found["at least"].append(phases["frozen_at_least_ms"])
+                found["resolution"].append(phases["resolution_ms"])
+                found["stall"].append(longest_stall_ms(before, after))
+            print(f"  hooks: {i + 1}/{count}", file=sys.stderr, end="\r")
+    finally:
+        for vm, _ in vms.values():
+            lab_vm.down(home.lab, vm.name)
+    return results
+
+
 def summary(values: list[float]) -> str:
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -167,6 +212,8 @@ def main() -> int:
     parser.add_argument("--keep-home", action="store_true", help="keep the temporary state directory")
     parser.add_argument("--no-libvirt", action="store_true", help="skip the libvirt domain")
     parser.add_argument("--no-backup", action="store_true", help="skip the backup points")
+    parser.add_argument("--hooks", action="store_true", help="also the stock hook script against the sh runner")
+    parser.add_argument("--only-hooks", action="store_true", help="only the stock hook script against the sh runner")
     args = parser.parse_args()
 
     home = Home.open(Path(tempfile.mkdtemp(prefix="ff-bench-")))
@@ -175,6 +222,11 @@ def main() -> int:
     accel = "?"
     try:
         with Catalog.open(home.catalog) as catalog:
+            if args.hooks or args.only_hooks:
+                hooks = measure_hooks(home, catalog, args.count)
+            if args.only_hooks:
+                print_hooks(hooks, args.count)
+                return 0
             vm = lab_vm.up(home.lab, home.images, "bench", disks=2, workload=True)
             accel = vm.accel
             try:
@@ -216,7 +268,21 @@ def main() -> int:
         window = "virsh command (host)" if label.startswith("virsh") else "freeze window (host)"
         print(f"{where:<8} {label:<19} {window:<28} {summary(result['window'])}")
         print(f"{'':<8} {'':<19} {'longest write stall (guest)':<28} {summary(result['stall'])}")
+    if args.hooks:
+        print_hooks(hooks, args.count)
     return 0
+
+
+def print_hooks(results: dict[str, dict[str, list[float]]], count: int) -> None:
+    print(f"\nthe same freeze hook (sync, then 1 s), application level, {count} snapshots per runner, interleaved")
+    print(f"{'runner':<22} {'measure':<34} {'min':>8} {'median':>8} {'p95':>8} {'max':>8}  (ms)")
+    labels = {"window": "freeze window (host)", "hooks": "hook phase: apps held, fs writable",
+              "frozen": "frozen phase (at most)", "at least": "frozen phase (at least)",
+              "stall": "longest write stall (guest)", "resolution": "resolution of the split"}
+    for runner, result in results.items():
+        for key, label in labels.items():
+            print(f"{runner:<22} {label:<34} {summary(result[key])}")
+            runner = ""
 
 
 if __name__ == "__main__":

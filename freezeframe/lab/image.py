@@ -364,6 +364,8 @@ SAMPLE_HOOKS = {
     "fail": "#!/bin/sh\nif [ \"$1\" = freeze ]; then echo 'refusing to quiesce' >&2; exit 3; fi\n",
     "hang": "#!/bin/sh\nif [ \"$1\" = freeze ]; then sleep 600; fi\n",
     "slow": "#!/bin/sh\nif [ \"$1\" = freeze ]; then sleep 6; fi\necho \"$1: done\"\n",
+    # Quiesces like a database CHECKPOINT would: writes its dirty data out, for a second.
+    "checkpoint": "#!/bin/sh\nif [ \"$1\" = freeze ]; then sync; sleep 1; fi\necho \"$1: done\"\n",
     # Kills qemu-ga a second after the freeze, as a crash would; the lab's init restarts it.
     "killagent": "#!/bin/sh\nif [ \"$1\" = freeze ]; then (sleep 1; killall qemu-ga) </dev/null >/dev/null 2>&1 & fi\n",
     "badowner": "#!/bin/sh\necho \"$1: should never run\"\n",

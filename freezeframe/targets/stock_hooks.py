@@ -32,7 +32,8 @@ HOOK_DIR = "/etc/qemu/fsfreeze-hook.d"
 MAX_BYTES = 256 * 1024
 RESOLUTION_S = 1.0
 NO_LOG = (f"the stock fsfreeze-hook left no log ({LOG_PATH}): for application-consistent snapshots, start "
-          f"qemu-ga with -F{SCRIPT_PATH} and put executable hooks in {HOOK_DIR}/, or use freezeframe's hook runner")
+          f"qemu-ga with -F{SCRIPT_PATH} and put executable hooks in {HOOK_DIR}/, or install freezeframe's hook "
+          "runner (freezeframe guest install NAME)")
 NONE_IN_LOG = f"the stock fsfreeze-hook's log ({LOG_PATH}) shows no hook run by this freeze"
 _MAX_HOOKS = 256
 _OUTPUT_LIMIT = 4096

@@ -19,11 +19,12 @@ How the guest's freeze hooks leave evidence, in order of preference:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from freezeframe.agent import vss
 from freezeframe.agent.qga import AgentInfo, FreezeState, GuestAgent, GuestFilesystem, GuestOS
-from freezeframe.errors import AgentCommandError, AgentError
+from freezeframe.errors import AgentCommandError
 from freezeframe.targets import guest_hooks, stock_hooks
 
 #: Commands the agent must allow for a filesystem-consistent snapshot.
@@ -86,7 +87,8 @@ async def survey(agent: GuestAgent) -> Survey:
     if found.blocked:
         return found
     if info.allows("guest-get-time"):
-        found.guest_time = await agent.time_ns() / 1e9
+        with contextlib.suppress(AgentCommandError):  # the log is then matched by position alone
+            found.guest_time = await agent.time_ns() / 1e9
     found.hooks = await _hooks(agent, info)
     if info.allows("guest-get-fsinfo"):
         found.filesystems = await agent.get_fsinfo()
@@ -119,12 +121,8 @@ async def _hooks(agent: GuestAgent, info: AgentInfo) -> HookEvidence:
             f"no hook evidence: freezeframe's runner is not configured ({guest_hooks.CONFIG_PATH} absent) and the "
             f"stock fsfreeze-hook has left no log ({stock_hooks.LOG_PATH}). For application-consistent snapshots, "
             f"start qemu-ga with -F{stock_hooks.SCRIPT_PATH} and put executable hooks in {stock_hooks.HOOK_DIR}/ "
-            "(their exit status is read from its log), or use freezeframe's runner "
-            "(freezeframe/guest/hook.py) for timeouts and reverse-order thaw"), can_watch_log=True)
+            "(their exit status is read from its log), or install freezeframe's runner for timeouts, "
+            "reverse-order thaw and a deadman (freezeframe guest install NAME)"), can_watch_log=True)
     return HookEvidence("stock", f"the stock fsfreeze-hook's log {stock_hooks.LOG_PATH} is read after each thaw "
                                  f"({size} bytes now)", log_size=size, can_watch_log=True)
 
-
-def agent_failure(err: AgentError) -> str:
-    """The reason a snapshot steps down when the agent cannot be used at all."""
-    return f"no usable guest agent: {err}"
