@@ -282,7 +282,7 @@ def test_bitmaps_survive_a_clean_restart_and_a_killed_qemu_forces_a_full_read(
     missing = backup(home, vm, repo)
     disk = missing["disks"][0]
     assert missing["type"] == "incremental"
-    assert "in no layer of the disk's chain: QEMU stopped" in (disk["full_read_reason"] or ""), disk
+    assert "missing from every layer of the disk's chain: QEMU stopped" in (disk["full_read_reason"] or ""), disk
     assert disk["bytes_unchanged"] == 0
     assert disk["bytes_read"] > 8 << 20
 

@@ -199,9 +199,9 @@ def _choose_reads(state: DiskState, kind: BackupType, parent: Backup | None) -> 
             return _Reads(None, f"its dirty bitmap {mine.bitmap} is on {state.elsewhere[mine.bitmap]}, below the "
                                 "disk's active layer: a layer was put on top without it (a snapshot or a copy "
                                 "made by another tool), so the writes since are not marked", None)
-        return _Reads(None, f"its dirty bitmap {mine.bitmap} is in no layer of the disk's chain: QEMU stopped "
-                            "without saving it (killed or crashed), or another tool replaced the image or "
-                            "merged away the layer that held it", None)
+        return _Reads(None, f"its dirty bitmap {mine.bitmap} is missing from every layer of the disk's chain: "
+                            "QEMU stopped without saving it (killed or crashed), or another tool removed it, "
+                            "replaced the image or merged away the layer that held it", None)
     if bitmap.inconsistent:
         return _Reads(None, f"its dirty bitmap {mine.bitmap} is inconsistent: QEMU stopped without saving it "
                             "(killed or crashed)", None)
