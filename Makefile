@@ -29,6 +29,7 @@ demo: setup
 
 test: setup
 	$(BIN)/freezeframe --home $(FREEZEFRAME_TEST_HOME) lab build
+	$(BIN)/freezeframe --home $(FREEZEFRAME_TEST_HOME) lab build --distro debian
 	$(MAKE) --no-print-directory lint typecheck pytest
 
 lint:

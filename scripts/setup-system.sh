@@ -12,6 +12,7 @@ packages=(
     postgresql mariadb-server redis-server sqlite3  # real servers the writer tests quiesce
     python3 python3-venv
     shellcheck                                    # the guest hook runner in POSIX sh
+    mmdebstrap                                    # the Debian lab guest (lab build --distro debian)
     python3-libnbd                                # reading backups over NBD (linked into the venv)
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt  # libvirt domains
 )
