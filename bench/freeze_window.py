@@ -36,7 +36,12 @@ and one through freezeframe's sh runner, snapshotted alternately at application 
 window, its hook phase and its frozen phase as the manifest splits them, and the
 resolution each runner's evidence allows.
 
-    python bench/freeze_window.py [--count 20] [--keep-home] [--no-libvirt] [--no-backup] [--hooks|--only-hooks]
+With ``--debian``, the same comparison on the Debian lab guest (systemd, Debian's qemu-ga,
+PostgreSQL 15) with the ``10-postgresql`` hook (a CHECKPOINT): one guest, its hook script
+switched between the stock one and the runner before each snapshot.
+
+    python bench/freeze_window.py [--count 20] [--keep-home] [--no-libvirt] [--no-backup]
+                                  [--hooks|--only-hooks] [--debian]
 """
 
 from __future__ import annotations
@@ -200,6 +205,58 @@ def measure_hooks(home: Home, catalog: Catalog, count: int) -> dict[str, dict[st
     return results
 
 
+_SWITCH = {
+    "stock fsfreeze-hook": "cp -p /etc/qemu/fsfreeze-hook.before-freezeframe /etc/qemu/fsfreeze-hook && "
+                           "rm -f /etc/freezeframe/guest-hooks.json",
+    "freezeframe sh runner": "cp -p /etc/qemu/fsfreeze-hook.freezeframe /etc/qemu/fsfreeze-hook && "
+                             "cp -p /etc/freezeframe/guest-hooks.json.kept /etc/freezeframe/guest-hooks.json",
+}
+
+
+def measure_debian(home: Home, catalog: Catalog, count: int) -> dict[str, dict[str, list[float]]]:
+    """The Debian guest's CHECKPOINT hook through the stock script and through the sh runner,
+    alternately in one guest."""
+    from freezeframe.targets import guest_install
+
+    results: dict[str, dict[str, list[float]]] = {
+        label: {"window": [], "hooks": [], "frozen": [], "at least": [], "resolution": []} for label in _SWITCH}
+    vm = lab_vm.up_debian(home.lab, home.images, "bench-debian", stock_hooks=("postgresql",))
+    try:
+        instance = catalog.add_instance("bench-debian", kind="qemu", qmp_socket=vm.qmp_socket,
+                                        qga_socket=vm.qga_socket, lab=True)
+
+        async def in_guest(script: str) -> None:
+            async with GuestAgent(vm.qga_socket, timeout=60) as agent:
+                code, out = await agent.run_command("/bin/sh", ["-c", script], timeout=60)
+                assert code == 0, out
+
+        async def install() -> None:
+            async with GuestAgent(vm.qga_socket, timeout=60) as agent:
+                await guest_install.install(agent, timeout=60)
+
+        asyncio.run(install())
+        asyncio.run(in_guest("cp -p /etc/qemu/fsfreeze-hook /etc/qemu/fsfreeze-hook.freezeframe && "
+                             "cp -p /etc/freezeframe/guest-hooks.json /etc/freezeframe/guest-hooks.json.kept"))
+        for i in range(count):
+            for label, switch in _SWITCH.items():
+                asyncio.run(in_guest(switch))
+                plan = plan_snapshot(instance, now=datetime.now(UTC), level=Level.APPLICATION,
+                                     name=f"bench-debian-{i}-{len(results[label]['window'])}", freeze_timeout=60)
+                snap = asyncio.run(take_snapshot(plan, catalog, lock_dir=home.locks))
+                assert snap.achieved_level is Level.APPLICATION, snap.fallback_reasons
+                phases = snap.manifest["freeze_phases"]
+                found = results[label]
+                found["window"].append(phases["window_ms"])
+                found["hooks"].append(phases["hooks_freeze_ms"])
+                found["frozen"].append(phases["frozen_ms"])
+                found["at least"].append(phases["frozen_at_least_ms"])
+                found["resolution"].append(phases["resolution_ms"])
+            print(f"  debian: {i + 1}/{count}", file=sys.stderr, end="\r")
+    finally:
+        lab_vm.down(home.lab, "bench-debian")
+    return results
+
+
 def summary(values: list[float]) -> str:
     ordered = sorted(values)
     p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
@@ -214,6 +271,8 @@ def main() -> int:
     parser.add_argument("--no-backup", action="store_true", help="skip the backup points")
     parser.add_argument("--hooks", action="store_true", help="also the stock hook script against the sh runner")
     parser.add_argument("--only-hooks", action="store_true", help="only the stock hook script against the sh runner")
+    parser.add_argument("--debian", action="store_true",
+                        help="with --hooks or --only-hooks: the same on the Debian guest with its PostgreSQL hook")
     args = parser.parse_args()
 
     home = Home.open(Path(tempfile.mkdtemp(prefix="ff-bench-")))
@@ -224,8 +283,9 @@ def main() -> int:
         with Catalog.open(home.catalog) as catalog:
             if args.hooks or args.only_hooks:
                 hooks = measure_hooks(home, catalog, args.count)
+                debian = measure_debian(home, catalog, args.count) if args.debian else None
             if args.only_hooks:
-                print_hooks(hooks, args.count)
+                print_hooks(hooks, args.count, debian)
                 return 0
             vm = lab_vm.up(home.lab, home.images, "bench", disks=2, workload=True)
             accel = vm.accel
@@ -269,20 +329,28 @@ def main() -> int:
         print(f"{where:<8} {label:<19} {window:<28} {summary(result['window'])}")
         print(f"{'':<8} {'':<19} {'longest write stall (guest)':<28} {summary(result['stall'])}")
     if args.hooks:
-        print_hooks(hooks, args.count)
+        print_hooks(hooks, args.count, debian)
     return 0
 
 
-def print_hooks(results: dict[str, dict[str, list[float]]], count: int) -> None:
-    print(f"\nthe same freeze hook (sync, then 1 s), application level, {count} snapshots per runner, interleaved")
-    print(f"{'runner':<22} {'measure':<34} {'min':>8} {'median':>8} {'p95':>8} {'max':>8}  (ms)")
+def print_hooks(results: dict[str, dict[str, list[float]]], count: int,
+                debian: dict[str, dict[str, list[float]]] | None) -> None:
     labels = {"window": "freeze window (host)", "hooks": "hook phase: apps held, fs writable",
               "frozen": "frozen phase (at most)", "at least": "frozen phase (at least)",
               "stall": "longest write stall (guest)", "resolution": "resolution of the split"}
-    for runner, result in results.items():
-        for key, label in labels.items():
-            print(f"{runner:<22} {label:<34} {summary(result[key])}")
-            runner = ""
+    tables = [(f"busybox guests, the same freeze hook (sync, then 1 s), application level, {count} snapshots "
+               "per runner, interleaved", results)]
+    if debian is not None:
+        tables.append((f"the Debian guest, its 10-postgresql hook (CHECKPOINT), application level, {count} "
+                       "snapshots per runner, alternating in one guest", debian))
+    for title, table in tables:
+        print(f"\n{title}")
+        print(f"{'runner':<22} {'measure':<34} {'min':>8} {'median':>8} {'p95':>8} {'max':>8}  (ms)")
+        for runner, result in table.items():
+            for key, label in labels.items():
+                if key in result:
+                    print(f"{runner:<22} {label:<34} {summary(result[key])}")
+                    runner = ""
 
 
 if __name__ == "__main__":
