@@ -8,6 +8,7 @@ first with the stock hook, then with freezeframe's sh runner installed through t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from test_snapshot_vm import created
 
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
-from freezeframe.errors import AgentCommandError
+from freezeframe.errors import AgentCommandError, AgentError
 from freezeframe.lab import vm as lab_vm
 from freezeframe.lab.apps import free_port
 from freezeframe.lab.vm import LabVM
@@ -139,6 +140,50 @@ def test_the_stock_hook_makes_snapshots_and_backups_application_consistent(
     before = {n for n, at in acked(debian) if at < began}
     assert before, "nothing was acknowledged before the freeze"
     assert before <= present, f"lost {len(before - present)} acknowledged commits"
+
+
+def restart_agent(vm: LabVM, extra: str) -> None:
+    """qemu-ga restarted by systemd with ``extra`` arguments (a drop-in), a second after
+    this command returns (a restart now would cut the guest-exec that asks for it); back
+    when another qemu-ga process answers."""
+    before = in_guest(vm, "pidof qemu-ga").strip()
+    in_guest(vm, f"""
+cat > /etc/systemd/system/qemu-guest-agent.service.d/zz-test.conf <<'EOF'
+[Service]
+ExecStart=
+ExecStart=/usr/sbin/qemu-ga -F/etc/qemu/fsfreeze-hook {extra}
+EOF
+systemctl daemon-reload
+systemd-run --on-active=1 systemctl restart qemu-guest-agent
+""")
+    deadline = time.monotonic() + 120
+    while True:
+        with contextlib.suppress(AgentError, AssertionError):
+            if in_guest(vm, "pidof qemu-ga").strip() not in ("", before):
+                return
+        assert time.monotonic() < deadline, "qemu-ga did not come back"
+        time.sleep(0.5)
+
+
+def test_a_failing_stock_hook_and_blocked_file_reads_step_down_with_their_reason(
+        home: Home, debian: LabVM) -> None:
+    in_guest(debian, "printf '#!/bin/sh\\n[ \"$1\" = freeze ] && exit 4\\nexit 0\\n' "
+                     "> /etc/qemu/fsfreeze-hook.d/20-fail && chmod 0755 /etc/qemu/fsfreeze-hook.d/20-fail")
+    try:
+        snap = created(home, debian.name, "--consistency", "application", "--freeze-timeout", "60")
+    finally:
+        in_guest(debian, "rm -f /etc/qemu/fsfreeze-hook.d/20-fail")
+    assert snap["consistency"] == "filesystem"  # the stock script ignores the status: the file systems froze
+    assert snap["fallback_reasons"] == ["guest hook 20-fail failed: freeze exited with status 4"]
+
+    restart_agent(debian, "--block-rpcs=guest-file-open")
+    try:
+        snap = created(home, debian.name, "--consistency", "application", "--freeze-timeout", "60")
+        assert snap["consistency"] == "filesystem"
+        assert len(snap["fallback_reasons"]) == 1
+        assert "the guest agent blocks guest-file-open" in snap["fallback_reasons"][0]
+    finally:
+        restart_agent(debian, "")  # as it was
 
 
 def test_the_sh_runner_installed_on_debian_thaws_in_reverse_and_kills_a_hook_at_its_timeout(
