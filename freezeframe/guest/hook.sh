@@ -48,28 +48,83 @@ OUTPUT_LIMIT=4096
 PSEUDO=" proc sysfs devtmpfs devpts tmpfs cgroup cgroup2 securityfs debugfs tracefs pstore bpf mqueue \
 hugetlbfs configfs fusectl autofs rootfs ramfs efivarfs binfmt_misc nsfs rpc_pipefs "
 
-# A value of the flat JSON configuration: a string or a number, never a structure.
-config_value() {
+# Every process costs here: under emulation a fork and exec of awk or sed takes tens of
+# milliseconds, and all of it is time the applications are held. So arithmetic, the clock
+# and the configuration are read by the shell itself, and a hook is waited for, not polled.
+
+# The flat JSON configuration, read once: "key=value" lines for the keys below (strings
+# and numbers only, never a structure).
+read_config() {
     [ -r "$CONFIG" ] || return 0
-    tr '\n' ' ' < "$CONFIG" | sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\{0,1\}\([^\",}]*\)\"\{0,1\}.*/\1/p"
+    tr '\n' ' ' < "$CONFIG" | sed -n \
+        -e 'h;s/.*"hook_dir"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/hook_dir=\1/p' \
+        -e 'g;s/.*"on_failure"[[:space:]]*:[[:space:]]*"\([a-z]*\)".*/on_failure=\1/p' \
+        -e 'g;s/.*"timeout"[[:space:]]*:[[:space:]]*\([0-9.]*\).*/timeout=\1/p' \
+        -e 'g;s/.*"deadman_s"[[:space:]]*:[[:space:]]*\([0-9.]*\).*/deadman_s=\1/p'
 }
 
-# A number of seconds, at least $2, else $3 (the default): printed as awk's %g.
-seconds() {
-    awk -v v="$1" -v least="$2" -v fallback="$3" 'BEGIN {
-        if (v !~ /^[0-9]+(\.[0-9]+)?$/) v = fallback
-        v = v + 0; if (v < least) v = least; printf "%g", v }'
+# Seconds as centiseconds: $1 if it is a plain number (1, 2.5), else $2; at least $3.
+to_cs() {
+    value=$1
+    case $value in '' | *[!0-9.]* | *.*.* | .*) value=$2 ;; esac
+    whole=${value%%.*} fraction=${value#"$whole"}
+    fraction=${fraction#.}00
+    fraction=${fraction%"${fraction#??}"}
+    cs=$(($(strip_zeros "${whole:-0}") * 100 + $(strip_zeros "$fraction")))
+    [ "$cs" -ge "$3" ] || cs=$3
+    echo "$cs"
 }
 
-now_cs() { awk '{ printf "%d", $1 * 100 }' /proc/uptime; }
+# Centiseconds as seconds, for messages and the report: 250 -> 2.5, 1000 -> 10.
+cs_text() {
+    whole=$(($1 / 100)) rest=$(($1 % 100))
+    if [ "$rest" -eq 0 ]; then echo "$whole"
+    elif [ $((rest % 10)) -eq 0 ]; then echo "$whole.$((rest / 10))"
+    else printf '%d.%02d\n' "$whole" "$rest"; fi
+}
+
+# A decimal number without leading zeros (the shell reads 08 as a bad octal number).
+strip_zeros() {
+    number=$1
+    while :; do
+        case $number in 0?*) number=${number#0} ;; *) break ;; esac
+    done
+    echo "${number:-0}"
+}
+
+# Centiseconds since boot, from /proc/uptime ("1234.56 ..."), without a process.
+now_cs() {
+    read -r uptime _ < /proc/uptime
+    strip_zeros "${uptime%.*}${uptime#*.}"
+}
+
+# When this process started, in the same centiseconds: its start time in /proc/self/stat
+# (the 22nd field, after the command in parentheses) is in clock ticks of USER_HZ, 100 on
+# every Linux architecture. qemu-ga waits for all of this process, its start included.
+started_cs() {
+    read -r stat < "/proc/$$/stat"
+    # shellcheck disable=SC2086  # split into fields on purpose
+    set -- ${stat##*) }
+    shift 19
+    echo "$1"
+}
 
 load_config() {
-    HOOK_DIR=$(config_value hook_dir)
-    HOOK_DIR=${HOOK_DIR:-/etc/qemu/fsfreeze-hook.d}
-    POLICY=$(config_value on_failure)
-    [ "$POLICY" = continue ] || POLICY=fail
-    TIMEOUT=$(seconds "$(config_value timeout)" 0.1 10)
-    DEADMAN_DEFAULT=$(seconds "$(config_value deadman_s)" 1 60)
+    HOOK_DIR=/etc/qemu/fsfreeze-hook.d POLICY=fail timeout="" deadman_s=""
+    config=$(read_config)
+    while IFS='=' read -r key value; do
+        case $key in
+            hook_dir) [ -n "$value" ] && HOOK_DIR=$value ;;
+            on_failure) [ "$value" = continue ] && POLICY="continue" ;;
+            timeout) timeout=$value ;;
+            deadman_s) deadman_s=$value ;;
+        esac
+    done << EOF
+$config
+EOF
+    TIMEOUT_CS=$(to_cs "$timeout" 10 10)
+    TIMEOUT=$(cs_text "$TIMEOUT_CS")
+    DEADMAN_DEFAULT=$(cs_text "$(to_cs "$deadman_s" 60 100)")
 }
 
 # Printable ASCII (tab as a space) as the body of a JSON string, lines joined with \n.
@@ -78,13 +133,19 @@ json_text() {
         awk 'BEGIN { ORS = "" } { if (NR > 1) print "\\n"; print } END { if (NR > 0) print "\\n" }'
 }
 
-# One line of printable ASCII as the body of a JSON string.
-json_word() { printf '%s' "$1" | tr -cd '\40-\176' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g'; }
+# One line of printable ASCII as the body of a JSON string (a plain name costs no process).
+json_word() {
+    case $1 in
+        *[!A-Za-z0-9._+:/\ \(\)-]*) printf '%s' "$1" | tr -cd '\40-\176' | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' ;;
+        *) printf '%s' "$1" ;;
+    esac
+}
 
 # Why $1 must not be run as root, or nothing when it may.
 unsafe() {
     if [ -L "$1" ] || [ ! -f "$1" ]; then echo "not a regular file"; return; fi
-    owner=$(stat -c %u "$1") mode=$(stat -c %a "$1")
+    set -- "$(stat -c '%u %a' "$1")"
+    owner=${1% *} mode=${1#* }
     if [ "$owner" != 0 ]; then echo "not owned by root (uid $owner)"; return; fi
     if [ $((0$mode & 18)) -ne 0 ]; then echo "writable by group or others (mode $mode)"; fi
 }
@@ -108,27 +169,25 @@ entry() {
 # Run hook $1 with action $2, its entry appended to $3; succeeds when the hook did.
 run_hook() {
     out=$STATE_DIR/hook-output
+    expired=$STATE_DIR/hook-expired
     : > "$out"
+    rm -f "$expired"
     start=$(now_cs)
-    limit=$((start + $(awk -v t="$TIMEOUT" 'BEGIN { printf "%d", t * 100 }')))
     # Its own session, so that a timeout kills everything it started.
     setsid "$1" "$2" < /dev/null > "$out" 2>&1 &
     pid=$!
-    killed=""
-    while :; do
-        state=$(sed 's/.*) //' "/proc/$pid/stat" 2> /dev/null | cut -c1)
-        [ -z "$state" ] || [ "$state" = Z ] && break
-        if [ "$(now_cs)" -ge "$limit" ]; then
-            kill -KILL "-$pid" 2> /dev/null || kill -KILL "$pid" 2> /dev/null
-            killed=1
-            break
-        fi
-        sleep 0.02 2> /dev/null || sleep 1
-    done
+    # A watchdog in a session of its own: at the timeout it notes it and kills the hook's
+    # group; if the hook ends first, the watchdog's group (its sleep too) is killed.
+    # shellcheck disable=SC2016  # expanded by the watchdog's shell, from its arguments
+    setsid sh -c 'sleep "$1"; : > "$2"; kill -KILL "-$3" 2> /dev/null || kill -KILL "$3"' \
+        watchdog "$TIMEOUT" "$expired" "$pid" < /dev/null > /dev/null 2>&1 &
+    watchdog=$!
     wait "$pid"
     code=$?
-    ms=$(awk -v a="$start" -v b="$(now_cs)" 'BEGIN { printf "%.1f", (b - a) * 10 }')
-    if [ -n "$killed" ]; then
+    kill -KILL "-$watchdog" 2> /dev/null || kill -KILL "$watchdog" 2> /dev/null
+    wait "$watchdog" 2> /dev/null
+    ms=$((($(now_cs) - start) * 10))
+    if [ -e "$expired" ] && [ "$code" -ne 0 ]; then
         entry "${1##*/}" "$2" failed "" "no answer within ${TIMEOUT}s; killed" "$out" "$ms" >> "$3"
         return 1
     fi
@@ -175,15 +234,17 @@ arm_deadman() {
         rm -f "$REQUEST"  # one request, one freeze
         [ -n "$asked" ] && wanted=$asked
     fi
-    ARMED=$(awk -v s="$wanted" 'BEGIN { s = s + 0; if (s < 1) s = 1; if (s > 86400) s = 86400; printf "%g", s }')
+    armed_cs=$(to_cs "$wanted" "$DEADMAN_DEFAULT" 100)
+    [ "$armed_cs" -le 8640000 ] || armed_cs=8640000
+    ARMED=$(cs_text "$armed_cs")
     token=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
     echo "$token armed" > "$DEADMAN_STATE"
-    setsid sh "$0" deadman "$token" "$ARMED" < /dev/null > /dev/null 2>&1 &
+    setsid sh "$0" deadman "$token" "$armed_cs" < /dev/null > /dev/null 2>&1 &
 }
 
 # The detached deadman: sleep to the deadline; if this freeze is still not thawed, thaw.
 deadman() {
-    end=$(($(now_cs) + $(awk -v s="$2" 'BEGIN { printf "%d", s * 100 }')))
+    end=$(($(now_cs) + $2))
     while [ "$(now_cs)" -lt "$end" ]; do
         sleep 1
         [ "$(cat "$DEADMAN_STATE" 2> /dev/null)" = "$1 armed" ] || return 0
@@ -204,14 +265,8 @@ deadman() {
     echo "<3>$line" > "$KMSG" 2> /dev/null || :
 }
 
-# Milliseconds since $1 (centiseconds of /proc/uptime).
-ms_since() { awk -v a="$1" -v b="$(now_cs)" 'BEGIN { printf "%d", (b - a) * 10 }'; }
-
-# When this process started, in centiseconds of /proc/uptime: qemu-ga waits for all of it.
-started_cs() {
-    ticks=$(getconf CLK_TCK 2> /dev/null) || ticks=100
-    sed 's/.*) //' /proc/$$/stat | awk -v hz="${ticks:-100}" '{ printf "%d", $20 * 100 / hz }'
-}
+# Milliseconds since $1 (centiseconds).
+ms_since() { echo $((($(now_cs) - $1) * 10)); }
 
 freeze() {
     began=$(started_cs)
