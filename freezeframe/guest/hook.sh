@@ -25,7 +25,7 @@
 # Configuration, /etc/freezeframe/guest-hooks.json (flat; other keys are ignored):
 #     {"hook_dir": "/etc/qemu/fsfreeze-hook.d", "timeout": 10, "on_failure": "fail", "deadman_s": 60}
 #
-# Needs: sh, sed, awk, tr, od, stat, setsid, sleep (fractions), fsfreeze, /proc. Busybox
+# Needs: sh, sed, awk, tr, tail, stat, setsid, sleep (fractions), fsfreeze, /proc. Busybox
 # has them all; so does any distribution with coreutils and util-linux.
 
 set -u
@@ -163,7 +163,9 @@ entry() {
     printf '{"name": "%s", "action": "%s", "status": "%s"' "$(json_word "$1")" "$2" "$3"
     [ -n "$4" ] && printf ', "exit_code": %s' "$4"
     [ -n "$5" ] && printf ', "error": "%s"' "$(json_word "$5")"
-    printf ', "output": "%s", "duration_ms": %s}\n' "$( [ -f "$6" ] && tail -c "$OUTPUT_LIMIT" "$6" | json_text)" "$7"
+    output=""
+    [ -s "$6" ] && output=$(tail -c "$OUTPUT_LIMIT" "$6" | json_text)
+    printf ', "output": "%s", "duration_ms": %s}\n' "$output" "$7"
 }
 
 # Run hook $1 with action $2, its entry appended to $3; succeeds when the hook did.
@@ -171,7 +173,7 @@ run_hook() {
     out=$STATE_DIR/hook-output
     expired=$STATE_DIR/hook-expired
     : > "$out"
-    rm -f "$expired"
+    [ ! -e "$expired" ] || rm -f "$expired"
     start=$(now_cs)
     # Its own session, so that a timeout kills everything it started.
     setsid "$1" "$2" < /dev/null > "$out" 2>&1 &
@@ -210,14 +212,23 @@ thaw_frozen() {
     : > "$FROZEN"
 }
 
+# The lines of file $1 joined with ", ".
+join_lines() {
+    separator=""
+    while IFS= read -r line; do
+        printf '%s%s' "$separator" "$line"
+        separator=", "
+    done < "$1"
+}
+
 write_report() {
     {
         printf '{"format": "freezeframe-guest-hooks/1", "runner": "sh", "policy": "%s", "timeout": %s' \
             "$POLICY" "$TIMEOUT"
         printf ', "freeze_started_at": %s, "freeze": [' "${STARTED:-0}"
-        awk 'BEGIN { ORS = "" } { if (NR > 1) print ", "; print }' "$FREEZES"
+        join_lines "$FREEZES"
         printf '], "thaw": ['
-        awk 'BEGIN { ORS = "" } { if (NR > 1) print ", "; print }' "$THAWS"
+        join_lines "$THAWS"
         printf '], "status": "%s", "clock_resolution_ms": 10' "$1"
         [ -n "${ARMED:-}" ] && printf ', "deadman": {"armed_s": %s}' "$ARMED"
         [ -n "${FREEZE_MS:-}" ] && printf ', "freeze_hooks_ms": %s' "$FREEZE_MS"
@@ -237,7 +248,7 @@ arm_deadman() {
     armed_cs=$(to_cs "$wanted" "$DEADMAN_DEFAULT" 100)
     [ "$armed_cs" -le 8640000 ] || armed_cs=8640000
     ARMED=$(cs_text "$armed_cs")
-    token=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
+    token="$$-$(now_cs)"  # this process, this instant: no other freeze has both
     echo "$token armed" > "$DEADMAN_STATE"
     setsid sh "$0" deadman "$token" "$armed_cs" < /dev/null > /dev/null 2>&1 &
 }
@@ -247,7 +258,9 @@ deadman() {
     end=$(($(now_cs) + $2))
     while [ "$(now_cs)" -lt "$end" ]; do
         sleep 1
-        [ "$(cat "$DEADMAN_STATE" 2> /dev/null)" = "$1 armed" ] || return 0
+        state=""
+        [ -r "$DEADMAN_STATE" ] && read -r state < "$DEADMAN_STATE"
+        [ "$state" = "$1 armed" ] || return 0
     done
     thawed="" count=0
     sed '1!G;h;$!d' "$MOUNTS" > "$STATE_DIR/deadman.mounts"  # children before parents
@@ -319,7 +332,8 @@ thaw() {
     [ -f "$FREEZES" ] || : > "$FREEZES"
     [ -f "$THAWS" ] || : > "$THAWS"
     [ -f "$FROZEN" ] && thaw_frozen
-    state=$(cat "$DEADMAN_STATE" 2> /dev/null)
+    state=""
+    [ -r "$DEADMAN_STATE" ] && read -r state < "$DEADMAN_STATE"
     case $state in *" armed") echo "${state% armed} disarmed" > "$DEADMAN_STATE" ;; esac
     THAW_MS=$(ms_since "$began")  # after qemu-ga's thaw
     write_report thawed "$(date +%s)"
@@ -329,7 +343,7 @@ thaw() {
 case ${1:-} in
     freeze | thaw)
         load_config
-        mkdir -p "$STATE_DIR" && chmod 700 "$STATE_DIR"
+        [ -d "$STATE_DIR" ] || { mkdir -p "$STATE_DIR" && chmod 700 "$STATE_DIR"; }
         if [ "$1" = freeze ]; then
             freeze
             exit $?
