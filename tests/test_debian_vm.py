@@ -191,22 +191,24 @@ def test_the_sh_runner_installed_on_debian_thaws_in_reverse_and_kills_a_hook_at_
     in_guest(debian, "printf '#!/bin/sh\\n[ \"$1\" = freeze ] && sleep 600\\nexit 0\\n' "
                      "> /etc/qemu/fsfreeze-hook.d/30-hang && chmod 0755 /etc/qemu/fsfreeze-hook.d/30-hang && "
                      "install -m 0755 /etc/qemu/fsfreeze-hook.d/10-postgresql /etc/qemu/fsfreeze-hook.d/20-again")
-    done = run_cli(home, "guest", "install", debian.name, "--timeout", "5", "--on-failure", "continue", "-o", "json")
+    # A timeout that a CHECKPOINT through runuser and psql meets on a loaded TCG host.
+    done = run_cli(home, "guest", "install", debian.name, "--timeout", "20", "--on-failure", "continue",
+                   "-o", "json")
     assert done.returncode == 0, done.stderr
     installed = json.loads(done.stdout)
     assert installed["path"] == "/etc/qemu/fsfreeze-hook"
     assert "command line" in installed["found_by"]
     assert in_guest(debian, "command -v python3 || echo none").strip() == "none"  # the runner needs none
 
-    snap = created(home, debian.name, "--consistency", "application", "--freeze-timeout", "60")
+    snap = created(home, debian.name, "--consistency", "application", "--freeze-timeout", "120")
     statuses = {w["name"]: (w["status"], w["error"]) for w in snap["writers"]}
     assert statuses == {"10-postgresql": ("ok", None), "20-again": ("ok", None),
-                        "30-hang": ("failed", "no answer within 5s; killed")}
+                        "30-hang": ("failed", "no answer within 20s; killed")}
     assert snap["consistency"] == "filesystem"  # under "continue" the freeze went on without it
     result = json.loads(agent_call(debian, lambda a: a.read_file("/run/freezeframe/hook-result.json")))
     assert [e["name"] for e in result["thaw"]] == ["20-again", "10-postgresql"]
     assert snap["freeze_phases"]["resolution_ms"] == 10
-    assert snap["freeze_phases"]["hooks_freeze_ms"] >= 5000
+    assert snap["freeze_phases"]["hooks_freeze_ms"] >= 20000
 
     # Without the hanging hook: application, through the runner.
     in_guest(debian, "rm /etc/qemu/fsfreeze-hook.d/30-hang")

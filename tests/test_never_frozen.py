@@ -270,11 +270,11 @@ def test_the_guest_thaws_itself_when_the_whole_host_side_is_gone(home: Home, lab
     time.sleep(1)  # the workload writes every few ms: a second without a write means frozen
     assert writes() == frozen_at, "the guest was not frozen when the host side went"
     while writes() == frozen_at:
-        assert time.monotonic() - gone < allowed + 30, "the guest never thawed itself"
+        assert time.monotonic() - gone < allowed + 60, "the guest never thawed itself"
         time.sleep(0.2)
     took = time.monotonic() - gone
     # Counted from the freeze, which came before the kill; a loaded TCG guest gets slack.
-    assert took <= allowed + 10, f"the guest wrote again {took:.1f}s after the host side was gone"
+    assert took <= allowed + 30, f"the guest wrote again {took:.1f}s after the host side was gone"
 
     # qemu-ga still believes the guest is frozen (it never thaws by itself), and its own
     # thaw finds nothing frozen: the deadman had thawed it, and says so.

@@ -168,6 +168,14 @@ if [ "$app" = postgresql ] || [ "$app" = mariadb ]; then
     n=0
     while [ ! -S $ready ] && [ $n -lt 1200 ]; do sleep 0.1; n=$((n + 1)); done
     [ -S $ready ] || echo "ff-lab: the $app server did not start"
+    # PostgreSQL makes its socket before it takes connections ("the database system is
+    # starting up", for seconds on a loaded host): ready is when it answers.
+    if [ "$app" = postgresql ]; then
+        n=0
+        until LD_LIBRARY_PATH=$libs $bin/pg_isready -q -h /run/postgresql || [ $n -ge 1200 ]; do
+            sleep 0.1; n=$((n + 1))
+        done
+    fi
 fi
 
 if [ "$(arg ff.agent)" != 0 ]; then
