@@ -14,8 +14,10 @@ cleanup() {
     "$ff" lab down "$restored" >/dev/null 2>&1 || true
     "$ff" lab down "$vm" >/dev/null 2>&1 || true
     # The demo's backups go with its repository.
+    # Nothing to list (no repository yet, on a first run) is nothing to delete.
     for id in $("$ff" backup list --instance "$vm" -o json 2>/dev/null \
-                | "$py" -c 'import json, sys; print(" ".join(b["id"] for b in json.load(sys.stdin)))'); do
+                | "$py" -c 'import json, sys; text = sys.stdin.read().strip()
+print(" ".join(b["id"] for b in json.loads(text)) if text else "")'); do
         "$ff" backup delete "$id" >/dev/null 2>&1 || true
     done
     if [[ -n $repo ]]; then rm -rf "$repo"; fi
