@@ -166,6 +166,13 @@ def measure(home: Home, vm: lab_vm.LabVM, instance: Instance, catalog: Catalog, 
     return results
 
 
+def add_phases(found: dict[str, list[float]], phases: dict[str, float]) -> None:
+    """One snapshot's freeze phases, as the manifest splits them, into the columns."""
+    for column, key in (("window", "window_ms"), ("hooks", "hooks_freeze_ms"), ("frozen", "frozen_ms"),
+                        ("at least", "frozen_at_least_ms"), ("resolution", "resolution_ms")):
+        found[column].append(phases[key])
+
+
 def measure_hooks(home: Home, catalog: Catalog, count: int) -> dict[str, dict[str, list[float]]]:
     """The same hook through the stock script and through the sh runner, interleaved."""
     runners = {"stock fsfreeze-hook": "stock", "freezeframe sh runner": "sh"}
@@ -192,11 +199,7 @@ def measure_hooks(home: Home, catalog: Catalog, count: int) -> dict[str, dict[st
                 time.sleep(0.3)  # the writer logs a stall once the write returns
                 after = asyncio.run(stall_lines(vm))
                 found = results[label]
-                found["window"].append(phases["window_ms"])
-                found["hooks"].append(phases["hooks_freeze_ms"])
-                found["frozen"].append(phases["frozen_ms"])
-                found["at least"].append(phases["frozen_at_least_ms"])
-                found["resolution"].append(phases["resolution_ms"])
+                add_phases(found, phases)
                 found["stall"].append(longest_stall_ms(before, after))
             print(f"  hooks: {i + 1}/{count}", file=sys.stderr, end="\r")
     finally:
@@ -246,11 +249,7 @@ def measure_debian(home: Home, catalog: Catalog, count: int) -> dict[str, dict[s
                 assert snap.achieved_level is Level.APPLICATION, snap.fallback_reasons
                 phases = snap.manifest["freeze_phases"]
                 found = results[label]
-                found["window"].append(phases["window_ms"])
-                found["hooks"].append(phases["hooks_freeze_ms"])
-                found["frozen"].append(phases["frozen_ms"])
-                found["at least"].append(phases["frozen_at_least_ms"])
-                found["resolution"].append(phases["resolution_ms"])
+                add_phases(found, phases)
             print(f"  debian: {i + 1}/{count}", file=sys.stderr, end="\r")
     finally:
         lab_vm.down(home.lab, "bench-debian")
