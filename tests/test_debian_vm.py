@@ -156,10 +156,12 @@ EOF
 systemctl daemon-reload
 systemd-run --on-active=1 systemctl restart qemu-guest-agent
 """)
-    deadline = time.monotonic() + 120
+    # Each probe gets a short timeout: one sent while the old agent stops is never answered.
+    deadline = time.monotonic() + 180
     while True:
-        with contextlib.suppress(AgentError, AssertionError):
-            if in_guest(vm, "pidof qemu-ga").strip() not in ("", before):
+        with contextlib.suppress(AgentError, TimeoutError):
+            code, out = agent_call(vm, lambda agent: guest_sh(agent, "pidof qemu-ga", timeout=10), timeout=10)
+            if code == 0 and out.strip() not in ("", before):
                 return
         assert time.monotonic() < deadline, "qemu-ga did not come back"
         time.sleep(0.5)
@@ -176,8 +178,8 @@ def test_a_failing_stock_hook_and_blocked_file_reads_step_down_with_their_reason
     assert snap["consistency"] == "filesystem"  # the stock script ignores the status: the file systems froze
     assert snap["fallback_reasons"] == ["guest hook 20-fail failed: freeze exited with status 4"]
 
-    restart_agent(debian, "--block-rpcs=guest-file-open")
     try:
+        restart_agent(debian, "--block-rpcs=guest-file-open")
         snap = created(home, debian.name, "--consistency", "application", "--freeze-timeout", "60")
         assert snap["consistency"] == "filesystem"
         assert len(snap["fallback_reasons"]) == 1
