@@ -233,6 +233,9 @@ class BackupDisk:
     bytes_stored: int = 0
     #: Why this disk was read in full when an incremental or differential was asked.
     full_read_reason: str | None = None
+    #: Chunks found gone from the repository before publishing (removed by garbage
+    #: collection with a pruned parent, or lost) and read from the disk again.
+    chunks_stored_again: int = 0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -271,7 +274,7 @@ RETENTION_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 @dataclass(frozen=True, slots=True)
 class Retention:
     """An instance's retention policy: how many backups each rule keeps (None: the rule is
-    not used). What the rules mean is in ``engine/retention.py``."""
+    not used). What the rules mean is in ``jobs/retention.py``."""
 
     last: int | None = None
     hourly: int | None = None

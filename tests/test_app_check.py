@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from freezeframe.engine.app_check import RecordedApp, _mariadb_check_report, check_app, recorded_apps
-from freezeframe.engine.restore_check import RestoreCheck, _find
+from freezeframe.jobs.app_check import RecordedApp, _mariadb_check_report, check_app, recorded_apps
+from freezeframe.jobs.restore_check import RestoreCheck, _find
 
 MANIFEST: dict[str, Any] = {"point": {"filesystems": [{"mountpoint": "/mnt/ffdata0"}]}}
 

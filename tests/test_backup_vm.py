@@ -90,7 +90,7 @@ def test_full_then_incremental_restore_consistent_and_damage_is_named(
         assert disk["bytes_unchanged"] > 0
     assert inc["disks"][1]["bytes_new"] >= 1 << 20  # the new file's chunk(s)
     state = assert_left_as_it_was(vm, before)
-    assert state["bitmaps"] == sorted({f"ff-{full['id'][:8]}", f"ff-{inc['id'][:8]}"})
+    assert state["bitmaps"] == sorted({full["disks"][0]["bitmap"], inc["disks"][0]["bitmap"]})
 
     images = {}
     for name, record in (("full", full), ("inc", inc)):
@@ -299,7 +299,7 @@ def test_bitmaps_survive_a_clean_restart_and_a_killed_qemu_forces_a_full_read(
     assert e2fsck_clean(raw)
     for name, digest in files.items():
         assert hashlib.sha256(ext4_read(raw, f"/{name}.bin")).hexdigest() == digest
-    assert vm_state(vm)["bitmaps"] == [f"ff-{broken['id'][:8]}"], "a broken bitmap was left behind"
+    assert vm_state(vm)["bitmaps"] == [broken["disks"][0]["bitmap"]], "a broken bitmap was left behind"
 
     following = backup(home, vm, repo)
     assert following["disks"][0]["full_read_reason"] is None
@@ -316,7 +316,7 @@ def test_a_checkpoint_bitmap_lost_behind_libvirts_back_forces_a_full_read_of_tha
     full = backup(home, vm, repo)
     digest = write_random(vm, "/mnt/ffdata1/after.bin", 2)
     second = [b for b in qmp(vm, "query-block") if b.get("inserted")][1]["inserted"]["node-name"]
-    qmp(vm, "block-dirty-bitmap-remove", {"node": second, "name": f"ff-{full['id'][:8]}"})
+    qmp(vm, "block-dirty-bitmap-remove", {"node": second, "name": full["disks"][0]["bitmap"]})
 
     inc = backup(home, vm, repo)
     kept, lost = inc["disks"]
@@ -333,7 +333,7 @@ def test_a_checkpoint_bitmap_lost_behind_libvirts_back_forces_a_full_read_of_tha
     following = backup(home, vm, repo)
     assert [d["full_read_reason"] for d in following["disks"]] == [None, None]
     assert all(d["bytes_unchanged"] > 0 for d in following["disks"])
-    assert checkpoints(vm) == sorted({f"ff-{full['id'][:8]}", f"ff-{following['id'][:8]}"})
+    assert checkpoints(vm) == sorted({full["disks"][0]["bitmap"], following["disks"][0]["bitmap"]})
 
 
 def kill_mid_read(home: Home, vm: LabVM, repo: Path | RepoPlace, stored: int, before: dict[str, Any]) -> None:
@@ -378,7 +378,7 @@ def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reus
     full = backup(home, vm, repo)
     digest = write_random(vm, "/mnt/ffdata0/data.bin", 60)
     before = vm_state(vm)
-    assert before["bitmaps"] == [f"ff-{full['id'][:8]}"]
+    assert before["bitmaps"] == [full["disks"][0]["bitmap"]]
 
     kill_mid_read(home, vm, repo, 24 << 20, before)
     after = assert_left_as_it_was(vm, before)
@@ -407,13 +407,17 @@ def test_backup_killed_mid_read_lists_nothing_loses_no_change_and_the_rerun_reus
     raw = restore(home, rerun["id"], tmp_path / "r")[disk["device"]]
     assert hashlib.sha256(ext4_read(raw, "/data.bin")).hexdigest() == digest
 
-    # The killed run's lock on the repository is stale (its process is gone): garbage
-    # collection removes it instead of waiting for it.
-    assert objects(repo, "locks/") == [f"locks/backup-{everything[1]['id']}"]
+    # The killed run's lease is dead at once (its process on this machine is gone): garbage
+    # collection breaks it instead of waiting for it, and frees every chunk nobody names
+    # once it is older than the lease (here at once, or kept as too young to judge).
+    killed = f"backup-{everything[1]['id']}"
+    assert {name.split("/")[1] for name in objects(repo, "locks/")} == {killed}
     unused = cli_json(home, "repo", "stats", str(repo))[0]["unreferenced_chunks"]
-    collected, done = cli_json(home, "repo", "gc", str(repo), "--wait", "0")
+    collected, done = cli_json(home, "repo", "gc", str(repo))
     assert done.returncode == 0, done.stderr
-    assert collected["chunks_deleted"] == unused
+    assert [b["name"] for b in collected["leases_broken"]] == [killed]
+    assert "is gone" in collected["leases_broken"][0]["why"]
+    assert collected["chunks_deleted"] + collected["chunks_too_young"] == unused
     assert objects(repo, "locks/") == []
     checked, done = cli_json(home, "backup", "verify", "--all", "--repo", str(repo))
     assert done.returncode == 0, checked
@@ -540,3 +544,31 @@ def test_s3_server_back_within_the_retry_window_and_the_backup_completes(
     assert done.returncode == 0, checked
     raw = restore(home, made["id"], tmp_path / "r")["ffdata0"]
     assert hashlib.sha256(ext4_read(raw, "/big.bin")).hexdigest() == digest
+
+
+def test_one_vm_backed_up_into_two_repositories_keeps_incrementals_in_each(
+        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    """Nightly into one repository, weekly into another: each keeps a bitmap chain of its
+    own (named after the repository), so neither reads the disk in full for the other."""
+    vm = lab(disks=1)
+    nightly, weekly = tmp_path / "nightly", tmp_path / "weekly"
+    for repo in (nightly, weekly):
+        init_repo(home, repo, "--chunk-size", "256")  # fine enough to see 1% of a 320 MiB disk
+    fulls = [backup(home, vm, repo) for repo in (nightly, weekly)]
+    assert [b["type"] for b in fulls] == ["full", "full"]
+    last = {}
+    for round_ in range(2):
+        digest = write_random(vm, f"/mnt/ffdata0/round{round_}.bin", 3)  # under 1% of the disk
+        for repo in (nightly, weekly):
+            inc = backup(home, vm, repo)
+            disk = inc["disks"][0]
+            assert inc["type"] == "incremental"
+            assert disk["full_read_reason"] is None, disk["full_read_reason"]
+            assert disk["bytes_read"] < 0.03 * disk["virtual_size"], (repo.name, disk)
+            last[repo] = inc["id"]
+    prefixes = {name.rsplit("-", 1)[0] for name in vm_state(vm)["bitmaps"]}
+    assert len(prefixes) == 2, "one bitmap chain per repository"
+    for repo, backup_id in last.items():
+        raw = restore(home, backup_id, tmp_path / f"from-{repo.name}", "--repo", str(repo))["ffdata0"]
+        assert e2fsck_clean(raw)
+        assert hashlib.sha256(ext4_read(raw, "/round1.bin")).hexdigest() == digest

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from freezeframe.engine.retention import select
 from freezeframe.errors import InvalidInput
+from freezeframe.jobs.retention import select
 from freezeframe.model import Retention
 
 

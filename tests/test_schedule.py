@@ -18,9 +18,9 @@ from cronsim import CronSim
 
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
-from freezeframe.engine.schedule import due, parse_every
-from freezeframe.engine.systemd import on_calendar, unit_files
 from freezeframe.errors import InvalidInput
+from freezeframe.jobs.schedule import due, parse_every
+from freezeframe.jobs.systemd import on_calendar, unit_files
 from freezeframe.model import Schedule
 
 START = datetime(2026, 11, 1, tzinfo=UTC)

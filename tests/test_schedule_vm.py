@@ -18,7 +18,7 @@ from conftest import LabFactory, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from freezeframe.config import Home
-from freezeframe.engine.daemon import Daemon, cli_runner
+from freezeframe.jobs.daemon import Daemon, cli_runner
 
 pytestmark = pytest.mark.vm
 
@@ -27,18 +27,19 @@ def test_three_simulated_days_keep_exactly_the_policy_and_every_kept_backup_pass
         home: Home, lab: LabFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "UTC")  # the retention periods are local time: pin it for the table below
     repo = tmp_path / "repo"
-    init_repo(home, repo)
+    init_repo(home, repo, "--lock-lease", "5")
     vm = lab(disks=1)
     assert run_cli(home, "policy", "set", vm.name, "--keep-last", "2", "--keep-daily", "2").returncode == 0
     start = datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
     assert run_cli(home, "schedule", "add", vm.name, "--every", "6h", "--repo", str(repo), "--consistency",
-                   "filesystem", "--prune", "--test-every", "1d", env={"FREEZEFRAME_NOW": start.isoformat()}
-                   ).returncode == 0
+                   "filesystem", "--prune", "--test-every", "1d", "--verify-every", "1d",
+                   env={"FREEZEFRAME_NOW": start.isoformat()}).returncode == 0
 
     now = start
     lines: list[dict[str, Any]] = []
     metrics = tmp_path / "metrics.prom"
-    daemon = Daemon(home.catalog, cli_runner(home.root, fake_clock=True), lambda: now, lines.append, metrics)
+    daemon = Daemon(home.catalog, cli_runner(home.root, fake_clock=True), lambda: now, lines.append, metrics,
+                    gc_every_s=86400)
     for hour in range(6, 3 * 24 + 1, 3):  # ticks every 3 simulated hours, for 3 days
         now = start + timedelta(hours=hour)
         daemon.tick(wait=True)
@@ -55,6 +56,21 @@ def test_three_simulated_days_keep_exactly_the_policy_and_every_kept_backup_pass
     kept_table = ["2026-11-01T18:00", "2026-11-02T18:00", "2026-11-03T18:00", "2026-11-04T00:00"]
     listed, _ = cli_json(home, "backup", "list", "--instance", vm.name)
     assert [b["created_at"][:16] for b in listed] == kept_table
+
+    # A verify ran once a simulated day, on the backups taken since the last one (the newest
+    # among them), never again on those it had verified; every one held.
+    verifies = [line for line in lines if line["job"] == "verify"]
+    assert len(verifies) == 3
+    assert all(v["outcome"] == "ok" and v["held"] for v in verifies), verifies
+    seen = [b for v in verifies for b in v["verified"]]
+    assert len(seen) == len(set(seen)), "a verify read a backup an earlier one had verified"
+    assert all(1 <= len(v["verified"]) <= 4 for v in verifies), verifies
+    # Garbage collection ran once a simulated day, beside the backups, and left every kept
+    # backup whole.
+    collections = [line for line in lines if line["job"] == "gc"]
+    assert len(collections) == 2, collections
+    assert all(c["outcome"] == "ok" and c["leases_broken"] == [] for c in collections), collections
+    assert run_cli(home, "repo", "check", str(repo)).returncode == 0
 
     # A restore test ran once a simulated day, on the newest backup, and passed.
     tests = [line for line in lines if line["job"] == "restore-test"]
@@ -84,12 +100,12 @@ def test_three_simulated_days_keep_exactly_the_policy_and_every_kept_backup_pass
 def test_the_daemon_runs_on_a_real_clock_one_job_per_instance_and_logs_json(
         home: Home, lab: LabFactory, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    init_repo(home, repo)
+    init_repo(home, repo, "--lock-lease", "5")
     vm = lab(disks=1)
     assert run_cli(home, "schedule", "add", vm.name, "--every", "2s", "--repo", str(repo)).returncode == 0
     metrics = tmp_path / "m.prom"
     done = subprocess.run([sys.executable, "-m", "freezeframe", "--home", str(home.root), "daemon", "--tick", "0.2",
-                           "--run-for", "9", "--metrics-file", str(metrics)],
+                           "--run-for", "9", "--metrics-file", str(metrics), "--gc-every", "2s"],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in done.stdout.splitlines()]
@@ -106,3 +122,8 @@ def test_the_daemon_runs_on_a_real_clock_one_job_per_instance_and_logs_json(
         ended = datetime.fromisoformat(before["at"]) + timedelta(seconds=before["duration_s"])
         assert ended <= datetime.fromisoformat(after["at"]) + timedelta(seconds=0.5), (before, after)
     assert f'freezeframe_backup_last_new_bytes{{instance="{vm.name}"}}' in metrics.read_text()
+    # Garbage collection ran on its own schedule beside the backups: neither waited.
+    collections = [line for line in lines if line.get("job") == "gc"]
+    assert collections, lines
+    assert all(c["outcome"] == "ok" and c["repository"] == str(repo) for c in collections), collections
+    assert run_cli(home, "repo", "check", str(repo)).returncode == 0

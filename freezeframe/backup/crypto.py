@@ -95,35 +95,71 @@ def _kek(passphrase: bytes, salt: bytes, params: dict[str, int]) -> bytes:
                           maxmem=256 << 20, dklen=32)
 
 
-def new_key_object(passphrase: bytes) -> tuple[Keys, bytes]:
-    """Fresh keys, and the key object that holds them wrapped under the passphrase."""
+def new_keys() -> Keys:
+    return Keys(encryption=os.urandom(32), ids=os.urandom(32))
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    """What the key object vouches for: the config as it must read, byte for byte."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def key_object(keys: Keys, passphrase: bytes, config: dict[str, Any]) -> bytes:
+    """The key object: the keys wrapped under the passphrase, together with the repository's
+    id and its config's digest, so that neither the config nor the key object can be
+    swapped for another repository's without the passphrase's holder noticing."""
     if not passphrase:
         raise RepositoryError("an empty passphrase cannot protect a repository",
                               hint="give a passphrase with --passphrase-file or --passphrase-env")
-    keys = Keys(encryption=os.urandom(32), ids=os.urandom(32))
     salt, nonce = os.urandom(16), os.urandom(NONCE)
-    secret = json.dumps({"encryption": _b64(keys.encryption), "ids": _b64(keys.ids)}).encode()
+    secret = json.dumps({"encryption": _b64(keys.encryption), "ids": _b64(keys.ids), "repository": config["id"],
+                         "config": config_digest(config)}).encode()
     wrapped = _aesgcm(_kek(passphrase, salt, SCRYPT)).encrypt(nonce, secret, _KEY_AAD)
     document = {"format": "freezeframe-key/1", "kdf": "scrypt", **SCRYPT, "salt": _b64(salt),
                 "nonce": _b64(nonce), "wrapped": _b64(wrapped)}
-    return keys, json.dumps(document, indent=1).encode()
+    return json.dumps(document, indent=1).encode()
 
 
-def open_key_object(data: bytes, passphrase: bytes, where: str) -> Keys:
+#: What a key object may hold at most: a few hundred bytes in truth.
+MAX_KEY_OBJECT = 64 << 10
+
+
+def open_key_object(data: bytes, passphrase: bytes, where: str, config: dict[str, Any]) -> Keys:
+    """The keys, once the key object opens under the passphrase and vouches for ``config``
+    (key objects of repositories made before this check vouch for nothing: they open)."""
     try:
+        if len(data) > MAX_KEY_OBJECT:
+            raise ValueError(f"{len(data)} bytes")
         doc: dict[str, Any] = json.loads(data)
         params = {k: int(doc[k]) for k in ("n", "r", "p")}
-        salt, nonce, wrapped = (base64.b64decode(doc[k]) for k in ("salt", "nonce", "wrapped"))
-    except (ValueError, KeyError, TypeError) as err:
+        if not (2 <= params["n"] <= 2**20 and params["n"] & (params["n"] - 1) == 0 and 1 <= params["r"] <= 32
+                and 1 <= params["p"] <= 16):
+            raise ValueError(f"scrypt parameters {params} out of bounds")
+        salt, nonce, wrapped = (base64.b64decode(doc[k], validate=True) for k in ("salt", "nonce", "wrapped"))
+        if len(nonce) != NONCE:
+            raise ValueError("bad nonce")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise RepositoryError(f"the key of the repository {where} is unreadable: {err}") from err
     from cryptography.exceptions import InvalidTag
 
     try:
         secret = json.loads(_aesgcm(_kek(passphrase, salt, params)).decrypt(nonce, wrapped, _KEY_AAD))
+        keys = Keys(encryption=base64.b64decode(secret["encryption"]), ids=base64.b64decode(secret["ids"]))
+        if len(keys.encryption) != 32 or len(keys.ids) != 32:
+            raise ValueError("keys of the wrong length")
     except InvalidTag:
-        raise RepositoryError(f"wrong passphrase for the repository {where}",
+        raise RepositoryError(f"wrong passphrase for the repository {where} (or its key object was replaced)",
                               hint="check --passphrase-file / --passphrase-env (or FREEZEFRAME_PASSPHRASE)") from None
-    return Keys(encryption=base64.b64decode(secret["encryption"]), ids=base64.b64decode(secret["ids"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise RepositoryError(f"the key of the repository {where} is unreadable: {err}") from err
+    if "repository" in secret and secret["repository"] != config.get("id"):
+        raise RepositoryError(f"the key object of the repository {where} belongs to another repository "
+                              f"({secret['repository']}, the config says {config.get('id')}): it was replaced",
+                              hint="put back this repository's key (see: freezeframe repo key export)")
+    if "config" in secret and secret["config"] != config_digest(config):
+        raise RepositoryError(f"the config of the repository {where} is not the one its key vouches for: it was "
+                              "changed or replaced", hint="nothing was written; restore the config object")
+    return keys
 
 
 def _b64(data: bytes) -> str:

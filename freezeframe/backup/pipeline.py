@@ -85,9 +85,12 @@ def bounded_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[
 
 def back_up_disk(repo: Repository, source: NbdExport, plan: list[Need], *, backup_id: str, device: str,
                  parent: DiskIndex | None, workers: int = DEFAULT_WORKERS,
-                 progress: Progress | None = None) -> tuple[DiskIndex, Counters]:
+                 progress: Progress | None = None,
+                 named: Callable[[list[str]], None] | None = None) -> tuple[DiskIndex, Counters]:
     """Store the chunks ``plan`` says to read; build the disk's complete index. Returns
-    once every chunk the index names is stored (durably, in a local repository)."""
+    once every chunk the index names is stored (durably, in a local repository).
+    ``named`` is told the chunks the index names that this call did not store: those kept
+    from the parent, and those found stored (the lease lists them for garbage collection)."""
     size, chunk_size = source.size, repo.chunk_size
     index = DiskIndex(backup=backup_id, device=device, virtual_size=size, chunk_size=chunk_size,
                       chunks=[None] * len(plan))
@@ -102,6 +105,8 @@ def back_up_disk(repo: Repository, source: NbdExport, plan: list[Need], *, backu
             counters.unchanged += index.chunk_length(position) if parent.chunks[position] else 0
         elif need is Need.ZERO:
             counters.zero += index.chunk_length(position)
+    tell = named or (lambda ids: None)
+    tell(sorted({c for c, need in zip(index.chunks, plan, strict=True) if need is Need.KEEP and c is not None}))
 
     # Storing is handed to writers of its own: a local store waits for the disk (two
     # syncs per object) and an object store for the network, and a worker that waited
@@ -148,16 +153,17 @@ def back_up_disk(repo: Repository, source: NbdExport, plan: list[Need], *, backu
                 counters.seconds[step] += end - start
         return chunk_id, length, storing
 
-    def stored(length: int, storing: Future[int]) -> None:
+    def stored(length: int, chunk_id: str, storing: Future[int]) -> None:
         size_stored = storing.result()
         if size_stored:
             counters.new += length
             counters.stored += size_stored
         else:
             counters.reused += length  # another writer stored the same chunk first
+            tell([chunk_id])
 
     to_read = [i for i, need in enumerate(plan) if need is Need.READ]
-    pending: collections.deque[tuple[int, Future[int]]] = collections.deque()
+    pending: collections.deque[tuple[int, str, Future[int]]] = collections.deque()
     # The writers outlive the workers (a worker may still be handing a chunk over).
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ff-store") as writers, \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ff-backup") as pool:
@@ -168,9 +174,10 @@ def back_up_disk(repo: Repository, source: NbdExport, plan: list[Need], *, backu
                 counters.zero += length
             elif storing is None:
                 counters.reused += length
+                tell([chunk_id])
             else:
-                pending.append((length, storing))
-            while pending and pending[0][1].done():
+                pending.append((length, chunk_id, storing))
+            while pending and pending[0][2].done():
                 stored(*pending.popleft())
             if progress is not None:
                 progress(counters.read, counters)
@@ -179,6 +186,32 @@ def back_up_disk(repo: Repository, source: NbdExport, plan: list[Need], *, backu
     if progress is not None:
         progress(counters.read, counters)
     return index, counters
+
+
+def store_again(repo: Repository, source: NbdExport, index: DiskIndex, missing: set[str],
+                counters: Counters) -> int:
+    """Read again, and store, every chunk of ``index`` that is in ``missing`` (the view is
+    still exported, so it reads what the backup saw); the index names what was read.
+    Returns how many chunks were stored again."""
+    again = 0
+    for position, chunk in enumerate(index.chunks):
+        if chunk is None or chunk not in missing:
+            continue
+        length = index.chunk_length(position)
+        data = source.pread(length, position * index.chunk_size)
+        if data == bytes(length):
+            index.chunks[position] = None
+            again += 1
+            continue
+        chunk_id, size = repo.put_chunk(data)
+        index.chunks[position] = chunk_id
+        counters.read += length
+        counters.stored += size
+        if size:
+            counters.new += length
+        again += 1
+    repo.store.flush()
+    return again
 
 
 #: O_DIRECT wants buffers, offsets and lengths aligned to the device's block; 4 KiB covers them.

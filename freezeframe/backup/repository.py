@@ -8,7 +8,7 @@ Layout (object names)::
     chunks/<id[:2]>/<id>       one fixed-size piece of a disk; id = BLAKE3 (keyed, when encrypted)
     indexes/<backup>/<n>       disk n of a backup: the id of every chunk, null for all-zero
     backups/<backup>           the manifest; written last, so only complete backups have one
-    locks/<name>               plain JSON: a running backup (backup-<id>) or garbage collection (gc)
+    locks/<name>/<n>           a writer's lease: who holds it, and what it will name (leases.py)
 
 Every index is complete (unchanged chunks of an incremental are referenced, not left
 out), so a restore reads one index and never replays a chain, and deleting a backup
@@ -28,7 +28,8 @@ from typing import Any
 
 import zstandard
 
-from freezeframe.backup.crypto import Sealer, Tampered, new_key_object, open_key_object
+from freezeframe.backup.crypto import Sealer, Tampered, key_object, new_keys, open_key_object
+from freezeframe.backup.leases import DEFAULT_LEASE_S
 from freezeframe.backup.store import ObjectStore
 from freezeframe.errors import DamagedObject, InvalidInput, NotFound, RepositoryError
 
@@ -41,7 +42,8 @@ DEFAULT_ZSTD_LEVEL = 1
 _RAW, _ZSTD = 0, 1
 CONFIG = "config"
 KEY = "keys/repokey"
-LOCKS = "locks/"
+#: Bounds of a repository's lease time: seconds are for tests; a day is beyond any stall.
+MIN_LEASE_S, MAX_LEASE_S = 1.0, 86400.0
 
 
 def chunk_name(chunk_id: str) -> str:
@@ -112,15 +114,6 @@ class RepoStats:
 
 
 @dataclass(slots=True)
-class SweepReport:
-    #: Chunks deleted and the bytes they took; orphaned index objects deleted; chunks kept.
-    chunks: int = 0
-    bytes: int = 0
-    indexes: int = 0
-    kept: int = 0
-
-
-@dataclass(slots=True)
 class CheckReport:
     backups: int = 0
     indexes: int = 0
@@ -136,6 +129,70 @@ def is_repository(store: ObjectStore) -> bool:
     return store.exists(CONFIG)
 
 
+#: A config is a few hundred bytes: anything much larger is not one.
+MAX_CONFIG_BYTES = 64 << 10
+
+
+def parse_config(raw: bytes, where: str) -> dict[str, Any]:
+    """The config, strictly checked: it is read before anything can be authenticated."""
+    try:
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"{len(raw)} bytes")
+        config = json.loads(raw)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+        if config.get("format") != FORMAT:
+            raise ValueError(f"unknown format {config.get('format')!r}")
+        if config.get("hash") not in ("blake3", "blake3-keyed"):
+            raise ValueError(f"unknown chunk hash {config.get('hash')!r}")
+        if config.get("encryption", "none") not in ("none", "aes-256-gcm"):
+            raise ValueError(f"unknown encryption {config.get('encryption')!r}")
+        if (config["hash"] == "blake3-keyed") != (config.get("encryption", "none") != "none"):
+            raise ValueError("its chunk hash and its encryption do not go together")
+        if not isinstance(config.get("id"), str) or len(config["id"]) > 64:
+            raise ValueError("no valid id")
+        size = config["chunk_size"]
+        if not isinstance(size, int) or size < 64 << 10 or size > 64 << 20 or size & (size - 1):
+            raise ValueError(f"chunk size {size!r}")
+        level = config.get("zstd_level", DEFAULT_ZSTD_LEVEL)
+        if not isinstance(level, int) or not -7 <= level <= 22:
+            raise ValueError(f"zstd level {level!r}")
+        lease = config.get("lock_lease_s", DEFAULT_LEASE_S)
+        if not isinstance(lease, int | float) or not MIN_LEASE_S <= lease <= MAX_LEASE_S:
+            raise ValueError(f"lock lease {lease!r} out of range")
+    except (ValueError, KeyError, TypeError) as err:
+        raise RepositoryError(f"the repository config at {where} is unreadable: {err}") from err
+    return config
+
+
+@dataclass(frozen=True, slots=True)
+class RepoIdentity:
+    """What a host pins about a repository on first use: what must never change."""
+
+    id: str
+    chunk_hash: str
+    encryption: str
+    chunk_size: int
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> RepoIdentity:
+        return cls(id=str(config["id"]), chunk_hash=str(config["hash"]),
+                   encryption=str(config.get("encryption", "none")), chunk_size=int(config["chunk_size"]))
+
+    def differences(self, found: RepoIdentity) -> list[str]:
+        said = []
+        if found.encryption != self.encryption:
+            said.append(f"it was {'encrypted' if self.encryption != 'none' else 'not encrypted'} "
+                        f"({self.encryption}), its config now says {found.encryption}")
+        if found.id != self.id:
+            said.append(f"its id was {self.id}, its config now says {found.id}")
+        if found.chunk_hash != self.chunk_hash:
+            said.append(f"its chunks were named by {self.chunk_hash}, its config now says {found.chunk_hash}")
+        if found.chunk_size != self.chunk_size:
+            said.append(f"its chunk size was {self.chunk_size}, its config now says {found.chunk_size}")
+        return said
+
+
 class Repository:
     """A repository opened for reading and writing. Thread-safe for chunk I/O."""
 
@@ -144,6 +201,8 @@ class Repository:
         self.config = config
         self.sealer = sealer
         self.chunk_size = int(config["chunk_size"])
+        #: How long a writer's lease lasts unrenewed (see leases.py).
+        self.lease_s = float(config.get("lock_lease_s", DEFAULT_LEASE_S))
         self.level = int(config.get("zstd_level", DEFAULT_ZSTD_LEVEL))
         self._local = threading.local()
 
@@ -159,18 +218,20 @@ class Repository:
 
     @classmethod
     def init(cls, store: ObjectStore, *, passphrase: bytes | None = None,
-             chunk_size: int = DEFAULT_CHUNK_SIZE) -> Repository:
+             chunk_size: int = DEFAULT_CHUNK_SIZE, lease_s: float = DEFAULT_LEASE_S) -> Repository:
         if store.exists(CONFIG):
             raise RepositoryError(f"{store.location} is a repository already")
         if chunk_size < 64 << 10 or chunk_size > 64 << 20 or chunk_size & (chunk_size - 1):
             raise InvalidInput(f"chunk size must be a power of two from 64 KiB to 64 MiB, not {chunk_size}")
-        keys = None
-        if passphrase is not None:
-            keys, key_object = new_key_object(passphrase)
-            store.put(KEY, key_object)
+        if not MIN_LEASE_S <= lease_s <= MAX_LEASE_S:
+            raise InvalidInput(f"the lock lease must be from {MIN_LEASE_S:g} s to {MAX_LEASE_S:g} s, not {lease_s:g}")
+        keys = new_keys() if passphrase is not None else None
         config = {"format": FORMAT, "id": str(uuid.uuid4()), "chunk_size": chunk_size, "compression": "zstd",
                   "zstd_level": DEFAULT_ZSTD_LEVEL, "hash": "blake3-keyed" if keys else "blake3",
-                  "encryption": "aes-256-gcm" if keys else "none"}
+                  "encryption": "aes-256-gcm" if keys else "none", "lock_lease_s": lease_s}
+        if keys is not None:
+            assert passphrase is not None
+            store.put(KEY, key_object(keys, passphrase, config))
         # The config goes last: a directory without it is not a repository yet.
         store.flush()
         store.put(CONFIG, json.dumps(config, indent=1).encode())
@@ -178,27 +239,46 @@ class Repository:
         return cls(store, config, Sealer(keys))
 
     @classmethod
-    def open(cls, store: ObjectStore, *, passphrase: bytes | None = None) -> Repository:
+    def open(cls, store: ObjectStore, *, passphrase: bytes | None = None,
+             expect: RepoIdentity | None = None) -> Repository:
+        """Open the repository; with ``expect`` (what this host pinned on first use), refuse
+        one whose config says otherwise before anything is read or written."""
         if not store.exists(CONFIG):
             raise RepositoryError(f"no repository at {store.location}",
                                   hint=f"create one with: freezeframe repo init {store.location}")
-        try:
-            config = json.loads(store.get(CONFIG))
-            if config.get("format") != FORMAT:
-                raise ValueError(f"unknown format {config.get('format')!r}")
-            if config.get("hash") not in ("blake3", "blake3-keyed"):
-                raise ValueError(f"unknown chunk hash {config.get('hash')!r}")
-            int(config["chunk_size"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise RepositoryError(f"the repository config at {store.location} is unreadable: {err}") from err
+        config = parse_config(store.get(CONFIG), store.location)
+        found = RepoIdentity.of(config)
+        if expect is not None and found != expect:
+            raise RepositoryError(
+                f"the repository at {store.location} is not the one this host knew there: "
+                + "; ".join(expect.differences(found)) + ". Refused, and nothing was written: its config may have "
+                "been replaced", hint="if it was re-created on purpose: freezeframe repo forget " + store.location)
         keys = None
+        if config.get("encryption", "none") == "none" and store.exists(KEY):
+            # Only an encrypted repository has a key object: a host that never saw this one
+            # still tells a plain config put over an encrypted repository's.
+            raise RepositoryError(
+                f"the repository at {store.location} has a key object but its config says it is not encrypted: "
+                "refused, and nothing was written: its config may have been replaced",
+                hint="restore the config object from a copy")
         if config.get("encryption", "none") != "none":
             if passphrase is None:
                 raise RepositoryError(
                     f"the repository {store.location} is encrypted and no passphrase was given",
                     hint="give it with --passphrase-file PATH, --passphrase-env VAR, or FREEZEFRAME_PASSPHRASE")
-            keys = open_key_object(store.get(KEY), passphrase, store.location)
+            keys = open_key_object(store.get(KEY), passphrase, store.location, config)
         return cls(store, config, Sealer(keys))
+
+    @property
+    def identity(self) -> RepoIdentity:
+        return RepoIdentity.of(self.config)
+
+    def change_passphrase(self, passphrase: bytes, new: bytes) -> None:
+        """Wrap the keys under a new passphrase (the old one must open them)."""
+        if self.sealer.keys is None:
+            raise InvalidInput(f"the repository {self.location} is not encrypted: it has no passphrase")
+        open_key_object(self.store.get(KEY), passphrase, self.location, self.config)
+        self.store.replace(KEY, key_object(self.sealer.keys, new, self.config))
 
     # -- objects -------------------------------------------------------------------------
 
@@ -348,7 +428,14 @@ class Repository:
         return name
 
     def index(self, name: str) -> DiskIndex:
-        return DiskIndex.from_json(self._get_json(name), name)
+        index = DiskIndex.from_json(self._get_json(name), name)
+        parts = name.split("/")
+        if len(parts) != 3 or parts[0] != "indexes" or parts[1] != index.backup:
+            # In an encrypted repository the name is authenticated too; in a plain one this
+            # is what tells an index copied or moved from another backup.
+            raise DamagedObject(name, f"it is the index of backup {index.backup[:36]}, not of the backup it is "
+                                      "stored under (moved or copied from another backup)")
+        return index
 
     def put_manifest(self, backup_id: str, manifest: dict[str, Any]) -> None:
         """Publish a backup. Call only after every index it names is stored."""
@@ -359,6 +446,12 @@ class Repository:
         data = self._get_json(name)
         if data.get("format") != MANIFEST_FORMAT or not isinstance(data.get("disks"), list):
             raise DamagedObject(name, "not a backup manifest")
+        if data.get("id") != backup_id:
+            raise DamagedObject(name, f"it is the manifest of backup {str(data.get('id'))[:36]}, not of "
+                                      f"{backup_id} (moved or copied from another backup)")
+        for disk in data["disks"]:
+            if not isinstance(disk, dict) or not str(disk.get("index", "")).startswith(f"indexes/{backup_id}/"):
+                raise DamagedObject(name, "it names an index of another backup")
         return data
 
     def has_backup(self, backup_id: str) -> bool:
@@ -385,53 +478,15 @@ class Repository:
         for info in list(self.store.list(f"indexes/{backup_id}/")):
             self.store.delete(info.name)
 
-    # -- locks: backups and garbage collection exclude each other ----------------------
-    #
-    # A backup stores chunks before any index names them, and reuses chunks it finds
-    # stored, so garbage collection must not sweep while a backup runs. Each side writes
-    # its own lock object first and looks for the other's second: whichever comes second
-    # sees the first and backs off. Objects, not file locks, so any store can hold them.
-
-    def put_lock(self, name: str, info: dict[str, Any]) -> bool:
-        """Create ``locks/<name>``; False when it exists (held by someone else)."""
-        return self.store.put(f"{LOCKS}{name}", json.dumps(info).encode())
-
-    def drop_lock(self, name: str) -> None:
-        self.store.delete(f"{LOCKS}{name}")
-
-    def locks(self, prefix: str = "") -> dict[str, dict[str, Any]]:
-        """The locks whose names start with ``prefix``, with what their holders wrote."""
-        found: dict[str, dict[str, Any]] = {}
-        for info in self.store.list(LOCKS):
-            name = info.name[len(LOCKS):]
-            if not name.startswith(prefix):
-                continue
-            try:
-                found[name] = json.loads(self.store.get(info.name))
-            except (RepositoryError, ValueError):
-                found[name] = {}  # gone meanwhile, or unreadable: still a lock
-        return found
-
-    def sweep(self) -> SweepReport:
-        """Delete every chunk no published backup's index names, and the indexes of backups
-        that were never published. Only under the gc lock, with no backup running."""
-        report = SweepReport()
-        published = set(self.backup_ids())
-        named: set[str] = set()
-        for index in self._indexes(published):
-            named.update(c for c in index.chunks if c is not None)
-        for info in list(self.store.list("indexes/")):
-            if info.name.split("/")[1] not in published:
-                self.store.delete(info.name)
-                report.indexes += 1
-        for info in list(self.store.list("chunks/")):
-            if info.name.rsplit("/", 1)[1] in named:
-                report.kept += 1
-                continue
-            self.store.delete(info.name)
-            report.chunks += 1
-            report.bytes += info.size
-        return report
+    def missing_chunks(self, chunk_ids: set[str]) -> set[str]:
+        """Which of ``chunk_ids`` the store does not hold, by one listing of the chunks
+        (not a request per chunk): what a writer checks before it publishes."""
+        missing = set(chunk_ids)
+        for info in self.store.list("chunks/"):
+            missing.discard(info.name.rsplit("/", 1)[1])
+            if not missing:
+                break
+        return missing
 
     # -- whole-repository views --------------------------------------------------------
 

@@ -30,6 +30,10 @@ from freezeframe.errors import RepositoryError
 class ObjectInfo:
     name: str
     size: int
+    #: When the object was stored, in seconds since the epoch by the store's own clock (a
+    #: file's mtime, an S3 object's Last-Modified). Garbage collection compares these only
+    #: with each other, never with a host's clock.
+    mtime: float = 0.0
 
 
 class ObjectStore(Protocol):
@@ -53,6 +57,17 @@ class ObjectStore(Protocol):
         """Objects whose names start with ``prefix`` (a folder ending in '/')."""
 
     def delete(self, name: str) -> None: ...
+
+    def replace(self, name: str, data: bytes) -> None:
+        """Store ``data`` under ``name`` whether or not it exists, atomically and durably.
+        Only for the one object that changes (the key object, on a new passphrase)."""
+
+    def remove_leftovers(self, before: float) -> int:
+        """Remove what crashed writes left (temporary files) stored before ``before`` (store
+        clock); returns how many. A store whose writes leave nothing does nothing."""
+
+
+_FOLDERS_THAT_EMPTY = ("locks/", "indexes/")
 
 
 class LocalStore:
@@ -81,11 +96,15 @@ class LocalStore:
             return False
         tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
         try:
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileNotFoundError:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            for attempt in range(3):
+                try:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+                    # Missing, or removed by a delete that found it empty just now.
+                    self._make_dirs(path.parent)
             try:
                 view = memoryview(data)
                 while view:
@@ -108,6 +127,21 @@ class LocalStore:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def _make_dirs(self, directory: Path) -> None:
+        """Create ``directory`` and its missing parents. Each new directory's entry lives in
+        its parent: that parent is synced by the next ``flush``, before an index names an
+        object below it, or a crash could lose the whole directory with the object."""
+        missing = []
+        while not directory.exists() and directory != directory.parent:
+            missing.append(directory)
+            directory = directory.parent
+        for new in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                new.mkdir()
+            if self.durable:
+                with self._lock:
+                    self._unsynced.add(new.parent)
 
     def flush(self) -> None:
         with self._lock:
@@ -142,11 +176,47 @@ class LocalStore:
                     continue
                 full = Path(dirpath, file)
                 with contextlib.suppress(FileNotFoundError):
-                    yield ObjectInfo(str(full.relative_to(self.root)), full.stat().st_size)
+                    st = full.stat()
+                    yield ObjectInfo(str(full.relative_to(self.root)), st.st_size, st.st_mtime)
 
     def delete(self, name: str) -> None:
+        path = self._path(name)
         with contextlib.suppress(FileNotFoundError):
-            self._path(name).unlink()
+            path.unlink()
+        # A lease's or an unpublished backup's folder goes with its last object (the 256
+        # chunk folders stay: they fill again).
+        if name.startswith(_FOLDERS_THAT_EMPTY) and path.parent != self.root:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+
+    def replace(self, name: str, data: bytes) -> None:
+        path = self._path(name)
+        tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "xb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as err:
+            raise RepositoryError(f"cannot write {name} in the repository {self.root}: {err.strerror}") from err
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+    def remove_leftovers(self, before: float) -> int:
+        removed = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for file in files:
+                if not file.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath, file)
+                with contextlib.suppress(FileNotFoundError):
+                    if full.stat().st_mtime < before:
+                        full.unlink()
+                        removed += 1
+        return removed
 
 
 def open_store(location: str | Path) -> ObjectStore:

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from freezeframe.backup.leases import Lease
 from freezeframe.backup.pipeline import RESTORE_WORKERS, bounded_map
 from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.errors import InvalidInput, RepositoryError
@@ -42,8 +43,10 @@ def _same_names(src: Repository, dst: Repository) -> bool:
 
 
 def sync(src: Repository, dst: Repository, backup_ids: list[str], *, workers: int = RESTORE_WORKERS,
-         progress: SyncProgress | None = None) -> SyncReport:
-    """Copy ``backup_ids`` from ``src`` to ``dst``; those already in ``dst`` are skipped."""
+         progress: SyncProgress | None = None, lease: Lease | None = None) -> SyncReport:
+    """Copy ``backup_ids`` from ``src`` to ``dst``; those already in ``dst`` are skipped.
+    ``lease``: the lease held on ``dst``, told the chunks found there, checked before
+    each manifest (without one, nobody may collect garbage in ``dst`` meanwhile)."""
     if src.chunk_size != dst.chunk_size:
         raise InvalidInput(f"the repositories cut disks differently ({src.chunk_size >> 10} KiB chunks in "
                            f"{src.location}, {dst.chunk_size >> 10} KiB in {dst.location})",
@@ -79,17 +82,30 @@ def sync(src: Repository, dst: Repository, backup_ids: list[str], *, workers: in
             return chunk, src.copy_chunk_to(dst, chunk, lengths[chunk])
         return dst.put_chunk(src.get_chunk(chunk, lengths[chunk]))
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ff-sync") as pool:
-        for chunk, (name, stored) in bounded_map(pool, move, sorted(lengths), 2 * workers):
-            renamed[chunk] = name
-            if stored:
-                report.chunks_sent += 1
-                report.bytes_sent += stored
-            else:
-                report.chunks_skipped += 1
-            done += lengths[chunk]
-            if progress is not None:
-                progress(done, total)
+    def send(chunks: list[str]) -> None:
+        nonlocal done
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ff-sync") as pool:
+            for chunk, (name, stored) in bounded_map(pool, move, chunks, 2 * workers):
+                renamed[chunk] = name
+                if stored:
+                    report.chunks_sent += 1
+                    report.bytes_sent += stored
+                else:
+                    report.chunks_skipped += 1
+                    if lease is not None:
+                        lease.name_chunks([name])
+                done += lengths[chunk]
+                if progress is not None:
+                    progress(done, total)
+
+    send(sorted(lengths))
+    if lease is not None:
+        # As a backup does (gc.py): once garbage collection has surely seen the chunks found
+        # in dst, one listing; any gone meanwhile is sent again.
+        lease.settle()
+        gone = dst.missing_chunks(set(renamed.values()))
+        if gone:
+            send(sorted(c for c, name in renamed.items() if name in gone))
 
     # Then each backup's indexes, then its manifest: only then is it listed in dst.
     for backup_id, manifest, indexes in plans:
@@ -100,6 +116,8 @@ def sync(src: Repository, dst: Repository, backup_ids: list[str], *, workers: in
                              chunk_size=index.chunk_size,
                              chunks=[renamed[c] if c is not None else None for c in index.chunks])
             disks.append({**disk, "index": dst.put_index(copy, position)})
+        if lease is not None:
+            lease.check()
         dst.put_manifest(backup_id, {k: v for k, v in manifest.items() if k != "format"} | {"disks": disks})
         report.backups.append(backup_id)
     return report

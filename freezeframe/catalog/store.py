@@ -178,6 +178,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE instances ADD COLUMN guest_hooks TEXT;
     ALTER TABLE templates ADD COLUMN guest_hooks TEXT
     """,
+    # 11: what this host pinned about each repository on first use (its identity: JSON).
+    """
+    CREATE TABLE repositories (
+        location TEXT PRIMARY KEY,
+        identity TEXT NOT NULL,
+        pinned_at TEXT NOT NULL
+    )
+    """,
 )
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -209,6 +217,21 @@ def parse_time(text: str) -> datetime:
 
 class Catalog:
     """Open with ``Catalog.open(path)``; every method is one transaction."""
+
+    # -- repositories: what was pinned on first use -------------------------------------
+
+    def repository_pin(self, location: str) -> dict[str, Any] | None:
+        row = self._db.execute("SELECT identity FROM repositories WHERE location = ?", (location,)).fetchone()
+        return dict(json.loads(row["identity"])) if row else None
+
+    def pin_repository(self, location: str, identity: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO repositories (location, identity, pinned_at) VALUES (?, ?, ?)",
+                       (location, json.dumps(identity), utc_now()))
+
+    def forget_repository(self, location: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM repositories WHERE location = ?", (location,)).rowcount > 0
 
     def __init__(self, db: sqlite3.Connection, path: Path) -> None:
         self._db = db

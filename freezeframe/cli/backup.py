@@ -37,10 +37,10 @@ from freezeframe.cli.output import (
 )
 from freezeframe.cli.point import plan_point, point_options
 from freezeframe.engine.backup import BackupPlan, Transfer, restore_backup, take_backup
-from freezeframe.engine.prune import plan_prune, prune
-from freezeframe.engine.restore_check import Booter, check_restore
-from freezeframe.engine.verify import due, verify_backups
 from freezeframe.errors import BackupFailed, Conflict, InvalidInput, LabError, NotFound
+from freezeframe.jobs.prune import plan_prune, prune
+from freezeframe.jobs.restore_check import Booter, check_restore
+from freezeframe.jobs.verify import due, verify_backups
 from freezeframe.model import Backup, BackupState, BackupType
 
 
@@ -106,10 +106,30 @@ def create(app: App, /, instance: str, kind: str | None, repo_path: str | None, 
 @group.command("list")
 @click.option("--instance", help="Only this instance's backups.")
 @click.option("--all", "everything", is_flag=True, help="Include failed and deleted backups.")
+@click.option("--repo", "repo_path", metavar="PATH|s3://BUCKET/PREFIX[?endpoint=URL]",
+              help="List what the repository holds, from its manifests: every host's backups, whether this "
+                   "host's catalog knows them or not (disaster recovery on a new host).")
+@passphrase_options
 @output_option
 @pass_app
-def list_(app: App, instance: str | None, everything: bool, fmt: str) -> None:
-    """List complete backups, oldest first (a partial backup is never listed)."""
+def list_(app: App, instance: str | None, everything: bool, repo_path: str | None, passphrase_file: Path | None,
+          passphrase_env: str | None, fmt: str) -> None:
+    """List complete backups, oldest first (a partial backup is never listed): this host's,
+    from its catalog, or with --repo every backup in a repository, from the repository alone."""
+    if repo_path is not None:
+        from freezeframe.jobs.repo_import import listing
+
+        repo = app.repository(repo_path, read_passphrase(passphrase_file, passphrase_env))
+        found = [b for b in listing(repo) if instance is None or b.get("instance") == instance]
+        if fmt == "json":
+            emit_json(found)
+        else:
+            stdout.print(records_table(
+                [{**b, "id": b["id"][:8], "created_at": str(b.get("created_at", ""))[:19].replace("T", " "),
+                  "parent": (b.get("parent") or "-")[:8], "consistency": b.get("consistency") or "-",
+                  "host": b.get("host") or "-", "error": b.get("error") or ""} for b in found],
+                ["id", "instance", "host", "created_at", "type", "consistency", "parent", "error"]))
+        return
     states = tuple(BackupState) if everything else (BackupState.CREATED,)
     backups = app.catalog.backups(instance=instance, states=states)
     if instance is not None and not backups and not app.catalog.backups(instance=instance, states=tuple(BackupState)):
@@ -122,11 +142,27 @@ def list_(app: App, instance: str | None, everything: bool, fmt: str) -> None:
 
 @group.command("show")
 @click.argument("backup")
+@click.option("--repo", "repo_path", metavar="PATH|s3://BUCKET/PREFIX[?endpoint=URL]",
+              help="Show it from the repository's manifest (a backup this host's catalog does not know).")
+@passphrase_options
 @output_option
 @pass_app
-def show(app: App, backup: str, fmt: str) -> None:
+def show(app: App, backup: str, repo_path: str | None, passphrase_file: Path | None, passphrase_env: str | None,
+         fmt: str) -> None:
     """Show one backup (by id or id prefix): level, parent, and per disk what was read and stored."""
-    _show(app.catalog.backup(backup), fmt)
+    if repo_path is None:
+        _show(app.catalog.backup(backup), fmt)
+        return
+    from freezeframe.jobs.repo_import import backup_from_manifest
+
+    repo = app.repository(repo_path, read_passphrase(passphrase_file, passphrase_env))
+    backup_id = repo.resolve(backup)
+    try:
+        found = backup_from_manifest(repo.manifest(backup_id), repo.location)
+    except (ValueError, KeyError, TypeError) as err:
+        raise InvalidInput(f"the manifest of backup {backup_id[:8]} in {repo.location} does not make sense: {err}",
+                           hint="see: freezeframe backup verify --repo") from None
+    _show(found, fmt)
 
 
 @group.command("restore")

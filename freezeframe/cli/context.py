@@ -7,12 +7,13 @@ import ctypes
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from freezeframe.backup.repository import Repository
+from freezeframe.backup.repository import RepoIdentity, Repository
 from freezeframe.backup.s3 import is_s3, s3_location
 from freezeframe.backup.store import open_store
 from freezeframe.catalog import Catalog
@@ -80,7 +81,18 @@ class App:
         return str(Path(location or self.home.repository).absolute())
 
     def repository(self, location: str | None, passphrase: bytes | None) -> Repository:
-        return Repository.open(open_store(self.repository_location(location)), passphrase=passphrase)
+        """The repository, refused if it is not the one this host pinned there on first use
+        (its id, chunk hash, chunk size and encryption); pinned now if it is new here."""
+        where = self.repository_location(location)
+        pinned = self.catalog.repository_pin(where)
+        expect = RepoIdentity(**pinned) if pinned is not None else None
+        repo = Repository.open(open_store(where), passphrase=passphrase, expect=expect)
+        if pinned is None:
+            self.pin(where, repo)
+        return repo
+
+    def pin(self, where: str, repo: Repository) -> None:
+        self.catalog.pin_repository(where, asdict(repo.identity))
 
     def close(self) -> None:
         if self._catalog is not None:

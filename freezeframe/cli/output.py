@@ -43,6 +43,13 @@ _stdout, _stderr = _LazyConsole(stderr=False), _LazyConsole(stderr=True)
 stdout: Console = _stdout  # type: ignore[assignment]
 stderr: Console = _stderr  # type: ignore[assignment]
 
+
+def warn(message: str) -> None:
+    """A warning for the user, on stderr (stdout stays for the result)."""
+    from rich.text import Text
+
+    stderr.print(Text.assemble(("warning: ", "bold yellow"), message), highlight=False)
+
 FORMATS = click.Choice(["table", "json"])
 
 

@@ -16,9 +16,9 @@ import click
 from freezeframe.catalog.store import parse_time, utc_now
 from freezeframe.cli.context import App, pass_app
 from freezeframe.cli.output import emit_json, output_option, records_table, stdout
-from freezeframe.engine.schedule import check_cron, parse_every
-from freezeframe.engine.systemd import unit_files
 from freezeframe.errors import InvalidInput
+from freezeframe.jobs.schedule import check_cron, parse_every
+from freezeframe.jobs.systemd import unit_files
 from freezeframe.model import BackupType, Level, Schedule
 
 WEEK_S = 7 * 86400
@@ -136,12 +136,15 @@ def install_systemd(app: App, directory: Path) -> None:
               help="With --clock: simulated seconds per real second.")
 @click.option("--run-for", type=click.FloatRange(min=0), metavar="SECONDS",
               help="Stop after this many real seconds (default: run until SIGTERM or Ctrl-C).")
+@click.option("--gc-every", metavar="INTERVAL", default="1d", show_default=True,
+              help="Collect garbage in every repository the schedules use this often (90s, 15m, 1h, 1d, 1w; "
+                   "'never' to leave it to repo gc). It runs beside backups: neither waits for the other.")
 @pass_app
 def daemon(app: App, tick_s: float, metrics_file: Path | None, clock_start: str | None, speed: float,
-           run_for: float | None) -> None:
-    """Run due backups, prunes, verifies and restore tests, one job per instance at a time,
-    until stopped. Logs one JSON line per job on stdout."""
-    from freezeframe.engine.daemon import Daemon, cli_runner
+           run_for: float | None, gc_every: str) -> None:
+    """Run due backups, prunes, verifies, restore tests and garbage collection, one job per
+    instance at a time, until stopped. Logs one JSON line per job on stdout."""
+    from freezeframe.jobs.daemon import Daemon, cli_runner
 
     if clock_start is not None:
         origin, began = parse_time(clock_start), time.monotonic()
@@ -159,8 +162,9 @@ def daemon(app: App, tick_s: float, metrics_file: Path | None, clock_start: str 
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     if run_for is not None:
         threading.Timer(run_for, stop.set).start()
+    gc_every_s = None if gc_every == "never" else parse_every(gc_every)
     worker = Daemon(app.home.catalog, cli_runner(app.home.root, fake_clock=clock_start is not None), clock, log,
-                    metrics_file)
+                    metrics_file, gc_every_s=gc_every_s)
     log({"at": clock().isoformat(), "event": "daemon started", "schedules": len(app.catalog.schedules())})
     try:
         worker.run_forever(tick_s=tick_s, stop=stop)

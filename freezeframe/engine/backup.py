@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.agent.qga import GuestAgent
+from freezeframe.backup.leases import Lease
 from freezeframe.backup.pipeline import (
     DEFAULT_WORKERS,
     RESTORE_WORKERS,
@@ -45,17 +46,18 @@ from freezeframe.backup.pipeline import (
     Counters,
     back_up_disk,
     restore_disk,
+    store_again,
 )
 from freezeframe.backup.reader import ALLOCATION, NbdExport, Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.catalog.store import Catalog, utc_now
 from freezeframe.engine import sentinel
-from freezeframe.engine.collect import backup_lock
 from freezeframe.engine.guard import Watcher
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.run import Progress, instance_lock, take_point
 from freezeframe.errors import BackupFailed, FreezeframeError, HypervisorError, NotFound
-from freezeframe.model import Backup, BackupDisk, BackupState, BackupType, Level
+from freezeframe.model import Backup, BackupDisk, BackupState, BackupType, Level, VerifyState
+from freezeframe.process import ProcessIdentity
 from freezeframe.targets.backup_source import BackupSource, source_for
 from freezeframe.targets.bitmaps import PREFIX as BITMAP_PREFIX
 from freezeframe.targets.fleecing import (
@@ -124,9 +126,10 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
         held = contextlib.ExitStack()
         try:
             # Refusals come before any record: nothing is taken, nothing is left to clean.
-            # The repository is held against garbage collection from before any chunk is
-            # stored or found stored, to the end.
-            held.enter_context(backup_lock(repo, plan.point.snapshot_id, waiting=progress))
+            # The lease is taken before any chunk is stored or found stored, and held to
+            # the end: garbage collection keeps what it protects (backup/gc.py).
+            lease = held.enter_context(Lease.for_backup(repo.store, plan.point.snapshot_id, repo.lease_s,
+                                                        instance.name))
             states = await source.inspect()
             check_space(plan.fleecing_dir, states)
         except BaseException:
@@ -142,7 +145,7 @@ async def take_backup(plan: BackupPlan, catalog: Catalog, *, lock_dir: Path, pro
         try:
             with held:
                 await _run(plan, catalog, backup, source, states, (parent, last, last_full), watcher, agent,
-                           progress, transfer, began=began)
+                           progress, transfer, began=began, lease=lease)
         except BaseException as err:
             backup.state = BackupState.FAILED
             backup.error = err.message if isinstance(err, FreezeframeError) else f"interrupted: {type(err).__name__}"
@@ -192,6 +195,10 @@ def _choose_reads(state: DiskState, kind: BackupType, parent: Backup | None) -> 
         return _Reads(None, f"backup {short} started no dirty bitmap on this disk", None)
     if mine.virtual_size != state.disk.virtual_size:
         return _Reads(None, f"the disk was resized since backup {short}", None)
+    if parent.verify_state is VerifyState.FAILED:
+        # Its chunks are not trusted: an incremental would name the damaged ones again.
+        return _Reads(None, f"backup {short} failed its last verify ({parent.verified_at}): its chunks are not "
+                            "reused", None)
     bitmap = state.bitmaps.get(mine.bitmap)
     if bitmap is None:
         if mine.bitmap in state.elsewhere:
@@ -212,19 +219,32 @@ def _choose_reads(state: DiskState, kind: BackupType, parent: Backup | None) -> 
     return _Reads(mine.bitmap, None, mine.index)
 
 
+#: A bitmap (or libvirt checkpoint) of one repository's chain: ``ff-<repository>-<backup>``.
+#: Names without the repository's part are from before bitmaps had one: taken as this
+#: repository's.
+_OTHER_REPOSITORY = re.compile(re.escape(BITMAP_PREFIX) + r"[0-9a-f]{8}-[0-9a-f]{8}")
+
+
+def bitmap_prefix(repository_id: str) -> str:
+    """Every bitmap a repository's backups start begins with this: each repository a VM is
+    backed up into keeps a chain of its own, and none takes another's for stale."""
+    return f"{BITMAP_PREFIX}{repository_id.replace('-', '')[:8]}-"
+
+
 def _layout(plan: BackupPlan, backup: Backup, source: BackupSource, states: list[DiskState],
             parent: Backup | None, last: Backup | None, last_full: Backup | None) -> tuple[Layout, list[str | None]]:
     """The names to create, and for each disk the parent index its unchanged chunks come from."""
     kind = backup.type
     parent_indexes: list[str | None] = []
     short = short_tag(backup.id)
+    mine = bitmap_prefix(plan.repository.identity.id)
     disks: list[DiskLayout] = []
     stale: list[tuple[str, str]] = []
     drop: list[tuple[str, str]] = []
     for position, state in enumerate(states):
         reads = _choose_reads(state, kind, parent)
         parent_indexes.append(reads.parent_index)
-        start = f"{BITMAP_PREFIX}{short}" if kind is not BackupType.COPY and state.disk.format == "qcow2" else None
+        start = f"{mine}{short}" if kind is not BackupType.COPY and state.disk.format == "qcow2" else None
         disks.append(disk_layout(backup.id, position, state.disk, plan.fleecing_dir / short,
                                  since=reads.since, frozen=f"ffr{short}" if reads.since else None,
                                  start=start, full_read_reason=reads.reason))
@@ -239,6 +259,8 @@ def _layout(plan: BackupPlan, backup: Backup, source: BackupSource, states: list
         for name, info in state.bitmaps.items():
             if not name.startswith(BITMAP_PREFIX) or info.busy or name == reads.since:
                 continue
+            if _OTHER_REPOSITORY.fullmatch(name) and not name.startswith(mine):
+                continue  # another repository's chain: stale or not is for its own backups to say
             if name not in chain or info.inconsistent:
                 stale.append((state.disk.node, name))
         full_bitmap = start if kind is BackupType.FULL else bitmap_of(last_full)
@@ -253,7 +275,7 @@ def _layout(plan: BackupPlan, backup: Backup, source: BackupSource, states: list
 async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, source: BackupSource, states: list[DiskState],
                history: tuple[Backup | None, Backup | None, Backup | None], watcher: Watcher,
                agent: asyncio.Task[GuestAgent] | None, progress: Progress | None,
-               transfer: TransferProgress | None, *, began: float) -> None:
+               transfer: TransferProgress | None, *, began: float, lease: Lease) -> None:
     """``history``: the parent, the last backup and the last full of this instance here;
     ``began``: when the preflight began (monotonic)."""
     say = progress or (lambda phase: None)
@@ -299,10 +321,12 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, source: Backu
                 say("read")
                 clock = time.monotonic()
                 counters = await asyncio.to_thread(_read_all, plan, backup, layout, parent_indexes,
-                                                 transfer, readers, watcher.hold)
+                                                 transfer, readers, watcher.hold, lease, say)
                 timings["read_store"] = round(time.monotonic() - clock, 3)
             timings.update({f"{k}_thread_s": round(sum(c.seconds[k] for c in counters), 3) for k in STEPS})
             say("publish")
+            # The lease re-read just before the manifest: published only if it surely held.
+            await asyncio.to_thread(lease.check)
             plan.repository.put_manifest(backup.id, _manifest(backup, point.manifest))
             success = True
         finally:
@@ -335,8 +359,9 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, source: Backu
 
 def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: list[str | None],
               transfer: TransferProgress | None, readers: list[NbdExport],
-              hold: Callable[[int], None]) -> list[Counters]:
-    """In a thread: block status of every disk first (so the total is known), then the reads.
+              hold: Callable[[int], None], lease: Lease, say: Callable[[str], None]) -> list[Counters]:
+    """In a thread: block status of every disk first (so the total is known), then the reads,
+    then the check that every chunk the indexes name is stored, then the indexes.
     The exports opened are added to ``readers``, for the caller to close after teardown;
     ``hold`` gets every connection's socket (the sentinel keeps it open if we die)."""
     repo = plan.repository
@@ -354,7 +379,8 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
                 for s, p in zip(readers, plans, strict=True) for i, n in enumerate(p) if n is Need.READ)
     done_before = 0
     results: list[Counters] = []
-    for position, (disk, record, source) in enumerate(zip(layout.disks, backup.disks, readers, strict=True)):
+    indexes: list[DiskIndex] = []
+    for position, (disk, source) in enumerate(zip(layout.disks, readers, strict=True)):
 
         def report(read: int, counters: Counters, base: int = done_before) -> None:
             if fault_after is not None and counters.new >= fault_after:
@@ -363,12 +389,26 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
                 transfer(Transfer(total, base + read, counters))
 
         index, counters = back_up_disk(repo, source, plans[position], backup_id=backup.id, device=disk.device,
-                                       parent=parents[position], workers=plan.workers, progress=report)
+                                       parent=parents[position], workers=plan.workers, progress=report,
+                                       named=lease.name_chunks)
+        indexes.append(index)
+        done_before += counters.read
+        results.append(counters)
+
+    # Every chunk the indexes name, confirmed stored once garbage collection has surely seen
+    # those this backup did not store itself (gc.py); one gone (pruned with a parent, or
+    # lost) is read again from the view, which is still exported.
+    lease.settle()
+    missing = repo.missing_chunks({c for index in indexes for c in index.chunks if c is not None})
+    if missing:
+        say(f"storing again {len(missing)} chunk(s) the repository no longer holds")
+    for position, (index, counters, source, record) in enumerate(
+            zip(indexes, results, readers, backup.disks, strict=True)):
+        if missing:
+            record.chunks_stored_again = store_again(repo, source, index, missing, counters)
         record.index = repo.put_index(index, position)
         record.bytes_read, record.bytes_new, record.bytes_reused = counters.read, counters.new, counters.reused
         record.bytes_unchanged, record.bytes_stored = counters.unchanged, counters.stored
-        done_before += counters.read
-        results.append(counters)
     return results
 
 
@@ -383,6 +423,8 @@ def _manifest(backup: Backup, point: dict[str, Any]) -> dict[str, Any]:
     level = backup.point.achieved_level if backup.point else None
     return {
         "id": backup.id, "instance": backup.instance, "type": backup.type.value, "created_at": backup.created_at,
+        # Who took it: a repository shared by a fleet is listed from its manifests alone.
+        "host": ProcessIdentity.current().host, "machine_id": ProcessIdentity.current().machine_id,
         "parent": backup.parent,
         "consistency": level.value if level else None,
         "fallback_reasons": backup.point.fallback_reasons if backup.point else [],

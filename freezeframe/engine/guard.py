@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.errors import FreezeframeError, HypervisorError
+from freezeframe.process import start_time
 
 #: How long the guard keeps trying to thaw once it acts.
 THAW_PATIENCE = 60.0
@@ -170,16 +171,6 @@ def wait_for_owner(deadline: float) -> str:
                 return "eof"
             if line.strip() == "disarm":
                 return "disarm"
-
-
-def start_time(pid: int) -> int:
-    """When ``pid`` started (clock ticks since boot), or -1 if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return -1
-    # Field 22; the command name (field 2) may hold spaces, so count from its closing ')'.
-    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _kill_owner(pid: int, started: int) -> bool:

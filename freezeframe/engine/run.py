@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 from freezeframe.agent import vss
 from freezeframe.catalog.store import Catalog, utc_now
 from freezeframe.engine import window
-from freezeframe.engine.guard import Arming, Watcher, start_time
+from freezeframe.engine.guard import Arming, Watcher
 from freezeframe.engine.plan import SnapshotPlan
 from freezeframe.engine.quiesce import Quiesce, WritersFailed
 from freezeframe.errors import (
@@ -48,6 +48,7 @@ from freezeframe.errors import (
     SnapshotFailed,
 )
 from freezeframe.model import Instance, Level, OnFailure, Snapshot, SnapshotState
+from freezeframe.process import start_time
 from freezeframe.targets.base import Target
 from freezeframe.targets.host import HostTarget
 from freezeframe.targets.qemu import QemuTarget

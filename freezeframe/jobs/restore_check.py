@@ -13,7 +13,7 @@ At crash level a journal that needs recovery is expected: it is replayed on the 
 copy first, as a boot would, and the check runs after. SQLite databases the guest's hook
 held (the freeze hook names them) are copied out of a read-only mount and pass ``PRAGMA
 integrity_check``; PostgreSQL and MariaDB data directories their writers recorded are
-started on a copy and checked by the server's own tool (``engine/app_check.py``).
+started on a copy and checked by the server's own tool (``jobs/app_check.py``).
 Everything runs on loop devices this module attaches and always detaches; nothing is ever
 frozen.
 """
@@ -35,9 +35,9 @@ from typing import Any
 from freezeframe.backup.repository import Repository
 from freezeframe.catalog import Catalog
 from freezeframe.catalog.store import utc_now
-from freezeframe.engine.app_check import RecordedApp, check_app, output_tail, recorded_apps
 from freezeframe.engine.backup import restore_backup
 from freezeframe.errors import FreezeframeError, InvalidInput
+from freezeframe.jobs.app_check import RecordedApp, check_app, output_tail, recorded_apps
 from freezeframe.model import Backup, BackupState, Level
 
 #: Boots the restored images (device, raw image) and says what it saw; raises when it fails.

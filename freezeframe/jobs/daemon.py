@@ -21,13 +21,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from freezeframe.catalog import Catalog
 from freezeframe.catalog.store import parse_time
-from freezeframe.engine.schedule import Due, due
+from freezeframe.jobs.schedule import Due, due
 from freezeframe.model import BackupState, Level, Schedule
 
 Clock = Callable[[], datetime]
@@ -62,7 +62,11 @@ class Daemon:
     clock: Clock
     log: Log
     metrics_path: Path | None = None
+    #: Garbage collection of every repository the schedules use, this often (None: never).
+    #: It runs beside backups (they do not wait for each other), one at a time per repository.
+    gc_every_s: float | None = None
     _busy: set[str] = field(default_factory=set)
+    _gc_due: dict[str, datetime] = field(default_factory=dict)
     _threads: list[threading.Thread] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -85,9 +89,50 @@ class Daemon:
             self._threads.append(thread)
             thread.start()
             started.append(found)
+        self._collect(schedules, now)
         if wait:
             self.join()
         return started
+
+    def _collect(self, schedules: list[Schedule], now: datetime) -> None:
+        """Start garbage collection of each repository whose turn it is (the first one
+        ``gc_every_s`` after the daemon started)."""
+        if self.gc_every_s is None:
+            return
+        for repository in sorted({s.repository or "" for s in schedules}):
+            key = f"gc:{repository}"
+            with self._lock:
+                if key in self._busy:
+                    continue
+                when = self._gc_due.setdefault(key, now + timedelta(seconds=self.gc_every_s))
+                if now < when:
+                    continue
+                self._busy.add(key)
+                self._gc_due[key] = now + timedelta(seconds=self.gc_every_s)
+            thread = threading.Thread(target=self._gc, args=(repository, key, now), name="ff-job-gc", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _gc(self, repository: str, key: str, now: datetime) -> None:
+        try:
+            started = time.monotonic()
+            code, out, err = self.runner(["repo", "gc", *([repository] if repository else []), "-o", "json"], now)
+            try:
+                result = json.loads(out) if out.strip() else {}
+            except ValueError:
+                result = {}
+            line: dict[str, Any] = {"at": now.isoformat(), "repository": repository or "default", "job": "gc",
+                                    "outcome": "ok" if code == 0 else "failed", "exit_code": code,
+                                    "duration_s": round(time.monotonic() - started, 3)}
+            if code != 0:
+                line["error"] = (err.strip().splitlines() or ["(no message)"])[0][:500]
+            elif isinstance(result, dict):
+                line |= {k: result.get(k) for k in ("chunks_deleted", "bytes_freed", "leases_honoured",
+                                                     "leases_broken")}
+            self.log(line)
+        finally:
+            with self._lock:
+                self._busy.discard(key)
 
     def join(self) -> None:
         for thread in self._threads:
@@ -147,7 +192,8 @@ class Daemon:
                     "bytes_read": sum(d.get("bytes_read", 0) for d in disks),
                     "bytes_new": sum(d.get("bytes_new", 0) for d in disks)}
         if job == "verify" and isinstance(result, dict):
-            return {"held": result.get("held"), "failed_backups": result.get("failed_backups")}
+            return {"held": result.get("held"), "failed_backups": result.get("failed_backups"),
+                    "verified": result.get("backups")}
         if job == "prune" and isinstance(result, list):
             return {"deleted": [r["backup"] for r in result if r.get("action") == "deleted"]}
         if job == "restore-test" and isinstance(result, dict):
@@ -178,7 +224,12 @@ class Daemon:
             return [b.id for b in catalog.backups(instance=schedule.instance)]
 
     def _verify(self, schedule: Schedule, now: datetime) -> None:
-        ids = self._newest(schedule)
+        """The newest backup, and any never verified (taken since the last verify): the
+        older ones held when they were verified, and a chunk they share with these is read
+        again here; re-reading the whole history every time would grow without end."""
+        with Catalog.open(self.catalog_path) as catalog:
+            found = catalog.backups(instance=schedule.instance)
+        ids = [b.id for b in found[:-1] if b.verified_at is None] + [b.id for b in found[-1:]]
         if ids:
             self._job("verify", schedule, ["backup", "verify", *ids], now)
 

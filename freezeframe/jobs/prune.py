@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from freezeframe.backup.repository import Repository
 from freezeframe.catalog import Catalog
-from freezeframe.engine.retention import select
 from freezeframe.errors import InvalidInput
+from freezeframe.jobs.retention import select
 from freezeframe.model import BackupState
 
 
