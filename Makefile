@@ -51,6 +51,9 @@ bench: setup
 fuzz: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[fuzz]'
 	$(BIN)/python fuzz/fuzz_guest_input.py -max_total_time=60
+	corpus=$$(mktemp -d) && cp fuzz/corpus/repository_objects/* $$corpus && \
+		$(BIN)/python fuzz/fuzz_repository_objects.py -max_total_time=60 $$corpus; \
+		status=$$?; rm -rf $$corpus; exit $$status
 
 clean:
 	rm -rf $(VENV) $(FREEZEFRAME_TEST_HOME) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -19,6 +19,7 @@
      +-- LabError                     exit 9   building or running lab VMs
      +-- RepositoryError              exit 10  the backup repository: missing, locked, wrong passphrase
           +-- DamagedObject           exit 11  a stored object fails its hash or authentication check
+          +-- MissingObject           exit 11  a stored object the repository should hold is gone
 
 Each error carries its message and its exit code; only the CLI turns them into output
 and an exit. Foreign exceptions (OSError, sqlite3, qemu.qmp) are translated once, at
@@ -131,3 +132,14 @@ class DamagedObject(RepositoryError):
         super().__init__(f"repository object {name} is damaged: {why}", hint=hint)
         self.name = name
         self.why = why
+
+
+class MissingObject(RepositoryError):
+    """An object the repository should hold is not there (deleted, lost, or moved aside by
+    a verify that found it damaged): the backups that need it are damaged too."""
+
+    exit_code = 11
+
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__(f"the repository {where} has no object {name}")
+        self.name = name

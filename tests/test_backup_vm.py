@@ -572,3 +572,40 @@ def test_one_vm_backed_up_into_two_repositories_keeps_incrementals_in_each(
         raw = restore(home, backup_id, tmp_path / f"from-{repo.name}", "--repo", str(repo))["ffdata0"]
         assert e2fsck_clean(raw)
         assert hashlib.sha256(ext4_read(raw, "/round1.bin")).hexdigest() == digest
+
+
+def test_incrementals_never_inherit_a_lost_or_damaged_parent_chunk(
+        home: Home, lab: LabFactory, tmp_path: Path) -> None:
+    """A chunk lost after its backup verified: the next incremental finds it gone before it
+    publishes and reads it again from the disk (so the chain heals). A parent that failed
+    its last verify: the next incremental does not build on it at all."""
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    vm = lab(disks=1)
+    digest = write_random(vm, "/mnt/ffdata0/kept.bin", 8)
+    full = backup(home, vm, repo)
+    checked, done = cli_json(home, "backup", "verify", full["id"])
+    assert done.returncode == 0, checked
+    # Lost: a chunk of the file the incremental will keep unchanged (not read again).
+    lost = sorted(chunks_of(repo, full["id"]))[0]
+    (repo / "chunks" / lost[:2] / lost).unlink()
+    write_random(vm, "/mnt/ffdata0/other.bin", 1)
+    inc = backup(home, vm, repo)
+    disk = inc["disks"][0]
+    assert disk["full_read_reason"] is None
+    assert disk["chunks_stored_again"] >= 1, disk
+    assert lost in chunks_of(repo, inc["id"])
+    assert (repo / "chunks" / lost[:2] / lost).exists(), "the incremental named a chunk it did not put back"
+    checked, done = cli_json(home, "backup", "verify", "--all", "--repo", str(repo))
+    assert done.returncode == 0, checked
+
+    # Damaged, and found so by a verify: the parent is not built on.
+    damage_chunk(repo / "chunks" / lost[:2] / lost)
+    checked, done = cli_json(home, "backup", "verify", inc["id"])
+    assert done.returncode == 11
+    following = backup(home, vm, repo)
+    reason = following["disks"][0]["full_read_reason"]
+    assert reason is not None
+    assert f"backup {inc['id'][:8]} failed its last verify" in reason
+    raw = restore(home, following["id"], tmp_path / "r")["ffdata0"]
+    assert hashlib.sha256(ext4_read(raw, "/kept.bin")).hexdigest() == digest

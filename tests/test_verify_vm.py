@@ -59,6 +59,10 @@ def test_verify_names_exactly_the_backups_a_damaged_or_missing_chunk_breaks(
     assert [(d["chunk"], d["backups"]) for d in found["damaged"]] == [(shared, sorted([second, third]))]
     assert [(m["chunk"], m["backups"]) for m in found["missing"]] == [(alone, [third])]
     assert found["failed_backups"] == sorted([second, third])
+    # The damaged object is moved aside, so that no backup reuses it by deduplication.
+    assert found["quarantined"] == [shared]
+    assert not path.exists()
+    assert [p.name.split("-")[0] for p in (repo / "quarantine").iterdir()] == [shared]
     states = {ref: cli_json(home, "backup", "show", ref)[0] for ref in (first, second, third)}
     assert states[first]["verify_state"] == "ok"
     assert states[second]["verify_state"] == "failed"

@@ -59,6 +59,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from freezeframe.backup.digests import DigestSet, as_array
 from freezeframe.backup.leases import (
     DELETE_WINDOW_S,
     LOCKS,
@@ -149,10 +150,9 @@ def collect_garbage(repo: Repository, *, say: Say | None = None) -> GcReport:
 
         tell("marking the chunks published backups name")
         published = set(repo.backup_ids())
-        marked: set[bytes] = set()
-        for backup_id in sorted(published):
-            for disk in repo.manifest(backup_id)["disks"]:
-                marked.update(bytes.fromhex(c) for c in repo.index(disk["index"]).chunks if c is not None)
+        marked = DigestSet()
+        for name in repo.index_names(sorted(published)):
+            marked.add(as_array(repo.index_digests(name)[1]))
         renewals = _Renewals(store, {name for name, _ in report.broken})
         renewals.refresh()
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from freezeframe.backup.store import ObjectInfo
-from freezeframe.errors import InvalidInput, RepositoryError
+from freezeframe.errors import InvalidInput, MissingObject, RepositoryError
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, S3Config
@@ -167,7 +167,7 @@ class S3Store:
         try:
             return bytes(obstore.get(self._client, self._check(name)).bytes())
         except FileNotFoundError:  # obstore's NotFoundError
-            raise RepositoryError(f"the repository {self.location} has no object {name}") from None
+            raise MissingObject(name, self.location) from None
         except Exception as err:
             raise self._fail("read", name, err) from err
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from freezeframe.errors import RepositoryError
+from freezeframe.errors import MissingObject, RepositoryError
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +159,7 @@ class LocalStore:
         try:
             return self._path(name).read_bytes()
         except FileNotFoundError:
-            raise RepositoryError(f"the repository {self.root} has no object {name}") from None
+            raise MissingObject(name, str(self.root)) from None
         except OSError as err:
             raise RepositoryError(f"cannot read {name} in the repository {self.root}: {err.strerror}") from err
 

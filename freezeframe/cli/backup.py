@@ -296,7 +296,7 @@ def verify(app: App, backups: tuple[str, ...], everything: bool, subset: float, 
         "repository": repo.location, "backups": report.backups, "held": outcome.held,
         "failed_backups": failed, "coverage_percent": report.coverage,
         "chunks_named": report.chunks_named, "chunks_read": report.chunks_read, "bytes_read": report.bytes_read,
-        "damaged": damaged, "missing": missing, "broken": report.broken,
+        "damaged": damaged, "missing": missing, "broken": report.broken, "quarantined": report.quarantined,
     }
     if fmt == "json":
         emit_json(record)
@@ -306,6 +306,9 @@ def verify(app: App, backups: tuple[str, ...], everything: bool, subset: float, 
         problems += [f"chunk {c} is missing; used by {', '.join(b[:8] for b in report.users[c])}"
                      for c in report.missing]
         problems += [f"backup {b[:8]}: {p}" for b, found in report.broken.items() for p in found]
+        if report.quarantined:
+            problems.append(f"{len(report.quarantined)} damaged chunk(s) moved to quarantine/: the next backup that "
+                            "reads their content stores it again, and the backups naming them restore again")
         shown = {"repository": repo.location, "backups": len(report.backups),
                  "read": f"{report.chunks_read} of {report.chunks_named} chunks ({human_size(report.bytes_read)})",
                  "held": "yes" if outcome.held else "NO",

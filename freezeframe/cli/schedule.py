@@ -155,8 +155,12 @@ def daemon(app: App, tick_s: float, metrics_file: Path | None, clock_start: str 
         def clock() -> datetime:
             return datetime.now().astimezone()
 
+    printing = threading.Lock()
+
     def log(line: dict[str, Any]) -> None:
-        print(json.dumps(line), flush=True)
+        # One line whole per job: jobs end on threads of their own, at the same time.
+        with printing:
+            print(json.dumps(line), flush=True)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -365,7 +365,7 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
     The exports opened are added to ``readers``, for the caller to close after teardown;
     ``hold`` gets every connection's socket (the sentinel keeps it open if we die)."""
     repo = plan.repository
-    fault_after = _fault_after()
+    fault = [f] if (f := _fault_after()) else []
     plans: list[list[Need]] = []
     parents: list[DiskIndex | None] = []
     for disk, parent_name in zip(layout.disks, parent_indexes, strict=True):
@@ -383,8 +383,9 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
     for position, (disk, source) in enumerate(zip(layout.disks, readers, strict=True)):
 
         def report(read: int, counters: Counters, base: int = done_before) -> None:
-            if fault_after is not None and counters.new >= fault_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            if fault and counters.new >= fault[0][1]:
+                sig, _ = fault.pop()  # once: a stopped run, continued, goes on
+                os.kill(os.getpid(), sig)
             if transfer is not None:
                 transfer(Transfer(total, base + read, counters))
 
@@ -412,11 +413,16 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
     return results
 
 
-def _fault_after() -> int | None:
+def _fault_after() -> tuple[int, int] | None:
     """Fault injection for the tests: ``FREEZEFRAME_FAULT=mid-read:BYTES`` kills this process
-    (SIGKILL) once the chunks it stored hold that many bytes of the disk, before its index."""
+    (SIGKILL) once the chunks it stored hold that many bytes of the disk, before its index;
+    ``stop-mid-read:BYTES`` stops it there (SIGSTOP: lease, exports and all held, nothing
+    renewed) until someone continues it. The signal, and the bytes."""
     wanted = os.environ.get("FREEZEFRAME_FAULT", "")
-    return int(wanted.split(":", 1)[1]) if wanted.startswith("mid-read:") else None
+    for prefix, sig in (("mid-read:", signal.SIGKILL), ("stop-mid-read:", signal.SIGSTOP)):
+        if wanted.startswith(prefix):
+            return sig, int(wanted[len(prefix):])
+    return None
 
 
 def _manifest(backup: Backup, point: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,138 @@
+"""What the whole-repository passes cost as a repository grows: wall time and peak memory
+of stats, check, garbage collection, verify's passes over the indexes and deleting backups
+(what prune does), on synthetic
+repositories of growing size.
+
+    .venv/bin/python bench/repo_scale.py                       # 10 k .. 1 M distinct chunks
+    .venv/bin/python bench/repo_scale.py --sizes 100000:100
+
+The chunk objects are empty files (the cost under test is the bookkeeping: listing them,
+reading every index, the sets of ids); the indexes and manifests are real, written by the
+repository. Each backup names one disk of ``--disk-chunks`` chunks, a window that slides
+over the distinct chunks from one backup to the next, so that the backups together name
+every chunk and each shares most of its chunks with its neighbours, as daily backups do.
+Each operation runs in a process of its own; its peak RSS is that process's maximum
+resident set (``wait4``), the Python interpreter and its imports included (about 60 MB).
+
+Targets (issue 14): peak RSS at most 100 bytes per distinct chunk plus 100 MB, and time
+linear in the number of index entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from freezeframe.backup.repository import DiskIndex, Repository, chunk_name
+from freezeframe.backup.store import LocalStore
+
+CHUNK = 4 << 20
+
+OPS = {
+    "stats": "repo.stats()",
+    "check": "assert not repo.check().problems",
+    "gc": "collect_garbage(repo)",
+    # Its passes over the indexes and the listing; it reads back one chunk (an empty one
+    # here: found damaged, which brings in the pass that names every backup using it).
+    "verify idx": "verify(repo, repo.backup_ids(), subset=0.0001, quarantine=False)",
+    "delete 10%": "[repo.delete_backup(b) for b in repo.backup_ids()[::10]]",
+}
+PRELUDE = """
+import sys
+sys.path.insert(0, {root!r})
+from freezeframe.backup.gc import collect_garbage
+from freezeframe.backup.verify import verify
+from freezeframe.backup.repository import Repository
+from freezeframe.backup.store import LocalStore
+from pathlib import Path
+repo = Repository.open(LocalStore(Path({path!r}), durable=False))
+"""
+
+
+def build(path: Path, distinct: int, backups: int, disk_chunks: int) -> int:
+    """The synthetic repository; returns the number of index entries."""
+    repo = Repository.init(LocalStore(path, durable=False), chunk_size=CHUNK, lease_s=1)
+    ids = [secrets.token_hex(32) for _ in range(distinct)]
+    for chunk in ids:
+        file = path / chunk_name(chunk)
+        try:
+            os.close(os.open(file, os.O_CREAT | os.O_WRONLY, 0o600))
+        except FileNotFoundError:
+            file.parent.mkdir(parents=True)
+            os.close(os.open(file, os.O_CREAT | os.O_WRONLY, 0o600))
+    disk_chunks = min(disk_chunks, distinct)
+    step = (distinct - disk_chunks) / max(1, backups - 1)
+    entries = 0
+    for number in range(backups):
+        backup_id = f"{number:08d}-{secrets.token_hex(4)}"
+        start = round(number * step)
+        index = DiskIndex(backup=backup_id, device="vda", virtual_size=disk_chunks * CHUNK, chunk_size=CHUNK,
+                          chunks=list(ids[start:start + disk_chunks]))
+        name = repo.put_index(index, 0)
+        repo.put_manifest(backup_id, {"id": backup_id, "instance": "vm", "type": "incremental",
+                                      "created_at": "2026-11-30T00:00:00Z", "disks": [{"device": "vda",
+                                      "virtual_size": index.virtual_size, "index": name}]})
+        entries += disk_chunks
+    # Some garbage for the collection to find: chunks no index names, made old enough.
+    old = time.time() - 3600
+    for _ in range(max(1, distinct // 100)):
+        file = path / chunk_name(secrets.token_hex(32))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.touch()
+        os.utime(file, (old, old))
+    return entries
+
+
+def measure(path: Path, code: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of ``code`` in a process of its own."""
+    script = PRELUDE.format(root=str(Path(__file__).resolve().parents[1]), path=str(path)) + code
+    began = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    _, status, usage = os.wait4(proc.pid, 0)
+    took = time.monotonic() - began
+    if status != 0:
+        raise SystemExit(f"{code!r} failed on {path}")
+    return took, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000:10,100000:100,1000000:1000",
+                        help="DISTINCT:BACKUPS,... (default: %(default)s)")
+    parser.add_argument("--disk-chunks", type=int, default=20000, help="chunks per backup (default: %(default)s)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to build (default: a temporary directory)")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="ff-repo-scale-", dir=args.dir))
+    print(f"{'distinct':>9} {'backups':>7} {'entries':>10} {'op':<11} {'wall s':>8} {'us/entry':>8} "
+          f"{'peak MB':>8} {'B/chunk*':>8}")
+    try:
+        for size in args.sizes.split(","):
+            distinct, backups = (int(x) for x in size.split(":"))
+            path = base / f"{distinct}-{backups}"
+            began = time.monotonic()
+            entries = build(path, distinct, backups, args.disk_chunks)
+            print(f"# built {distinct} chunks, {backups} backups, {entries} entries in "
+                  f"{time.monotonic() - began:.0f} s", flush=True)
+            _, idle = measure(path, "pass")
+            for op, code in OPS.items():
+                took, peak = measure(path, code)
+                print(f"{distinct:>9} {backups:>7} {entries:>10} {op:<11} {took:>8.2f} "
+                      f"{took / entries * 1e6:>8.3f} {peak:>8.0f} {(peak - idle) * (1 << 20) / distinct:>8.1f}",
+                      flush=True)
+            shutil.rmtree(path)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    print("* B/chunk: peak RSS above an idle process that opened the repository, per distinct chunk")
+
+
+if __name__ == "__main__":
+    main()
