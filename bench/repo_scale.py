@@ -105,6 +105,9 @@ def measure(path: Path, code: str) -> tuple[float, float]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--build"]:
+        print(build(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000:10,100000:100,1000000:1000",
                         help="DISTINCT:BACKUPS,... (default: %(default)s)")
@@ -119,7 +122,11 @@ def main() -> None:
             distinct, backups = (int(x) for x in size.split(":"))
             path = base / f"{distinct}-{backups}"
             began = time.monotonic()
-            entries = build(path, distinct, backups, args.disk_chunks)
+            # Built by a process of its own: a child forked from a big parent would count the
+            # parent's pages in its peak RSS (ru_maxrss is kept across exec).
+            entries = int(subprocess.run([sys.executable, __file__, "--build", str(path), str(distinct),
+                                          str(backups), str(args.disk_chunks)], check=True, capture_output=True,
+                                         text=True).stdout)
             print(f"# built {distinct} chunks, {backups} backups, {entries} entries in "
                   f"{time.monotonic() - began:.0f} s", flush=True)
             _, idle = measure(path, "pass")

@@ -15,6 +15,7 @@ packages=(
     mmdebstrap                                    # the Debian lab guest (lab build --distro debian)
     python3-libnbd                                # reading backups over NBD (linked into the venv)
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt  # libvirt domains
+    ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime  # a one-node Ceph cluster's S3 gateway (fleet tests)
 )
 # `setup-system.sh bench`: the peers the benchmarks compare with, too.
 if [[ ${1:-} == bench ]]; then

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servers import S3_KEY, S3_SECRET, S3Server, s3_server
+from servers import S3_KEY, S3_SECRET, CephCluster, S3Server, ceph_cluster, s3_server
 
 from freezeframe.agent.qga import GuestAgent
 from freezeframe.agent.qmp import Monitor
@@ -73,6 +73,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def ceph(s3: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """A real single-node Ceph cluster with its S3 gateway, for the session; the same
+    credentials as the rclone server's (set in the environment by ``s3``)."""
+    with ceph_cluster(tmp_path_factory.mktemp("ceph")) as cluster:
+        yield cluster
 
 
 class RepoPlace:

@@ -218,3 +218,127 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3Server]:
         yield server
     finally:
         server.stop()
+
+
+# -- Ceph: a single-node cluster with its S3 gateway ---------------------------------------
+
+
+class CephCluster:
+    """A real Ceph cluster on this machine: one monitor, one manager, one OSD on a file
+    (BlueStore), and the RADOS gateway serving S3, all from Debian's packages, in the
+    foreground as children of the test (stopped by their own pid). The S3 user has the
+    same key as the rclone server's, so one set of credentials in the environment serves
+    both; ``bucket`` is made with rclone's S3 client."""
+
+    BUCKET = "fleet"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.mon_port, self.rgw_port = free_port(), free_port()
+        self.endpoint = f"http://127.0.0.1:{self.rgw_port}"
+        self.conf = root / "ceph.conf"
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def _ceph(self, *args: str, name: str = "client.admin") -> str:
+        return subprocess.run(["ceph", "-c", str(self.conf), "-n", name, *args], check=True, capture_output=True,
+                              text=True, timeout=120).stdout
+
+    def _daemon(self, *argv: str) -> None:
+        log = open(self.root / "log" / f"{Path(argv[0]).name}-{len(self.processes)}.out", "wb")  # noqa: SIM115
+        self.processes.append(subprocess.Popen([*argv, "-f", "-c", str(self.conf)], stdout=log, stderr=log))
+        log.close()
+
+    def start(self) -> None:
+        root = self.root
+        for sub in ("run", "log", "mon", "mgr", "osd0", "rgw"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        fsid = subprocess.run(["uuidgen"], capture_output=True, text=True, check=True).stdout.strip()
+        self.conf.write_text(f"""[global]
+fsid = {fsid}
+mon host = v2:127.0.0.1:{self.mon_port}
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+mon allow pool size one = true
+mon warn on pool no redundancy = false
+mon data avail warn = 2
+mon max pg per osd = 1000
+osd crush chooseleaf type = 0
+run dir = {root}/run
+log file = {root}/log/$name.log
+admin socket = {root}/run/$name.asok
+keyring = {root}/$name.keyring
+osd objectstore = bluestore
+bluestore block create = true
+bluestore block size = {4 << 30}
+osd memory target = {896 << 20}
+[mon.a]
+mon data = {root}/mon
+[mgr.x]
+mgr data = {root}/mgr
+[osd.0]
+osd data = {root}/osd0
+[client.rgw.a]
+rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw data = {root}/rgw
+""")
+        tool = ["ceph-authtool"]
+        subprocess.run([*tool, "--create-keyring", str(root / "mon.a.keyring"), "--gen-key", "-n", "mon.",
+                        "--cap", "mon", "allow *"], check=True, capture_output=True)
+        subprocess.run([*tool, "--create-keyring", str(root / "client.admin.keyring"), "--gen-key", "-n",
+                        "client.admin", "--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr",
+                        "allow *"], check=True, capture_output=True)
+        subprocess.run([*tool, str(root / "mon.a.keyring"), "--import-keyring", str(root / "client.admin.keyring")],
+                       check=True, capture_output=True)
+        subprocess.run(["monmaptool", "--create", "--add", "a", f"v2:127.0.0.1:{self.mon_port}", "--fsid", fsid,
+                        str(root / "monmap")], check=True, capture_output=True)
+        subprocess.run(["ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(root / "monmap"),
+                        "--keyring", str(root / "mon.a.keyring")], check=True, capture_output=True)
+        self._daemon("ceph-mon", "-i", "a")
+        (root / "mgr.x.keyring").write_text(self._ceph("auth", "get-or-create", "mgr.x", "mon", "allow profile mgr",
+                                                       "osd", "allow *"))
+        self._daemon("ceph-mgr", "-i", "x")
+        uuid = subprocess.run(["uuidgen"], capture_output=True, text=True, check=True).stdout.strip()
+        self._ceph("osd", "new", uuid)
+        (root / "osd.0.keyring").write_text(self._ceph("auth", "get-or-create", "osd.0", "mon", "allow profile osd",
+                                                       "mgr", "allow profile osd", "osd", "allow *"))
+        subprocess.run(["ceph-osd", "-c", str(self.conf), "-i", "0", "--mkfs", "--osd-uuid", uuid], check=True,
+                       capture_output=True, timeout=300)
+        self._daemon("ceph-osd", "-i", "0")
+        (root / "client.rgw.a.keyring").write_text(self._ceph("auth", "get-or-create", "client.rgw.a", "mon",
+                                                              "allow rw", "osd", "allow rwx", "mgr", "allow rw"))
+        self._daemon("radosgw", "-n", "client.rgw.a")
+
+        def gateway() -> bool:
+            for process in self.processes:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{process.args[0]} exited at start; see {root / 'log'}")
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", self.rgw_port)) == 0
+
+        # The gateway creates its pools before it listens: a minute or two under load.
+        _wait(gateway, "the Ceph RADOS gateway", timeout=300)
+        subprocess.run(["radosgw-admin", "-c", str(self.conf), "user", "create", "--uid=freezeframe",
+                        "--display-name=freezeframe", f"--access-key={S3_KEY}", f"--secret-key={S3_SECRET}"],
+                       check=True, capture_output=True, timeout=120)
+        rclone = Path(sys.executable).parent / "rclone"
+        remote = (f":s3,provider=Ceph,endpoint='{self.endpoint}',access_key_id={S3_KEY},"
+                  f"secret_access_key={S3_SECRET}:{self.BUCKET}")
+        _wait(lambda: subprocess.run([str(rclone), "mkdir", remote, "--config", "/dev/null", "--retries", "1"],
+                                     capture_output=True, timeout=60).returncode == 0,
+              "a bucket in the Ceph gateway", timeout=120)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):  # the gateway first, the monitor last
+            _stop(process)
+
+
+@contextlib.contextmanager
+def ceph_cluster(root: Path) -> Iterator[CephCluster]:
+    cluster = CephCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

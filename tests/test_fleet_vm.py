@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from backups import cli_json, e2fsck_clean, init_repo, restore, write_random
 from conftest import LabFactory, run_cli, unique
-from servers import S3Server
+from servers import CephCluster, S3Server
 from test_backup_vm import vm_state
 
 from freezeframe.config import Home
@@ -51,7 +51,8 @@ class Host:
         # namespace's init exits, the kernel kills everything in it, so sh waits for the
         # backup's sentinel too (the work it does after a killed backup is under test).
         script = (f'mount --bind {self.machine_id} /etc/machine-id && hostname {TWIN} && "$@"; status=$?; '
-                  'while pgrep -f freezeframe.engine.sentinel > /dev/null; do sleep 0.2; done; exit $status')
+                  # (the brackets keep the pattern from matching this very script's command line)
+                  "while pgrep -f 'freezeframe[.]engine[.]sentinel' > /dev/null; do sleep 0.2; done; exit $status")
         return ["unshare", "--uts", "--pid", "--mount", "--mount-proc", "--fork", "--kill-child", "sh", "-c", script,
                 "host", sys.executable, "-m", "freezeframe", *args]
 
@@ -104,12 +105,22 @@ def collector(home: Home, repos: list[str]) -> Iterator[list[dict[str, Any]]]:
         thread.join(timeout=300)
 
 
+@pytest.mark.timeout(1500)
+@pytest.mark.parametrize("store", ["rclone", "ceph"])
 def test_two_hosts_and_a_collector_share_one_s3_and_one_local_repository(
-        home: Home, lab: LabFactory, tmp_path: Path, s3: S3Server) -> None:
+        home: Home, lab: LabFactory, tmp_path: Path, s3: S3Server, store: str,
+        request: pytest.FixtureRequest) -> None:
+    """On each S3 server: rclone serve s3 (which ignores If-None-Match: no conditional
+    writes at all) and Ceph's RADOS gateway (what large fleets store on)."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     print(f"random timing seed {seed}")
-    repos = [f"s3://ff/{unique('fleet')}?endpoint={s3.endpoint}", str(tmp_path / "local")]
+    if store == "ceph":
+        cluster: CephCluster = request.getfixturevalue("ceph")
+        remote = f"s3://{cluster.BUCKET}/{unique('fleet')}?endpoint={cluster.endpoint}"
+    else:
+        remote = f"s3://ff/{unique('fleet')}?endpoint={s3.endpoint}"
+    repos = [remote, str(tmp_path / "local")]
     for repo in repos:
         init_repo(home, repo, "--lock-lease", str(LEASE_S))
     hosts = [Host(tmp_path / "a", "a" * 32), Host(tmp_path / "b", "b" * 32)]
