@@ -5,9 +5,10 @@ write to the bucket can put any bytes there.
     .venv/bin/python fuzz/fuzz_repository_objects.py -max_total_time=600
 
 The input is tried as: the config, the key object (against a config it might vouch for),
-an index (both formats: JSON, and binary digests) and a manifest of a plain repository (stored as such, then read back through the
-repository, so the object encoding and zstd are in the path), a lease's holder and
-renewal, and a manifest as ``repo import`` turns it into catalog records. A repository
+an index (both formats: JSON, and binary digests) and a manifest of a plain repository
+(stored as such, then read back through the repository, so the object encoding and zstd
+are in the path), a lease's holder and renewal, and a manifest as ``repo import`` turns
+it into catalog records. A repository
 error (RepositoryError and its subclasses) is the answer to bad bytes; anything else is a
 finding. Memory is bounded by atheris' -rss_limit_mb (2 GB by default), time by -timeout.
 """
