@@ -47,6 +47,8 @@ bench: setup
 	$(BIN)/python bench/freeze_window.py
 	$(BIN)/python bench/app_stall.py
 	$(BIN)/python bench/backup_throughput.py
+	$(BIN)/python bench/repo_scale.py
+	$(BIN)/python bench/prune_vs_restic.py
 
 fuzz: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[fuzz]'
