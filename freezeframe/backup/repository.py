@@ -629,17 +629,12 @@ class Repository:
 
     def check(self) -> CheckReport:
         """Structure only (issue-level verify re-reads data): every manifest opens, every
-        index it names opens, every chunk an index names exists."""
+        index it names opens, every chunk an index names exists. One set of the named
+        chunks; the listing marks which are stored; only when some are not does a second
+        pass name the backups and disks that lack them."""
         report = CheckReport()
-        stored = DigestSet()
-        batch: list[bytes] = []
-        for digest, _ in self.stored_chunks():
-            batch.append(digest)
-            if len(batch) >= 1 << 16:
-                stored.add(np.array(batch, dtype="S32"))
-                batch = []
-        stored.add(np.array(batch, dtype="S32"))
         named = DigestSet()
+        readable: list[tuple[str, str, str]] = []  # backup, device, index name
         for backup_id in self.backup_ids():
             report.backups += 1
             try:
@@ -654,10 +649,21 @@ class Repository:
                     report.problems.append(f"backup {backup_id} disk {disk.get('device')}: {err}")
                     continue
                 report.indexes += 1
-                digests = as_array(blob)
-                named.add(digests)
-                for chunk in np.unique(digests[~stored.contains(digests)]):
-                    report.problems.append(f"backup {backup_id} disk {header.device}: chunk "
-                                           f"{bytes_of(chunk).hex()} is missing")
-        report.chunks_named = len(named)
+                named.add(as_array(blob))
+                readable.append((backup_id, header.device, str(disk["index"])))
+        array = named.array
+        report.chunks_named = len(array)
+        held = np.zeros(len(array), dtype=bool)
+        for digest, _ in self.stored_chunks():
+            at = int(np.searchsorted(array, digest))
+            if at < len(array) and bytes_of(array[at]) == digest:
+                held[at] = True
+        if held.all():
+            return report
+        missing = array[~held]
+        del named, array, held
+        for backup_id, device, name in readable:
+            digests = as_array(self.index_digests(name)[1])
+            for chunk in np.unique(digests[np.isin(digests, missing)]):
+                report.problems.append(f"backup {backup_id} disk {device}: chunk {bytes_of(chunk).hex()} is missing")
         return report

@@ -114,20 +114,18 @@ def verify(repo: Repository, backup_ids: list[str], *, subset: float = 100.0, wo
     for backup_id in backup_ids:
         if backup_id not in published:
             report.broken[backup_id] = ["it is not in the repository (no manifest)"]
-    stored = DigestSet()
-    batch: list[bytes] = []
-    for digest, _ in repo.stored_chunks():
-        batch.append(digest)
-        if len(batch) >= 1 << 16:
-            stored.add(np.array(batch, dtype="S32"))
-            batch = []
-    stored.add(np.array(batch, dtype="S32"))
+    # The listing marks what is stored among the named chunks: one flag per named chunk,
+    # no second set.
     named = wanted.array
-    held = stored.contains(named)
+    held = np.zeros(len(named), dtype=bool)
+    for digest, _ in repo.stored_chunks():
+        at = int(np.searchsorted(named, digest))
+        if at < len(named) and bytes_of(named[at]) == digest:
+            held[at] = True
     report.chunks_named = len(named)
     report.missing = [bytes_of(d).hex() for d in named[~held]]
     present = named[held]
-    del stored, held
+    del held, named, wanted
     if subset < 100:
         chosen = (rng or random.SystemRandom()).sample(range(len(present)), math.ceil(len(present) * subset / 100))
         present = present[np.sort(np.array(chosen, dtype=np.int64))]
