@@ -107,14 +107,16 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def guest_change(vm: lab_vm.LabVM, mib: int, name: str) -> None:
-    """Overwrite ``mib`` MiB of the disk inside the guest: a new file of random bytes."""
+def guest_change(vm: lab_vm.LabVM, mib: int, name: str, *, in_place: bool = False) -> None:
+    """Overwrite ``mib`` MiB of the disk inside the guest: a new file of random bytes, or
+    (``in_place``) the same blocks of that file again."""
     import asyncio
     import base64
 
     async def go() -> None:
         async with GuestAgent(vm.qga_socket, timeout=600) as agent:
-            script = f"dd if=/dev/urandom of=/mnt/ffdata0/{name} bs=1M count={mib} 2>/dev/null && sync"
+            keep = " conv=notrunc" if in_place else ""
+            script = f"dd if=/dev/urandom of=/mnt/ffdata0/{name} bs=1M count={mib}{keep} 2>/dev/null && sync"
             started = await agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", script]})
             while True:
                 status = await agent.execute("guest-exec-status", {"pid": started["pid"]})

@@ -17,38 +17,19 @@ minutes) would keep this run's garbage; restic has no such rule.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from backup_throughput import FF, build_image, du, run
+from backup_throughput import FF, build_image, du, guest_change, run
 
-from freezeframe.agent.qga import GuestAgent
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
 from freezeframe.lab import vm as lab_vm
 
 MB = 1e6
-
-
-def rewrite(vm: lab_vm.LabVM, mib: int) -> None:
-    """Overwrite ``churn.bin`` in place (the same blocks each time) with new random bytes."""
-
-    async def go() -> None:
-        async with GuestAgent(vm.qga_socket, timeout=600) as agent:
-            script = (f"dd if=/dev/urandom of=/mnt/ffdata0/churn.bin bs=1M count={mib} conv=notrunc "
-                      "2>/dev/null && sync")
-            started = await agent.execute("guest-exec", {"path": "/bin/sh", "arg": ["-c", script]})
-            while True:
-                status = await agent.execute("guest-exec-status", {"pid": started["pid"]})
-                if status["exited"]:
-                    return
-                await asyncio.sleep(0.2)
-
-    asyncio.run(go())
 
 
 def main() -> None:
@@ -80,7 +61,7 @@ def main() -> None:
         run(["restic", "init", "-r", str(restic_repo)], env=env)
         for number in range(args.backups):
             if number:
-                rewrite(vm, args.change_mib)
+                guest_change(vm, args.change_mib, "churn.bin", in_place=True)
             _, _, out = run([*FF, "backup", "create", vm_name, "--repo", str(ff_repo), "--consistency", "filesystem",
                              "-o", "json"], env=env)
             backup_id = json.loads(out)["id"]

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from freezeframe.backup.crypto import Sealer, Tampered, key_object, new_keys, open_key_object
-from freezeframe.backup.digests import ZERO, DigestSet, as_array, as_array_all, bytes_of
+from freezeframe.backup.digests import ZERO, Digests, DigestSet, as_array, as_array_all, bytes_of
 from freezeframe.backup.leases import DEFAULT_LEASE_S
 from freezeframe.backup.store import ObjectStore
 from freezeframe.errors import DamagedObject, InvalidInput, NotFound, RepositoryError
@@ -601,6 +602,16 @@ class Repository:
             if _is_id(tail):
                 yield bytes.fromhex(tail), info.size
 
+    def stored_among(self, named: Digests) -> npt.NDArray[np.bool_]:
+        """For each of ``named`` (sorted, distinct digests), whether the store holds it: one
+        listing marks one flag per named chunk, with no second set of ids."""
+        held = np.zeros(len(named), dtype=bool)
+        for digest, _ in self.stored_chunks():
+            at = int(np.searchsorted(named, digest))
+            if at < len(named) and bytes_of(named[at]) == digest:
+                held[at] = True
+        return held
+
     def stats(self) -> RepoStats:
         ids = self.backup_ids()
         stats = RepoStats(backups=len(ids))
@@ -653,11 +664,7 @@ class Repository:
                 readable.append((backup_id, header.device, str(disk["index"])))
         array = named.array
         report.chunks_named = len(array)
-        held = np.zeros(len(array), dtype=bool)
-        for digest, _ in self.stored_chunks():
-            at = int(np.searchsorted(array, digest))
-            if at < len(array) and bytes_of(array[at]) == digest:
-                held[at] = True
+        held = self.stored_among(array)
         if held.all():
             return report
         missing = array[~held]

@@ -114,14 +114,8 @@ def verify(repo: Repository, backup_ids: list[str], *, subset: float = 100.0, wo
     for backup_id in backup_ids:
         if backup_id not in published:
             report.broken[backup_id] = ["it is not in the repository (no manifest)"]
-    # The listing marks what is stored among the named chunks: one flag per named chunk,
-    # no second set.
     named = wanted.array
-    held = np.zeros(len(named), dtype=bool)
-    for digest, _ in repo.stored_chunks():
-        at = int(np.searchsorted(named, digest))
-        if at < len(named) and bytes_of(named[at]) == digest:
-            held[at] = True
+    held = repo.stored_among(named)
     report.chunks_named = len(named)
     report.missing = [bytes_of(d).hex() for d in named[~held]]
     present = named[held]
