@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -14,6 +15,9 @@ import pytest
 from conftest import run_cli, unique
 from servers import S3Server
 
+from freezeframe.backup import leases
+from freezeframe.backup.gc import GcReport, collect_garbage
+from freezeframe.backup.leases import Lease
 from freezeframe.backup.pipeline import restore_disk
 from freezeframe.backup.reader import Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository, chunk_name
@@ -294,6 +298,60 @@ def test_sync_renames_chunks_between_keys_sends_only_what_is_missing_and_spreads
     assert again.chunks_sent + again.chunks_skipped == 2
     assert again.chunks_sent >= 1, "the damaged chunk was never sent"
     assert plain_dst.get_chunk(kept[1], CHUNK) == chunks[1]
+
+
+def test_sync_with_the_same_names_lists_the_destination_once_and_resends_what_gc_took_meanwhile(
+        tmp_path: Path) -> None:
+    """Plain to plain: which chunks dst has comes from one listing, not a request each. A
+    collection that runs between that listing and the lease naming the chunks found (the
+    race the settle step exists for) deletes them; the copy sees them gone and sends them
+    again. The copy keeps a zero chunk and an odd last chunk as they were."""
+    src = plain(tmp_path, "src")
+    dst = Repository.init(LocalStore(tmp_path / "dst"), chunk_size=CHUNK, lease_s=1)
+    parts = [os.urandom(CHUNK), os.urandom(CHUNK), None, os.urandom(777)]
+    ids = [None if p is None else src.put_chunk(p)[0] for p in parts]
+    name = src.put_index(DiskIndex(backup="b", device="vda", virtual_size=3 * CHUNK + 777, chunk_size=CHUNK,
+                                   chunks=list(ids)), 0)
+    src.put_manifest("b", {"id": "b", "disks": [{"device": "vda", "index": name}]})
+    old = time.time() - 3600
+    for part in parts[:2]:
+        assert part is not None
+        chunk = dst.put_chunk(part)[0]  # garbage in dst: no index names it, and it is old
+        os.utime(tmp_path / "dst" / chunk_name(chunk), (old, old))
+
+    class GcFirst(Lease):
+        collected: GcReport | None = None
+
+        def name_digests(self, digests: bytes) -> None:
+            if self.collected is None:
+                self.collected = collect_garbage(dst)
+            super().name_digests(digests)
+
+    with GcFirst(dst.store, "sync-race", lease_s=dst.lease_s, kind="sync") as lease:
+        report = sync(src, dst, ["b"], lease=lease)
+    assert lease.collected is not None
+    assert lease.collected.chunks == 2, "gc did not take the found chunks"
+    assert (report.backups, report.chunks_sent, report.chunks_skipped) == (["b"], 3, 0)
+    copied = dst.index(dst.manifest("b")["disks"][0]["index"])
+    assert copied.chunks == ids
+    assert [dst.get_chunk(c, copied.chunk_length(i)) for i, c in enumerate(copied.chunks) if c] == [
+        p for p in parts if p is not None]
+    again = sync(src, dst, ["b"])
+    assert (again.backups, again.present) == ([], ["b"])
+
+
+def test_a_lease_writes_a_big_batch_of_names_as_several_renewals(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = plain(tmp_path)
+    monkeypatch.setattr(leases, "_PIECE", 4 * 32)
+    digests = [os.urandom(32) for _ in range(10)]
+    with Lease.unique(repo.store, "sync", 600) as lease:
+        lease.name_digests(b"".join(digests))
+        lease.renew()
+        renewals = next(s.renewals for s in leases.read_leases(repo.store) if s.name == lease.name)
+        listed = [bytes(d) for name in renewals for d in leases.renewal_ids(repo.store, name)]
+    assert len(renewals) >= 3
+    assert sorted(listed) == sorted(digests)
 
 
 def test_s3_mistakes_are_named(home: Home, s3: S3Server) -> None:

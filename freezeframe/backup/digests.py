@@ -41,6 +41,20 @@ def bytes_of(digest: np.bytes_ | bytes) -> bytes:
     return bytes(digest).ljust(32, b"\0")
 
 
+def members(array: Digests, digests: Digests) -> npt.NDArray[np.bool_]:
+    """For each of ``digests``, whether ``array`` (sorted) holds it; in slices, so the
+    positions it finds cost a bounded amount of memory, not 8 bytes per digest."""
+    found = np.zeros(len(digests), dtype=bool)
+    if not len(array):
+        return found
+    for start in range(0, len(digests), _BATCH):
+        part = digests[start:start + _BATCH]
+        at = np.searchsorted(array, part)
+        inside = at < len(array)
+        found[start:start + _BATCH][inside] = array[at[inside]] == part[inside]
+    return found
+
+
 class DigestSet:
     """A growing set of digests: add blobs, then ask."""
 
@@ -90,14 +104,7 @@ class DigestSet:
 
     def contains(self, digests: Digests) -> npt.NDArray[np.bool_]:
         """For each of ``digests``, whether the set holds it."""
-        array = self.array
-        if not len(array):
-            return np.zeros(len(digests), dtype=bool)
-        at = np.searchsorted(array, digests)
-        found = np.zeros(len(digests), dtype=bool)
-        inside = at < len(array)
-        found[inside] = array[at[inside]] == digests[inside]
-        return found
+        return members(self.array, digests)
 
     @property
     def nbytes(self) -> int:

@@ -102,7 +102,7 @@ class _Renewals:
     def __init__(self, store: ObjectStore, skip: set[str]) -> None:
         self.store = store
         self.skip = skip  # leases broken by this collection
-        self.ids: set[bytes] = set()
+        self.ids = DigestSet()
         self.read: set[str] = set()
         self.read_at = 0.0
         self.backups: set[str] = set()
@@ -118,7 +118,7 @@ class _Renewals:
                 if name in self.read:
                     continue
                 try:
-                    self.ids.update(renewal_ids(self.store, name))
+                    self.ids.add(renewal_ids(self.store, name))
                 except RepositoryError:
                     # Gone meanwhile (released after publishing: its index names the chunks
                     # now) or damaged: a damaged renewal leaves its chunks unprotected only if

@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from freezeframe.backup.digests import Digests, as_array
 from freezeframe.backup.store import ObjectInfo, ObjectStore
 from freezeframe.errors import Conflict, DamagedObject, RepositoryError
 from freezeframe.process import ProcessIdentity
@@ -56,6 +57,8 @@ MAX_HOLDER_BYTES = 64 << 10
 #: 2 M chunk ids per renewal: 8 TiB of 4 MiB chunks; far above what one renewal carries.
 MAX_RENEWAL_BYTES = len(RENEWAL_MAGIC) + (2 << 20) * 32
 _SEQ_WIDTH = 8
+#: The most a holder writes in one renewal (256 k ids): what it copies to write one.
+_PIECE = min(8 << 20, MAX_RENEWAL_BYTES - len(RENEWAL_MAGIC))
 
 
 class LeaseBroken(RepositoryError):
@@ -154,13 +157,12 @@ def store_now(store: ObjectStore, name: str) -> float:
     raise RepositoryError(f"the lease {name} vanished right after it was written in {store.location}")
 
 
-def renewal_ids(store: ObjectStore, name: str) -> list[bytes]:
+def renewal_ids(store: ObjectStore, name: str) -> Digests:
     """The chunk ids a renewal object lists (32-byte digests); a damaged one is an error."""
     raw = store.get(name)
     if len(raw) > MAX_RENEWAL_BYTES or not raw.startswith(RENEWAL_MAGIC) or (len(raw) - len(RENEWAL_MAGIC)) % 32:
         raise DamagedObject(name, "not a lease renewal")
-    body = memoryview(raw)[len(RENEWAL_MAGIC):]
-    return [bytes(body[i:i + 32]) for i in range(0, len(body), 32)]
+    return as_array(memoryview(raw)[len(RENEWAL_MAGIC):])
 
 
 def break_lease(store: ObjectStore, lease: LeaseState) -> None:
@@ -187,7 +189,9 @@ class Lease:
         self.instance = instance
         self._clock = clock
         self._seq = 0
-        self._pending: list[bytes] = []
+        # 32-byte digests in pieces of at most _PIECE bytes: no object per id, and no copy
+        # of them all when the list grows or is written.
+        self._pending: list[bytearray] = []
         self._lock = threading.Lock()  # the pending ids
         self._renewing = threading.Lock()  # one renewal at a time
         self._last_ok = 0.0
@@ -250,9 +254,18 @@ class Lease:
     def name_chunks(self, chunk_ids: Iterable[str]) -> None:
         """Chunks this holder will name without having stored them: listed in the next
         renewal, so garbage collection keeps them from then on."""
-        digests = [bytes.fromhex(c) for c in chunk_ids]
+        self.name_digests(b"".join(bytes.fromhex(c) for c in chunk_ids))
+
+    def name_digests(self, digests: bytes) -> None:
+        """``name_chunks`` for ids given as one blob of 32-byte digests."""
+        view = memoryview(digests)
         with self._lock:
-            self._pending.extend(digests)
+            while view:
+                if not self._pending or len(self._pending[-1]) >= _PIECE:
+                    self._pending.append(bytearray())
+                room = _PIECE - len(self._pending[-1])
+                self._pending[-1] += view[:room]
+                view = view[room:]
 
     def renew(self) -> None:
         """Write the next renewal (with the chunks named since the last) and check the
@@ -268,13 +281,16 @@ class Lease:
                 raise LeaseBroken(self.broken)
             with self._lock:
                 batch, self._pending = self._pending, []
-            try:
-                self.store.put(_object(self.name, self._seq), RENEWAL_MAGIC + b"".join(batch))
-            except BaseException:
-                with self._lock:
-                    self._pending[:0] = batch
-                raise
-            self._seq += 1
+            # A big batch (a copy that found a million chunks in place) is written as
+            # several renewals, a piece each.
+            for number, piece in enumerate(batch or [bytearray()]):
+                try:
+                    self.store.put(_object(self.name, self._seq), RENEWAL_MAGIC + piece)
+                except BaseException:
+                    with self._lock:
+                        self._pending[:0] = batch[number:]
+                    raise
+                self._seq += 1
             if not self.store.exists(_object(self.name, 0)):
                 self.broken = (f"the lease {self.name} was broken (by repo break-lock, or by garbage "
                                "collection, which judged it dead)")
@@ -289,7 +305,7 @@ class Lease:
         """Return once garbage collection has surely seen every chunk named so far (the
         pending ones are written first): from then on, a chunk found stored stays stored."""
         with self._lock:
-            pending = bool(self._pending)
+            pending = len(self._pending) > 0
         if pending:
             self.renew()
         if self._journaled_at is not None:

@@ -88,10 +88,13 @@ class DiskIndex:
                 "virtual_size": self.virtual_size, "chunk_size": self.chunk_size, "chunks": self.chunks}
 
     def to_binary(self) -> bytes:
+        return self.binary_with(b"".join(bytes.fromhex(c) if c is not None else ZERO for c in self.chunks))
+
+    def binary_with(self, digests: bytes | memoryview) -> bytes:
+        """The format 2 object: this index's header, then ``digests`` (32 bytes a chunk)."""
         header = json.dumps({"format": INDEX_FORMAT_2, "backup": self.backup, "device": self.device,
                              "virtual_size": self.virtual_size, "chunk_size": self.chunk_size}).encode()
-        return b"".join([INDEX_MAGIC, len(header).to_bytes(4, "big"), header,
-                         *(bytes.fromhex(c) if c is not None else ZERO for c in self.chunks)])
+        return b"".join([INDEX_MAGIC, len(header).to_bytes(4, "big"), header, digests])
 
     @classmethod
     def header_of(cls, raw: bytes | memoryview, name: str) -> tuple[DiskIndex, memoryview]:
@@ -480,10 +483,15 @@ class Repository:
 
     # -- indexes and manifests ---------------------------------------------------------
 
-    def put_index(self, index: DiskIndex, position: int) -> str:
+    def put_index(self, index: DiskIndex, position: int, digests: bytes | memoryview | None = None) -> str:
+        """Store a disk's index: its chunk list, or ``digests`` (32 bytes a chunk, zero
+        for a chunk of zeros) in its place."""
         name = index_name(index.backup, position)
+        if digests is not None and len(digests) != 32 * -(-index.virtual_size // index.chunk_size):
+            raise RepositoryError(f"{name}: {len(digests) // 32} chunk ids for a disk of {index.virtual_size} bytes")
         self.store.flush()  # the chunks it names are durable before it is
-        if not self.store.put(name, self._encode(name, index.to_binary())):
+        binary = index.to_binary() if digests is None else index.binary_with(digests)
+        if not self.store.put(name, self._encode(name, binary)):
             raise RepositoryError(f"{name} exists already in the repository {self.location}")
         self.store.flush()
         return name
@@ -578,16 +586,6 @@ class Repository:
         self.store.delete(name)
         return True
 
-    def missing_chunks(self, chunk_ids: set[str]) -> set[str]:
-        """Which of ``chunk_ids`` the store does not hold, by one listing of the chunks
-        (not a request per chunk): what a writer checks before it publishes."""
-        missing = set(chunk_ids)
-        for info in self.store.list("chunks/"):
-            missing.discard(info.name.rsplit("/", 1)[1])
-            if not missing:
-                break
-        return missing
-
     # -- whole-repository views: a fixed number of bytes per distinct chunk ---------------
 
     def index_names(self, backup_ids: Iterable[str]) -> Iterator[str]:
@@ -604,13 +602,21 @@ class Repository:
 
     def stored_among(self, named: Digests) -> npt.NDArray[np.bool_]:
         """For each of ``named`` (sorted, distinct digests), whether the store holds it: one
-        listing marks one flag per named chunk, with no second set of ids."""
+        listing marks one flag per named chunk, with no second set of ids (not a request
+        per chunk: what a writer confirms before it publishes, and check and verify)."""
         held = np.zeros(len(named), dtype=bool)
         for digest, _ in self.stored_chunks():
             at = int(np.searchsorted(named, digest))
             if at < len(named) and bytes_of(named[at]) == digest:
                 held[at] = True
         return held
+
+    def missing_chunks(self, chunk_ids: Iterable[str]) -> set[str]:
+        """Which of ``chunk_ids`` (hex) the store lacks, by one listing (``stored_among``)."""
+        named = DigestSet()
+        named.add_hex(chunk_ids)
+        array = named.array
+        return {bytes_of(d).hex() for d in array[~self.stored_among(array)]}
 
     def stats(self) -> RepoStats:
         ids = self.backup_ids()

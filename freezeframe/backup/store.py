@@ -148,7 +148,9 @@ class LocalStore:
             pending, self._unsynced = self._unsynced, set()
         try:
             for directory in sorted(pending):
-                _fsync_dir(directory)
+                # A folder removed meanwhile (a released lease's) holds nothing to keep.
+                with contextlib.suppress(FileNotFoundError):
+                    _fsync_dir(directory)
         except OSError as err:
             with self._lock:
                 self._unsynced |= pending

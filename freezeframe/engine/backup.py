@@ -400,7 +400,7 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
     # those this backup did not store itself (gc.py); one gone (pruned with a parent, or
     # lost) is read again from the view, which is still exported.
     lease.settle()
-    missing = repo.missing_chunks({c for index in indexes for c in index.chunks if c is not None})
+    missing = repo.missing_chunks(c for index in indexes for c in index.chunks if c is not None)
     if missing:
         say(f"storing again {len(missing)} chunk(s) the repository no longer holds")
     for position, (index, counters, source, record) in enumerate(
