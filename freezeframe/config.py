@@ -71,6 +71,11 @@ class Home:
         return self.root / "fleecing"
 
     @property
+    def logs(self) -> Path:
+        """Log files of long jobs and of the servers they start (a served backup)."""
+        return self.root / "logs"
+
+    @property
     def run(self) -> Path:
         """Sockets of running backups (NBD exports)."""
         return self.root / "run"

@@ -3,8 +3,12 @@ writes inside the guest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +103,36 @@ def _decoded(sealed: bytes) -> bytes | None:
             return reader.read(64 << 20)
     except (zstandard.ZstdError, MemoryError):
         return None
+
+
+@contextlib.contextmanager
+def served(home: Home, backup_id: str, *args: str, env: dict[str, str] | None = None) -> Iterator[dict[str, Any]]:
+    """``backup serve`` running as a user starts it (its JSON read from its output); it is
+    stopped with SIGTERM after the block, and must then exit 0 and leave no socket."""
+    proc = subprocess.Popen([sys.executable, "-m", "freezeframe", "backup", "serve", backup_id, *args, "-o", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, FREEZEFRAME_HOME=str(home.root), **(env or {})))
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.rstrip() == "}":
+                break
+        if not lines:
+            proc.wait(timeout=60)
+            err = proc.stderr.read() if proc.stderr else ""
+            raise AssertionError(f"backup serve failed ({proc.returncode}): {err}")
+        info: dict[str, Any] = json.loads("".join(lines))
+        yield info
+    finally:
+        proc.terminate()
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    assert proc.returncode == 0, err
+    assert not Path(info["socket"]).exists(), "the socket was left behind"
+    assert not Path(f"/proc/{info['pid']}").exists(), "nbdkit outlived backup serve"

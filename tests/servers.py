@@ -191,6 +191,15 @@ class S3Server:
 
         _wait(ready, "rclone serve s3")
 
+    @contextlib.contextmanager
+    def stopped(self) -> Iterator[None]:
+        """The server down (killed) while the block runs, started again after it."""
+        self.kill()
+        try:
+            yield
+        finally:
+            self.start()
+
     def kill(self) -> None:
         """SIGKILL: the server dies as in a crash, mid-request."""
         if self.process is not None and self.process.poll() is None:

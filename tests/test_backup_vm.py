@@ -25,6 +25,7 @@ from backups import (
     init_repo,
     objects,
     restore,
+    served,
     write_random,
 )
 from conftest import LabFactory, RepoPlace, checkpoints, qmp, run_cli, unique, vm_status
@@ -104,6 +105,11 @@ def test_full_then_incremental_restore_consistent_and_damage_is_named(
         assert_in_step(sequence(raws[0]), sequence(raws[1]))
     second = [d["device"] for d in inc["disks"]][1]
     assert hashlib.sha256(ext4_read(images["inc"][second], "/between.bin")).hexdigest() == digest
+    # Served over NBD straight from the repository: the same bytes as the restored image.
+    with served(home, inc["id"], "--disk", second) as info:
+        same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", info["exports"][second],
+                               str(images["inc"][second])], capture_output=True, text=True)
+        assert same.returncode == 0, same.stdout + same.stderr
     assert ext4_read(images["full"][second], "/between.bin") == b""
 
     # The repository alone tells what the backup is: its manifest carries the point's evidence.

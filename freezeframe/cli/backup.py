@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import sys
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ from freezeframe.engine.backup import BackupPlan, Transfer, restore_backup, take
 from freezeframe.errors import BackupFailed, Conflict, InvalidInput, LabError, NotFound
 from freezeframe.jobs.prune import plan_prune, prune
 from freezeframe.jobs.restore_check import Booter, check_restore
+from freezeframe.jobs.serve import ServeError, ServeRequest, serve
 from freezeframe.jobs.verify import due, verify_backups
 from freezeframe.model import Backup, BackupState, BackupType
 
@@ -208,6 +213,62 @@ def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple
     if new_instance is not None:
         stderr.print(f"registered instance {new_instance}; once QEMU runs on these images, give it its sockets: "
                      f"freezeframe instance update {new_instance} --qmp SOCKET --qga SOCKET", highlight=False)
+
+
+@group.command("serve")
+@click.argument("backup")
+@click.option("--disk", "devices", multiple=True, metavar="DEVICE",
+              help="Serve only this disk (repeatable). Default: every disk, one export each, named by device.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The unix socket to listen on. Default: run/serve-BACKUP.sock in the home.")
+@click.option("--cache", "cache_mib", type=click.IntRange(0, 1 << 20), default=256, show_default=True,
+              metavar="MiB", help="Chunks kept in memory, per disk.")
+@click.option("--read-ahead", type=click.IntRange(0, 256), default=4, show_default=True, metavar="CHUNKS",
+              help="Chunks fetched ahead of a sequential reader.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=600.0, show_default=True, metavar="SECONDS",
+              help="How long a read waits for an unreachable repository before it fails.")
+@repo_option
+@passphrase_options
+@output_option
+@pass_app
+def serve_(app: App, backup: str, devices: tuple[str, ...], socket_path: Path | None, cache_mib: int,
+           read_ahead: int, wait_s: float, repo_path: str | None, passphrase_file: Path | None,
+           passphrase_env: str | None, fmt: str) -> None:
+    """Serve BACKUP's disks read-only over NBD on a unix socket, straight from the
+    repository (no restore first), until interrupted (Ctrl-C, SIGTERM).
+
+    nbdkit does the serving, with freezeframe's plugin. Every chunk is checked against its
+    hash as it is read: a damaged chunk is an I/O error on its sectors, named in the log
+    (logs/serve-BACKUP.log in the home), never wrong data. Connect with any NBD client:
+    qemu-img info 'nbd+unix:///vda?socket=PATH', nbdcopy, guestfish --format=raw -a URI."""
+    passphrase = read_passphrase(passphrase_file, passphrase_env)
+    repo, backup_id = locate_backup(app, backup, repo_path, passphrase)
+    disks = [str(d["device"]) for d in repo.manifest(backup_id)["disks"]]
+    unknown = [d for d in devices if d not in disks]
+    if unknown:
+        raise NotFound(f"backup {backup_id[:8]} has no disk {', '.join(unknown)}",
+                       hint=f"its disks: {', '.join(disks)}")
+    request = ServeRequest(location=repo.location, backup=backup_id, devices=list(devices) or disks,
+                           identity=repo.identity, passphrase=passphrase, cache_mib=cache_mib,
+                           read_ahead=read_ahead, wait_s=wait_s, log_level=app.log_level)
+    socket = (socket_path or app.home.run / f"serve-{backup_id[:8]}.sock").absolute()
+    log = app.home.logs / f"serve-{backup_id[:8]}.log"
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stopped.set())
+    with serve(request, socket, log) as served:
+        if fmt == "json":
+            emit_json({"backup": backup_id, **served.describe()})
+            sys.stdout.flush()
+        else:
+            stdout.print(record_table({"backup": backup_id, "socket": str(socket), "log": str(log),
+                                       **{f"export {d}": served.uri(d) for d in served.exports}}))
+            stderr.print("serving until interrupted (Ctrl-C)", highlight=False)
+        with contextlib.suppress(KeyboardInterrupt):
+            while not stopped.is_set() and served.process.poll() is None:
+                stopped.wait(0.5)
+    if served.process.returncode not in (None, 0, -signal.SIGTERM):
+        raise ServeError(f"nbdkit stopped (exit {served.process.returncode})", hint=f"see {log}")
 
 
 def _register(app: App, name: str, *, source: str) -> None:

@@ -52,6 +52,9 @@ class App:
     def __init__(self, home: Home) -> None:
         self.home = home
         self._catalog: Catalog | None = None
+        #: ``--log-level`` as given (None: $FREEZEFRAME_LOG or the default), for the
+        #: processes a command starts.
+        self.log_level: str | None = None
 
     @property
     def catalog(self) -> Catalog:

@@ -17,6 +17,8 @@ from freezeframe.cli.context import App
 from freezeframe.cli.output import stderr
 from freezeframe.config import Home
 from freezeframe.errors import FreezeframeError
+from freezeframe.logs import LEVELS
+from freezeframe.logs import configure as configure_log
 
 EXIT_CODES = """\b
 Exit codes:
@@ -74,15 +76,20 @@ class _LazyGroup(click.Group):
 @click.option("--home", type=click.Path(file_okay=False, path_type=Path), envvar="FREEZEFRAME_HOME",
               help="State directory (catalog, lab VMs). Default: $FREEZEFRAME_HOME, else "
                    "/var/lib/freezeframe for root, else ~/.local/share/freezeframe.")
+@click.option("--log-level", type=click.Choice(LEVELS, case_sensitive=False), default=None,
+              help="What the log shows on standard error. Default: $FREEZEFRAME_LOG, else warning. Long jobs "
+                   "(a served backup, the daemon) also log to a file in the home's logs/ directory.")
 @click.version_option(package_name="freezeframe")
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None) -> None:
+def cli(ctx: click.Context, home: Path | None, log_level: str | None) -> None:
     """Consistent snapshots and backups of QEMU/KVM virtual machines.
 
     Every snapshot records the consistency level it achieved (application, filesystem or
     crash) and, when it stepped down from what was asked, why.
     """
+    configure_log(log_level)
     app = App(Home.open(home.resolve() if home else None))
+    app.log_level = log_level
     ctx.obj = app
     ctx.call_on_close(app.close)
 
