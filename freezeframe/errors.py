@@ -134,6 +134,13 @@ class DamagedObject(RepositoryError):
         self.why = why
 
 
+class UnreadableData(RepositoryError):
+    """Data of a backup could not be read (a damaged or missing chunk under it): the reads
+    or files over it fail, never with other bytes."""
+
+    exit_code = 11
+
+
 class MissingObject(RepositoryError):
     """An object the repository should hold is not there (deleted, lost, or moved aside by
     a verify that found it damaged): the backups that need it are damaged too."""

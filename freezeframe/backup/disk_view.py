@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from freezeframe.backup.repository import DiskIndex, Repository
-from freezeframe.errors import DamagedObject, MissingObject, RepositoryError
+from freezeframe.errors import DamagedObject, MissingObject, RepositoryError, UnreadableData
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,8 @@ SLOW_S = 1.0
 DEFAULT_READ_AHEAD = 4
 
 
-class ChunkUnreadable(RepositoryError):
+class ChunkUnreadable(UnreadableData):
     """A chunk of the served disk is damaged or missing: the reads over it fail."""
-
-    exit_code = 11
 
 
 class DiskView:

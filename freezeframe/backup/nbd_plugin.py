@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import nbdkit  # type: ignore[import-not-found]  # provided by nbdkit's embedded Python
+import nbdkit  # provided by nbdkit's embedded Python
 
 from freezeframe import logs
 from freezeframe.backup.disk_view import ChunkUnreadable, DiskView
