@@ -71,6 +71,11 @@ class Home:
         return self.root / "fleecing"
 
     @property
+    def live(self) -> Path:
+        """State of live restores in progress (what ``--resume`` picks up)."""
+        return self.root / "live"
+
+    @property
     def logs(self) -> Path:
         """Log files of long jobs and of the servers they start (a served backup)."""
         return self.root / "logs"

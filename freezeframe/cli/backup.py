@@ -176,8 +176,8 @@ def show(app: App, backup: str, repo_path: str | None, passphrase_file: Path | N
 
 
 @group.command("restore")
-@click.argument("backup")
-@click.option("--to", "dest", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.argument("backup", required=False)
+@click.option("--to", "dest", type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the restored images (one per disk, named by device).")
 @click.option("--format", "image_format", type=click.Choice(["qcow2", "raw"]), default="qcow2", show_default=True)
 @click.option("--disk", "devices", multiple=True, metavar="DEVICE", help="Restore only this disk (repeatable).")
@@ -187,15 +187,27 @@ def show(app: App, backup: str, repo_path: str | None, passphrase_file: Path | N
 @repo_option
 @passphrase_options
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel writes. Default: one per core.")
+@click.option("--live", is_flag=True, help="Instant recovery: see 'lab up --from-backup --live'; here only with "
+                                           "--resume, to finish a live restore that was interrupted.")
+@click.option("--resume", "resume", metavar="NAME", help="With --live: finish the live restore of instance NAME.")
 @output_option
 @pass_app
-def restore(app: App, backup: str, dest: Path, image_format: str, devices: tuple[str, ...],
+def restore(app: App, backup: str | None, dest: Path | None, image_format: str, devices: tuple[str, ...],
             new_instance: str | None, repo_path: str | None, passphrase_file: Path | None,
-            passphrase_env: str | None, workers: int | None, fmt: str) -> None:
+            passphrase_env: str | None, workers: int | None, live: bool, resume: str | None, fmt: str) -> None:
     """Restore BACKUP's disks as complete images: sparse, every chunk checked against its hash.
 
     BACKUP is an id or id prefix from the catalog; with --repo, a backup id found only in
-    that repository (restoring without the original catalog or instance) works too."""
+    that repository (restoring without the original catalog or instance) works too.
+
+    --live --resume NAME finishes the live restore of NAME (started by 'lab up NAME
+    --from-backup BACKUP --live') after the process copying it was killed: the backup is
+    served again on the same socket, QEMU reconnects, the VM and the copy carry on."""
+    if live or resume:
+        _resume_live(app, live, resume, read_passphrase(passphrase_file, passphrase_env), fmt)
+        return
+    if backup is None or dest is None:
+        raise click.UsageError("give BACKUP and --to DIR")
     keep_freed_memory()
     if new_instance is not None:
         validate_name("instance", new_instance)
@@ -365,6 +377,25 @@ def extract(app: App, backup: str, paths: tuple[str, ...], dest: Path, devices: 
     if report.failed:
         raise UnreadableData("could not read " + "; ".join(f"{f['path']}: {f['error']}" for f in report.failed),
                               hint="the other files were extracted; see: freezeframe backup verify")
+
+
+def _resume_live(app: App, live: bool, resume: str | None, passphrase: bytes | None, fmt: str) -> None:
+    from freezeframe.cli.lab import stream_live
+    from freezeframe.jobs import live_restore
+    from freezeframe.lab import vm as lab_vm
+
+    if not (live and resume):
+        raise click.UsageError("a live restore starts with: freezeframe lab up NAME --from-backup BACKUP --live; "
+                               "'backup restore --live --resume NAME' finishes one that was interrupted")
+    state = live_restore.LiveState.load(app.home.live / f"{resume}.json")
+    done = stream_live(app, state, passphrase, boot=None, fmt=fmt)
+    with contextlib.suppress(NotFound):
+        lab_vm.set_attach(app.home.lab, resume, live_restore.qemu_args(state, backing=False))
+    record = {"instance": resume, "backup": state.backup, "live_restore": done.to_json()}
+    if fmt == "json":
+        emit_json(record)
+    else:
+        stdout.print(f"live restore of {resume} finished: every disk is local", highlight=False)
 
 
 def _register(app: App, name: str, *, source: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,19 @@ from typing import Any
 import click
 
 from freezeframe.cli.context import App, locate_backup, pass_app, passphrase_options, read_passphrase, repo_option
-from freezeframe.cli.output import emit_json, output_option, progress, record_table, records_table, stdout
+from freezeframe.cli.output import (
+    byte_progress,
+    emit_json,
+    emit_progress,
+    output_option,
+    progress,
+    record_table,
+    records_table,
+    stdout,
+)
 from freezeframe.engine.backup import restore_backup
 from freezeframe.errors import NotFound
+from freezeframe.jobs import live_restore
 from freezeframe.lab import apps as lab_apps
 from freezeframe.lab import debian as lab_debian
 from freezeframe.lab import image as lab_image
@@ -87,6 +99,15 @@ def build(app: App, distro: str) -> None:
 @click.option("--template", help="Template the new instance inherits from.")
 @click.option("--from-backup", "from_backup", metavar="BACKUP",
               help="Boot on the disks of this backup (restored as qcow2 first) instead of new empty ones.")
+@click.option("--live", is_flag=True,
+              help="With --from-backup: boot at once on empty local overlays backed by the backup served over "
+                   "NBD, and copy the backup in behind the running guest (block-stream); returns when every disk "
+                   "is local. If interrupted, finish with: freezeframe backup restore --live --resume NAME.")
+@click.option("--rate-limit", "rate_mib", type=click.FloatRange(min=0, min_open=True), default=None,
+              metavar="MiB/s", help="With --live: the most each disk's copy reads per second.")
+@click.option("--repo-wait", "repo_wait", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              metavar="SECONDS", help="With --live: how long a read waits for an unreachable repository before "
+                                      "the VM pauses (it is resumed once the repository answers again).")
 @repo_option
 @passphrase_options
 @output_option
@@ -94,8 +115,9 @@ def build(app: App, distro: str) -> None:
 def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool, workload_sync: bool,
        application: str | None, hooks: tuple[str, ...], hook_policy: str, hook_timeout: float,
        hook_runner: str, distro: str, stock_hooks: tuple[str, ...], libvirt: bool, uri: str,
-       template: str | None, from_backup: str | None, repo_path: str | None, passphrase_file: Path | None,
-       passphrase_env: str | None, fmt: str) -> None:
+       template: str | None, from_backup: str | None, live: bool, rate_mib: float | None, repo_wait: float,
+       repo_path: str | None,
+       passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
     """Start lab VM NAME and register it as instance NAME."""
     # Check names before the slow part, so a clash is reported at once.
     try:
@@ -106,6 +128,16 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
         raise click.UsageError(f"an instance named {name!r} exists already; choose another name")
     if template is not None:
         app.catalog.template(template)
+    if live or rate_mib is not None:
+        if from_backup is None or not live:
+            raise click.UsageError("--live goes with --from-backup, and --rate-limit with --live")
+        if libvirt or distro != "busybox" or application or hooks:
+            raise click.UsageError("--live boots the busybox lab guest under plain QEMU (no --libvirt, --distro, "
+                                   "--app or --hook)")
+        _up_live(app, name, from_backup, repo_path, read_passphrase(passphrase_file, passphrase_env),
+                 template=template, workload=workload, rate=int((rate_mib or 0) * (1 << 20)), wait_s=repo_wait,
+                 fmt=fmt)
+        return
     images: list[Path] | None = None
     with progress(f"lab VM {name}") as say, tempfile.TemporaryDirectory(dir=app.home.root) as scratch:
         if from_backup is not None:
@@ -144,6 +176,55 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
         emit_json(_record(vm))
     else:
         stdout.print(record_table(_record(vm)))
+
+
+def _up_live(app: App, name: str, from_backup: str, repo_path: str | None, passphrase: bytes | None, *,
+             template: str | None, workload: bool, rate: int, wait_s: float, fmt: str) -> None:
+    repo, backup_id = locate_backup(app, from_backup, repo_path, passphrase)
+    state = live_restore.plan(repo, backup_id, name, (app.home.lab / name).resolve(),
+                              app.home.run / f"live-{name}.sock", app.home.logs / f"live-{name}.log", rate=rate,
+                              wait_s=wait_s)
+
+    def boot(state: live_restore.LiveState) -> str:
+        vm = lab_vm.up_attached(app.home.lab, app.home.images, name, attach=live_restore.qemu_args(state),
+                                disks=[d.overlay for d in state.disks], workload=workload,
+                                setup=lambda _: live_restore.create_overlays(state))
+        try:
+            app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket, qga_socket=vm.qga_socket,
+                                     template=template, lab=True)
+        except BaseException:
+            lab_vm.down(app.home.lab, name)
+            raise
+        shown = {"event": "booted", "instance": name, "backup": backup_id, "qmp_socket": vm.qmp_socket,
+                 "qga_socket": vm.qga_socket}
+        emit_progress(shown, fmt)
+        return vm.qmp_socket
+
+    done = stream_live(app, state, passphrase, boot=boot, fmt=fmt)
+    vm = lab_vm.set_attach(app.home.lab, name, live_restore.qemu_args(state, backing=False))
+    record = {**_record(vm), "live_restore": done.to_json()}
+    if fmt == "json":
+        emit_json(record)
+    else:
+        stdout.print(record_table({k: v for k, v in record.items() if k != "attach"}))
+
+
+def stream_live(app: App, state: live_restore.LiveState, passphrase: bytes | None, *,
+                 boot: Callable[[live_restore.LiveState], str] | None, fmt: str) -> live_restore.Progress:
+    """The stream with its progress shown: a bar on a terminal, JSON lines on stderr for -o json."""
+    last = [0.0]
+
+    def show(step: live_restore.Progress) -> None:
+        if fmt == "json":
+            if time.monotonic() - last[0] >= 2 or step.done >= step.total:
+                last[0] = time.monotonic()
+                emit_progress({"event": "progress", **step.to_json()}, fmt)
+        else:
+            bar(step.done, step.total, "waiting for the repository" if step.paused else "")
+
+    with byte_progress(f"live restore of {state.instance}", enabled=fmt != "json") as bar:
+        return live_restore.run(state, app.home.live / f"{state.instance}.json", passphrase, boot=boot,
+                                on_progress=show)
 
 
 @group.command("down")

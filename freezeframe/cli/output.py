@@ -62,6 +62,17 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
+def emit_progress(event: dict[str, Any], fmt: str) -> None:
+    """A step of a long job on stderr: one JSON line each for -o json (scripts follow it
+    while stdout waits for the result), else a short line for people."""
+    if fmt == "json":
+        sys.stderr.write(json.dumps(event) + "\n")
+        sys.stderr.flush()
+    elif event.get("event") == "booted":
+        _stderr.print(f"{event['instance']} runs on backup {str(event['backup'])[:8]}; copying it in behind the guest",
+                      highlight=False)
+
+
 def human_size(size: int) -> str:
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

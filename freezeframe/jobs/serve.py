@@ -10,10 +10,12 @@ nbdkit runs in the foreground as a child of the process that starts it and exits
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
+import signal
 import socket as sockets
 import subprocess
 import sysconfig
@@ -100,9 +102,10 @@ def serve(request: ServeRequest, socket: Path, log: Path) -> Iterator[Served]:
     if not request.devices:
         raise InvalidInput("no disk to serve")
     if socket.exists():
+        _outlive_orphan(socket)
         if _listening(socket):
             raise ServeError(f"{socket} is in use by another server", hint="give another --socket")
-        socket.unlink()
+        socket.unlink(missing_ok=True)
     socket.parent.mkdir(parents=True, exist_ok=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     # nbdkit writes its pid file once it listens: the sign it is ready (a probe connection
@@ -154,6 +157,32 @@ def serve(request: ServeRequest, socket: Path, log: Path) -> Iterator[Served]:
         ready.unlink(missing_ok=True)
         if socket.exists() and not _listening(socket):
             socket.unlink(missing_ok=True)
+
+
+def _outlive_orphan(socket: Path, grace_s: float = 5.0) -> None:
+    """Stop a server of ours left on ``socket`` by a process that was killed (a live
+    restore to resume). It was told to exit with its parent, but nbdkit lets the clients
+    it serves finish first, and a QEMU attached to it never does: after a grace period it
+    is killed (it only read). Only a process whose command line is ours for this socket,
+    and whose parent is gone, is touched."""
+    try:
+        pid = int(socket.with_name(socket.name + ".pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return
+    ours = str(PLUGIN).encode() in cmdline and str(socket).encode() in cmdline
+    orphaned = parent in (0, 1) or not Path(f"/proc/{parent}").exists()
+    if not (ours and orphaned):
+        return
+    deadline = time.monotonic() + grace_s
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _tail(log: Path, lines: int = 5) -> str:

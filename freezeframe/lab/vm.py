@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -396,14 +397,18 @@ def _boot_libvirt(uri: str, name: str, vm_dir: Path, image: GuestImage, disks: l
 
 
 def up_attached(lab_root: Path, image_cache: Path, name: str, *, attach: list[str], disks: list[str],
-                workload: bool = False, memory_mib: int = 256, boot_timeout: float = 90.0) -> LabVM:
+                workload: bool = False, memory_mib: int = 256, boot_timeout: float = 90.0,
+                setup: Callable[[Path], None] | None = None) -> LabVM:
     """Boot the lab guest on disks attached the caller's way (``attach``: ``-drive``,
     ``-device``, ``-object`` arguments, as a VM started by hand or by another tool has
     them). The guest mounts every disk that has a serial (a SCSI disk's from its VPD page
-    0x80) at /mnt/<serial>."""
+    0x80) at /mnt/<serial>. ``setup`` is called with the VM's new directory before QEMU
+    starts (to create the files ``attach`` names there)."""
     vm_dir, image, accel = _claim(lab_root, image_cache, name)
     cmdline = _cmdline(workload=workload)
     try:
+        if setup is not None:
+            setup(vm_dir)
         pid = _boot(vm_dir, image, [], accel=accel, cmdline=cmdline, memory_mib=memory_mib, timeout=boot_timeout,
                     extra=attach)
         if pid is None:
@@ -471,6 +476,15 @@ def get(lab_root: Path, name: str) -> LabVM:
         raise NotFound(f"no lab VM named {name!r}", hint="see: freezeframe lab list") from None
     except (OSError, ValueError, TypeError) as err:
         raise LabError(f"the lab VM {name} has a damaged vm.json: {err}") from err
+
+
+def set_attach(lab_root: Path, name: str, attach: list[str]) -> LabVM:
+    """Record how the VM's disks are attached now (after a live restore dropped their
+    backing), so that a restart boots it the same way."""
+    vm = get(lab_root, name)
+    changed = LabVM(**{**asdict(vm), "attach": list(attach)})
+    (Path(vm.directory) / "vm.json").write_text(json.dumps(asdict(changed), indent=2))
+    return changed
 
 
 def list_vms(lab_root: Path) -> list[LabVM]:

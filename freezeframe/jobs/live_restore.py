@@ -1,0 +1,284 @@
+"""Instant recovery: a VM runs on its backup at once while the backup is copied in behind it.
+
+Each disk becomes a local qcow2 overlay, empty at first, whose backing is the disk's NBD
+export (``jobs/serve.py``, straight from the repository). QEMU starts on the overlays;
+the guest's writes land in them, its reads of what is not local yet go to the backup. A
+``block-stream`` job per disk then pulls every block into the overlay while the guest
+runs; QEMU's stream reads through a copy-on-read filter, so what the guest reads first
+is made local first. When a job ends, QEMU drops the overlay's backing itself, and the
+NBD node is removed: the VM runs on local images alone.
+
+A bad day, and what it costs:
+
+- **The repository is unreachable** (an S3 outage). The server waits for it (``wait_s``)
+  before it answers a read with an error, so a short outage is a slow disk. A longer one
+  makes the guest's read fail inside QEMU, which, with ``rerror=stop``/``werror=stop`` on
+  every disk, pauses the VM instead of passing the error on; the stream job, started
+  with ``on-error=stop``, pauses too. The job here resumes both (``cont``,
+  ``block-job-resume``) as soon as a read works again. The guest never sees an I/O error;
+  what it wrote is in the overlays, never lost.
+- **freezeframe is killed.** The server goes with it (it is a child that exits with its
+  parent), QEMU's NBD client keeps trying to reconnect (``reconnect-delay``), and the VM
+  keeps running on what is local, pausing if it needs what is not. ``--resume`` serves
+  the backup again on the same socket (from the state file this job keeps), QEMU
+  reconnects, and the job carries on where QEMU left it.
+
+Progress (bytes local, rate, time left) comes from ``query-block-jobs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from freezeframe.agent.qmp import Monitor
+from freezeframe.backup.repository import RepoIdentity, Repository
+from freezeframe.errors import FreezeframeError, HypervisorError, MonitorCommandError, NotFound
+from freezeframe.jobs.serve import ServeRequest, serve
+from freezeframe.lab import host_tools
+
+log = logging.getLogger(__name__)
+
+#: Seconds QEMU's NBD client holds a guest read while it reconnects to a restarted server.
+RECONNECT_DELAY_S = 60
+#: Seconds the server waits for an unreachable repository before a read fails (and the VM
+#: pauses, to be resumed here).
+SERVE_WAIT_S = 30.0
+STATE_FORMAT = 1
+
+
+class LiveRestoreError(FreezeframeError):
+    exit_code = 10
+
+
+@dataclass(slots=True)
+class LiveDisk:
+    device: str        # the backup's name for the disk, and its NBD export
+    overlay: str       # the local qcow2
+    node: str          # QEMU's node for the overlay (what the guest's device uses)
+    source: str        # QEMU's node for the NBD export
+    size: int
+
+
+@dataclass(slots=True)
+class LiveState:
+    """What a live restore needs to go on after the process that began it is gone."""
+
+    instance: str
+    backup: str
+    location: str
+    identity: dict[str, Any]
+    socket: str
+    log: str
+    disks: list[LiveDisk]
+    qmp_socket: str = ""
+    rate: int = 0  # bytes/s per disk, 0: unlimited
+    wait_s: float = SERVE_WAIT_S  # how long a read waits for the repository before the VM pauses
+    started_at: float = field(default_factory=time.time)
+    format: int = STATE_FORMAT
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> LiveState:
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != STATE_FORMAT:
+                raise ValueError(f"format {data.get('format')!r}")
+            data["disks"] = [LiveDisk(**d) for d in data["disks"]]
+            return cls(**data)
+        except FileNotFoundError:
+            raise NotFound(f"no live restore in progress for {path.stem}",
+                           hint="see: freezeframe lab list, freezeframe backup list") from None
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise LiveRestoreError(f"the live restore state {path} is damaged: {err}") from None
+
+    def request(self, passphrase: bytes | None) -> ServeRequest:
+        return ServeRequest(location=self.location, backup=self.backup, devices=[d.device for d in self.disks],
+                            identity=RepoIdentity(**self.identity), passphrase=passphrase, wait_s=self.wait_s)
+
+
+def plan(repo: Repository, backup_id: str, instance: str, directory: Path, socket: Path, log_file: Path,
+         *, rate: int = 0, wait_s: float = SERVE_WAIT_S) -> LiveState:
+    """The live restore of ``backup_id`` as ``instance``, its overlays in ``directory``."""
+    disks = []
+    for number, disk in enumerate(repo.manifest(backup_id)["disks"]):
+        disks.append(LiveDisk(device=str(disk["device"]), overlay=str(directory / f"disk{number}.qcow2"),
+                              node=f"ffdata{number}", source=f"ffsrc{number}",
+                              size=repo.index(str(disk["index"])).virtual_size))
+    return LiveState(instance=instance, backup=backup_id, location=repo.location, identity=asdict(repo.identity),
+                     socket=str(socket), log=str(log_file), disks=disks, rate=rate, wait_s=wait_s)
+
+
+def create_overlays(state: LiveState) -> None:
+    """The empty overlays, owner-only: what the guest writes lands there."""
+    old = os.umask(0o077)
+    try:
+        for disk in state.disks:
+            host_tools.run(["qemu-img", "create", "-q", "-f", "qcow2", disk.overlay, str(disk.size)],
+                           f"create the overlay of disk {disk.device}")
+    finally:
+        os.umask(old)
+
+
+def qemu_args(state: LiveState, *, backing: bool = True) -> list[str]:
+    """QEMU arguments attaching the overlays (with the backup as backing, or alone once
+    streamed); every disk pauses the VM on an error instead of failing the guest."""
+    args: list[str] = []
+    for disk in state.disks:
+        if backing:
+            args += ["-blockdev", f"driver=nbd,node-name={disk.source},server.type=unix,"
+                                  f"server.path={state.socket},export={disk.device},read-only=on,"
+                                  f"reconnect-delay={RECONNECT_DELAY_S}"]
+        args += ["-blockdev", f"driver=file,filename={disk.overlay},node-name={disk.node}-file",
+                 "-blockdev", f"driver=qcow2,file={disk.node}-file,node-name={disk.node}"
+                              + (f",backing={disk.source}" if backing else ""),
+                 "-device", f"virtio-blk-pci,drive={disk.node},id={disk.node},serial={disk.node},"
+                            "rerror=stop,werror=stop"]
+    return args
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    done: int        # bytes local
+    total: int
+    rate: float      # bytes/s over the last few seconds
+    paused: bool     # the VM or a job waits for the repository
+
+    @property
+    def eta_s(self) -> float | None:
+        return (self.total - self.done) / self.rate if self.rate > 0 else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bytes_local": self.done, "bytes_total": self.total, "rate": round(self.rate),
+                "eta_s": None if self.eta_s is None else round(self.eta_s, 1), "paused": self.paused}
+
+
+async def _has_backing(monitor: Monitor, node: str) -> bool:
+    """Whether the overlay still reads through to the backup (its backing is set on the
+    command line, not in the image, so QEMU names it in ``backing_file`` only)."""
+    for entry in await monitor.execute("query-named-block-nodes", {"flat": True}):
+        if entry.get("node-name") == node:
+            return bool(entry.get("backing_file"))
+    raise LiveRestoreError(f"QEMU has no block node {node}: is this the VM the live restore started?")
+
+
+async def stream(state: LiveState, *, on_progress: Callable[[Progress], None] | None = None,
+                 poll_s: float = 0.5) -> Progress:
+    """Stream every disk until it is local; resumes jobs and the VM paused by errors.
+    Returns the last progress once every overlay stands alone.
+
+    QMP is connected for each look and let go in between: QEMU serves one monitor client
+    at a time, and snapshots, backups and people need it while the copy runs."""
+    jobs = {f"ff-stream-{d.node}": d for d in state.disks}
+    total = sum(d.size for d in state.disks)
+    history: list[tuple[float, int]] = []
+    restarts: dict[str, int] = {}
+    last_resume = 0.0
+    started = False
+    while True:
+        async with Monitor(state.qmp_socket, timeout=60) as monitor:
+            if not started:
+                await _start(monitor, state, jobs)
+                started = True
+            listed = {j["device"]: j for j in await monitor.execute("query-block-jobs")}
+            done, paused = 0, False
+            for job, disk in jobs.items():
+                info = listed.get(job)
+                if info is None:
+                    if not await _has_backing(monitor, disk.node):
+                        done += disk.size
+                        continue
+                    # Gone while the overlay still needs its backing: the job failed at its
+                    # start (a read error after that pauses it). Start it again.
+                    restarts[job] = restarts.get(job, 0) + 1
+                    if restarts[job] > 20:
+                        raise LiveRestoreError(f"the stream of disk {disk.device} keeps failing",
+                                               hint=f"see {state.log}; resume with --resume {state.instance}")
+                    log.warning("the stream of disk %s ended early; starting it again", disk.device)
+                    await _start(monitor, state, {job: disk})
+                    continue
+                done += int(info["offset"]) * disk.size // max(int(info["len"]), 1)
+                if info.get("paused") or info.get("io-status") not in (None, "ok"):
+                    paused = True
+            status = (await monitor.execute("query-status"))["status"]
+            paused = paused or status == "io-error"
+            now = time.monotonic()
+            if paused and now - last_resume >= 2:
+                last_resume = now
+                await _resume(monitor, listed, status)
+            history = [h for h in history if now - h[0] <= 5] + [(now, done)]
+            rate = (done - history[0][1]) / (now - history[0][0]) if now > history[0][0] else 0.0
+            progress = Progress(done=done, total=total, rate=rate, paused=paused)
+            if on_progress is not None:
+                on_progress(progress)
+            if done >= total and not listed:
+                await _finish(monitor, state)
+                return progress
+        await asyncio.sleep(poll_s)
+
+
+async def _start(monitor: Monitor, state: LiveState, jobs: dict[str, LiveDisk]) -> None:
+    running = {j["device"] for j in await monitor.execute("query-block-jobs")}
+    for job, disk in jobs.items():
+        if job in running or not await _has_backing(monitor, disk.node):
+            continue
+        arguments: dict[str, Any] = {"job-id": job, "device": disk.node, "on-error": "stop"}
+        if state.rate:
+            arguments["speed"] = state.rate
+        await monitor.execute("block-stream", arguments)
+        log.info("streaming disk %s of backup %s into %s", disk.device, state.backup[:8], disk.overlay)
+
+
+async def _finish(monitor: Monitor, state: LiveState) -> None:
+    """Every overlay stands alone: the NBD nodes go (QEMU lets go of the server)."""
+    for disk in state.disks:
+        try:
+            await monitor.execute("blockdev-del", {"node-name": disk.source})
+        except MonitorCommandError as err:
+            log.warning("could not remove the NBD node %s: %s", disk.source, err)
+    if (await monitor.execute("query-status"))["status"] == "io-error":
+        await monitor.execute("cont")
+    log.info("live restore of %s done: every disk is local", state.instance)
+
+
+async def _resume(monitor: Monitor, jobs: dict[str, dict[str, Any]], status: str) -> None:
+    """Resume what an error paused: the jobs, then the VM. If the repository is still
+    away, QEMU pauses them again at the next failed read."""
+    for name, info in jobs.items():
+        if info.get("paused") or info.get("status") == "paused":
+            try:
+                await monitor.execute("block-job-resume", {"device": name})
+                log.info("resumed the stream job %s", name)
+            except (MonitorCommandError, HypervisorError) as err:
+                log.debug("could not resume %s yet: %s", name, err)
+    if status == "io-error":
+        log.warning("the VM paused on a read the repository could not answer; resuming it")
+        await monitor.execute("cont")
+
+
+def run(state: LiveState, state_path: Path, passphrase: bytes | None, *,
+        boot: Callable[[LiveState], str] | None = None,
+        on_progress: Callable[[Progress], None] | None = None) -> Progress:
+    """Serve the backup, boot the VM on the overlays (``boot``: returns its QMP socket;
+    None when resuming one that runs), and stream until every disk is local. The state
+    file says what to resume until then."""
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    with serve(state.request(passphrase), Path(state.socket), Path(state.log)):
+        if boot is not None:
+            state.save(state_path)  # an interrupted boot is resumable or removable
+            state.qmp_socket = boot(state)
+        state.save(state_path)
+        done = asyncio.run(stream(state, on_progress=on_progress))
+    state_path.unlink(missing_ok=True)
+    return done
