@@ -40,7 +40,7 @@ typecheck:
 	$(BIN)/mypy
 
 pytest:
-	$(BIN)/pytest -ra
+	$(BIN)/pytest -ra --durations=25
 
 bench: setup
 	@bash scripts/setup-system.sh bench

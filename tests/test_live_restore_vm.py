@@ -186,7 +186,7 @@ def test_a_killed_live_restore_is_resumed_and_the_vm_never_stopped(
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         assert vm.running, "QEMU died with the live restore"
-        resumed, done = cli_json(home, "backup", "restore", "--live", "--resume", name)
+        resumed, done = cli_json(home, "backup", "restore", "--live", "--resume", name, "--rate-limit", "0")
         assert done.returncode == 0, done.stderr
         assert resumed["live_restore"]["bytes_local"] == resumed["live_restore"]["bytes_total"]
         assert vm_status(vm) == "running"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -261,6 +262,24 @@ def test_restore_writes_every_chunk_in_place_and_leaves_holes(tmp_path: Path, wh
     assert written == 2 * CHUNK + 1000
     assert image == parts[0] + parts[1] + bytes(CHUNK) + parts[3]
     assert blocks * 512 < size, "the zero chunk was written instead of left as a hole"
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_restored_images_are_owner_only_whatever_the_umask(tmp_path: Path, fmt: str) -> None:
+    repo = plain(tmp_path)
+    data = os.urandom(CHUNK)
+    index = DiskIndex(backup="b", device="vda", virtual_size=2 * CHUNK, chunk_size=CHUNK,
+                      chunks=[repo.put_chunk(data)[0], None])
+    old = os.umask(0o022)
+    try:
+        restore_disk(repo, index, tmp_path / f"vda.{fmt}", fmt=fmt, workers=1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / f"vda.{fmt}").stat().st_mode) == 0o600
+    out = subprocess.run(["qemu-img", "convert", "-O", "raw", str(tmp_path / f"vda.{fmt}"), str(tmp_path / "x.raw")],
+                         check=True)
+    assert out.returncode == 0
+    assert (tmp_path / "x.raw").read_bytes() == data + bytes(CHUNK)
 
 
 def test_sync_renames_chunks_between_keys_sends_only_what_is_missing_and_spreads_no_damage(tmp_path: Path) -> None:

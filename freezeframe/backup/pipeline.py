@@ -295,6 +295,8 @@ def restore_disk(repo: Repository, index: DiskIndex, dest: Path, *, fmt: str = "
             output.close()
         if fmt == "qcow2":
             converting = dest.with_name(f".{dest.name}.qcow2-partial")
+            # Created owner-only first: qemu-img keeps the mode of a file it truncates.
+            os.close(os.open(converting, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             done = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
                                    str(converting)], capture_output=True, text=True, check=False)
             if done.returncode != 0:

@@ -190,11 +190,15 @@ def show(app: App, backup: str, repo_path: str | None, passphrase_file: Path | N
 @click.option("--live", is_flag=True, help="Instant recovery: see 'lab up --from-backup --live'; here only with "
                                            "--resume, to finish a live restore that was interrupted.")
 @click.option("--resume", "resume", metavar="NAME", help="With --live: finish the live restore of instance NAME.")
+@click.option("--rate-limit", "rate_mib", type=click.FloatRange(min=0), default=None, metavar="MiB/s",
+              help="With --resume: the most each disk's copy reads per second from now on (0: no limit). "
+                   "Default: as the live restore began.")
 @output_option
 @pass_app
 def restore(app: App, backup: str | None, dest: Path | None, image_format: str, devices: tuple[str, ...],
             new_instance: str | None, repo_path: str | None, passphrase_file: Path | None,
-            passphrase_env: str | None, workers: int | None, live: bool, resume: str | None, fmt: str) -> None:
+            passphrase_env: str | None, workers: int | None, live: bool, resume: str | None,
+            rate_mib: float | None, fmt: str) -> None:
     """Restore BACKUP's disks as complete images: sparse, every chunk checked against its hash.
 
     BACKUP is an id or id prefix from the catalog; with --repo, a backup id found only in
@@ -204,7 +208,7 @@ def restore(app: App, backup: str | None, dest: Path | None, image_format: str, 
     --from-backup BACKUP --live') after the process copying it was killed: the backup is
     served again on the same socket, QEMU reconnects, the VM and the copy carry on."""
     if live or resume:
-        _resume_live(app, live, resume, read_passphrase(passphrase_file, passphrase_env), fmt)
+        _resume_live(app, live, resume, read_passphrase(passphrase_file, passphrase_env), rate_mib, fmt)
         return
     if backup is None or dest is None:
         raise click.UsageError("give BACKUP and --to DIR")
@@ -379,7 +383,8 @@ def extract(app: App, backup: str, paths: tuple[str, ...], dest: Path, devices: 
                               hint="the other files were extracted; see: freezeframe backup verify")
 
 
-def _resume_live(app: App, live: bool, resume: str | None, passphrase: bytes | None, fmt: str) -> None:
+def _resume_live(app: App, live: bool, resume: str | None, passphrase: bytes | None, rate_mib: float | None,
+                 fmt: str) -> None:
     from freezeframe.cli.lab import stream_live
     from freezeframe.jobs import live_restore
     from freezeframe.lab import vm as lab_vm
@@ -388,6 +393,8 @@ def _resume_live(app: App, live: bool, resume: str | None, passphrase: bytes | N
         raise click.UsageError("a live restore starts with: freezeframe lab up NAME --from-backup BACKUP --live; "
                                "'backup restore --live --resume NAME' finishes one that was interrupted")
     state = live_restore.LiveState.load(app.home.live / f"{resume}.json")
+    if rate_mib is not None:
+        state.rate = int(rate_mib * (1 << 20))
     done = stream_live(app, state, passphrase, boot=None, fmt=fmt)
     with contextlib.suppress(NotFound):
         lab_vm.set_attach(app.home.lab, resume, live_restore.qemu_args(state, backing=False))

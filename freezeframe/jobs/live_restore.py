@@ -231,7 +231,11 @@ async def stream(state: LiveState, *, on_progress: Callable[[Progress], None] | 
 async def _start(monitor: Monitor, state: LiveState, jobs: dict[str, LiveDisk]) -> None:
     running = {j["device"] for j in await monitor.execute("query-block-jobs")}
     for job, disk in jobs.items():
-        if job in running or not await _has_backing(monitor, disk.node):
+        if job in running:
+            # A job left by an interrupted run goes on, at the speed asked for now.
+            await monitor.execute("block-job-set-speed", {"device": job, "speed": state.rate})
+            continue
+        if not await _has_backing(monitor, disk.node):
             continue
         arguments: dict[str, Any] = {"job-id": job, "device": disk.node, "on-error": "stop"}
         if state.rate:
