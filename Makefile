@@ -49,6 +49,7 @@ bench: setup
 	$(BIN)/python bench/backup_throughput.py
 	$(BIN)/python bench/repo_scale.py
 	$(BIN)/python bench/prune_vs_restic.py
+	$(BIN)/python bench/recovery.py
 
 fuzz: setup
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[fuzz]'
