@@ -8,7 +8,6 @@ gains a guest file system meanwhile."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import stat
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 from backups import backup, cli_json, damage_chunk, guest, init_repo
-from conftest import LabFactory
+from conftest import LabFactory, run_cli
 
 from freezeframe.backup.repository import Repository
 from freezeframe.backup.store import open_store
@@ -214,5 +213,26 @@ def test_files_and_extract_from_xfs(home: Home, lab: LabFactory, tmp_path: Path)
         report, done = cli_json(home, "backup", "extract", made["id"], f"{device}/tree", "--to", str(out))
         assert done.returncode == 0, done.stderr
         check_extracted(out, view, report)
+        assert report["files"] == 3
+
+        # backup mount: a read-only tree through FUSE until backup unmount.
+        where = tmp_path / "mnt"
+        where.mkdir()
+        shown, done = cli_json(home, "backup", "mount", made["id"], str(where))
+        assert done.returncode == 0, done.stderr
+        try:
+            tree = where / device / "tree"
+            assert sorted(p.name for p in tree.iterdir()) == sorted(n for n in view if "/" not in n and n != ".")
+            assert (tree / "big.bin").read_bytes() == big_bytes()
+            assert os.readlink(tree / "outside-link") == "/etc/passwd"
+            with pytest.raises(OSError, match="Read-only file system"):
+                (tree / "new-file").write_text("no")
+            mounted = [line for line in Path("/proc/mounts").read_text().splitlines() if f" {where} " in line]
+            assert len(mounted) == 1
+            assert mounted[0].split()[2].startswith("fuse"), mounted
+        finally:
+            gone = run_cli(home, "backup", "unmount", str(where))
+        assert gone.returncode == 0, gone.stderr
+        assert f" {where} " not in Path("/proc/mounts").read_text()
+        assert not Path(f"/proc/{shown['pid']}").exists(), "the mount's process outlived the unmount"
     assert guest_fs_mounts(appeared) == [], f"the host mounted a guest file system: {appeared}"
-    assert json.loads(json.dumps(report))["files"] == 3

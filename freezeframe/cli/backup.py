@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -403,6 +405,109 @@ def _resume_live(app: App, live: bool, resume: str | None, passphrase: bytes | N
         emit_json(record)
     else:
         stdout.print(f"live restore of {resume} finished: every disk is local", highlight=False)
+
+
+def _mounted_at(mountpoint: Path) -> str | None:
+    """The file system type mounted at ``mountpoint``, if any (from /proc/mounts)."""
+    wanted = str(mountpoint).replace(" ", "\\040")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == wanted:
+            return fields[2]
+    return None
+
+
+def _mount_record(app: App, mountpoint: Path) -> Path:
+    """Where the pid of the process holding a mount is kept."""
+    app.home.run.mkdir(parents=True, exist_ok=True)
+    return app.home.run / f"mount-{hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]}.pid"
+
+
+@group.command("mount")
+@click.argument("backup")
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--disk", "devices", multiple=True, metavar="DEVICE", help="Show only this disk (repeatable).")
+@click.option("--foreground", is_flag=True, help="Stay in the foreground until unmounted (default: in the background).")
+@repo_option
+@passphrase_options
+@output_option
+@pass_app
+def mount(app: App, backup: str, mountpoint: Path, devices: tuple[str, ...], foreground: bool, repo_path: str | None,
+          passphrase_file: Path | None, passphrase_env: str | None, fmt: str) -> None:
+    """Show BACKUP's file systems read-only at MOUNTPOINT (one directory per file system,
+    named as in 'backup files'), until 'backup unmount MOUNTPOINT'.
+
+    The file systems are read in the sandbox appliance, as 'backup files' does; the host
+    sees them through FUSE (it relays calls, it parses no guest file system)."""
+    mountpoint = mountpoint.absolute()
+    if not mountpoint.is_dir() or any(mountpoint.iterdir()):
+        raise InvalidInput(f"{mountpoint} is not an empty directory", hint="mount on an empty directory")
+    if _mounted_at(mountpoint) is not None:
+        raise Conflict(f"something is mounted at {mountpoint} already")
+    request = _serve_request(app, backup, devices, repo_path, passphrase_file, passphrase_env)
+    if foreground:
+        record = _mount_record(app, mountpoint)
+        record.write_text(str(os.getpid()))
+        try:
+            with _files_of(app, request) as guest:
+                shown = guest.box.mount_all()
+                if not shown:
+                    raise InvalidInput(f"backup {request.backup[:8]} has no file system to show",
+                                       hint="see: freezeframe backup files " + request.backup[:8])
+                guest.box.export(mountpoint)
+        finally:
+            record.unlink(missing_ok=True)
+        return
+    log = app.home.logs / f"mount-{request.backup[:8]}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "freezeframe", "--home", str(app.home.root), "backup", "mount", request.backup,
+            str(mountpoint), "--foreground", "--repo", request.location,
+            *(a for d in devices for a in ("--disk", d)),
+            *(["--passphrase-file", str(passphrase_file)] if passphrase_file else []),
+            *(["--passphrase-env", passphrase_env] if passphrase_env else [])]
+    with open(log, "ab") as out:
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + 600
+    with progress(f"mount of {request.backup[:8]}") as say:
+        say("starting the sandbox")
+        while _mounted_at(mountpoint) is None:
+            if child.poll() is not None:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+                raise ServeError(f"the mount of backup {request.backup[:8]} failed: {' / '.join(tail)}",
+                                 hint=f"see {log}")
+            if time.monotonic() > deadline:
+                child.kill()
+                raise ServeError(f"the sandbox did not show backup {request.backup[:8]} within 600s",
+                                 hint=f"see {log}")
+            time.sleep(0.2)
+    described = {"backup": request.backup, "mountpoint": str(mountpoint), "pid": child.pid, "log": str(log)}
+    if fmt == "json":
+        emit_json(described)
+    else:
+        stdout.print(f"backup {request.backup[:8]} is at {mountpoint} (read-only) until: freezeframe backup "
+                     f"unmount {mountpoint}", highlight=False)
+
+
+@group.command("unmount")
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
+@pass_app
+def unmount(app: App, mountpoint: Path) -> None:
+    """Take a backup shown by 'backup mount' away from MOUNTPOINT; its sandbox and server stop."""
+    mountpoint = mountpoint.absolute()
+    kind = _mounted_at(mountpoint)
+    if kind is None or not kind.startswith("fuse"):
+        raise NotFound(f"no backup is mounted at {mountpoint}")
+    record = _mount_record(app, mountpoint)
+    done = subprocess.run(["guestunmount", str(mountpoint)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ServeError(f"cannot unmount {mountpoint}: {done.stderr.strip()}",
+                         hint="close what uses files under it, then try again")
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(record.read_text())
+        deadline = time.monotonic() + 60
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    click.echo(f"unmounted {mountpoint}")
 
 
 def _register(app: App, name: str, *, source: str) -> None:

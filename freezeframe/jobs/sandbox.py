@@ -11,7 +11,7 @@ UUID). The guest's volume groups exist only inside the appliance.
 
 What is found is named for the user by the guest's device: a whole-disk file system by
 the disk (``vdb``), a partition by the disk and its number (``vdb1``), a logical volume
-as ``lvm-VG-LV``. Inside the appliance each is mounted at ``/ff/NAME``.
+as ``lvm-VG-LV``. Inside the appliance each is mounted at ``/NAME``.
 
 KVM is used where it works; where ``/dev/kvm`` exists but does not run a guest (it spins,
 as on these test machines), the appliance runs under TCG (``FREEZEFRAME_SANDBOX_ACCEL``
@@ -138,18 +138,16 @@ class Sandbox:
         return found
 
     def mount(self, name: str) -> str:
-        """Mount file system ``name`` read-only at /ff/NAME in the appliance; its path there."""
+        """Mount file system ``name`` read-only at /NAME in the appliance; its path there."""
         fs = self.filesystems.get(name)
         if fs is None:
             raise NotFound(f"the backup has no file system {name!r}",
                            hint=f"it has: {', '.join(sorted(self.filesystems)) or 'none'}")
-        where = f"/ff/{name}"
+        where = f"/{name}"
         if name in self._mounted:
             return where
         if not fs.mountable:
             raise SandboxError(fs.why_not())
-        if not self._mounted:
-            self.g.mkmountpoint("/ff")
         self.g.mkmountpoint(where)
         try:
             self.g.mount_options(MOUNT_OPTIONS[fs.fstype], fs.device, where)
@@ -158,6 +156,34 @@ class Sandbox:
         self._mounted.add(name)
         log.info("mounted %s (%s, %s) read-only in the sandbox", name, fs.device, fs.fstype)
         return where
+
+
+    def mount_all(self) -> list[str]:
+        """Every file system that mounts, each at /NAME; the names of those that did."""
+        done = []
+        for name, fs in sorted(self.filesystems.items()):
+            if not fs.mountable:
+                log.info("not mounting %s: %s", name, fs.why_not())
+                continue
+            try:
+                self.mount(name)
+            except SandboxError as err:
+                log.warning("%s", err)
+                continue
+            done.append(name)
+        return done
+
+    def export(self, mountpoint: Path) -> None:
+        """Show the mounted file systems read-only at ``mountpoint`` on this host (FUSE: the
+        host kernel relays calls to the appliance, it parses nothing), until unmounted
+        (``guestunmount``); blocks meanwhile."""
+        try:
+            self.g.mount_local(str(mountpoint), readonly=True, cachetimeout=60)
+        except RuntimeError as err:
+            raise SandboxError(f"cannot show the backup at {mountpoint}: {err}",
+                               hint="is the directory empty, and FUSE (/dev/fuse) available?") from None
+        log.info("backup shown at %s until unmounted", mountpoint)
+        self.g.mount_local_run()
 
 
 def _name_of(device: str, by_letter: dict[str, str]) -> str | None:
