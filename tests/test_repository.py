@@ -282,6 +282,62 @@ def test_restored_images_are_owner_only_whatever_the_umask(tmp_path: Path, fmt: 
     assert (tmp_path / "x.raw").read_bytes() == data + bytes(CHUNK)
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_an_in_place_restore_writes_only_the_chunks_that_differ(home: Home, tmp_path: Path, fmt: str) -> None:
+    """Through the CLI, on real qemu-nbd: a restored image changed in two chunks (one
+    overwritten, one zero chunk given data) is rolled back by writing those two chunks
+    alone; an image a running QEMU holds is refused, untouched."""
+    place = tmp_path / "repo"
+    assert run_cli(home, "repo", "init", str(place), "--chunk-size", str(CHUNK >> 10)).returncode == 0
+    repo = Repository.open(LocalStore(place))
+    parts = [os.urandom(CHUNK) for _ in range(6)] + [None, os.urandom(CHUNK // 2)]
+    ids = [None if p is None else repo.put_chunk(p)[0] for p in parts]
+    size = 7 * CHUNK + CHUNK // 2
+    name = repo.put_index(DiskIndex(backup="roll", device="vda", virtual_size=size, chunk_size=CHUNK,
+                                    chunks=ids), 0)
+    repo.put_manifest("roll", {"id": "roll", "instance": "synthetic", "disks": [
+        {"device": "vda", "virtual_size": size, "index": name}]})
+    out = tmp_path / "out"
+    done = run_cli(home, "backup", "restore", "roll", "--repo", str(place), "--to", str(out), "--format", fmt)
+    assert done.returncode == 0, done.stderr
+    image = out / f"vda.{fmt}"
+    original = b"".join(bytes(CHUNK) if p is None else p for p in parts)
+    for offset in (2 * CHUNK + 100, 6 * CHUNK + 5):  # inside a data chunk, and inside the zero chunk
+        subprocess.run(["qemu-io", "-f", fmt, "-c", f"write -P 0x5a {offset} 4096", str(image)], check=True,
+                       capture_output=True)
+
+    def content() -> bytes:
+        raw = tmp_path / "check.raw"
+        subprocess.run(["qemu-img", "convert", "-U", "-f", fmt, "-O", "raw", str(image), str(raw)], check=True)
+        return raw.read_bytes()
+
+    assert content() != original
+    # A QEMU with the image as its disk (paused before the guest: the lock is what counts).
+    holder = subprocess.Popen(["qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-accel", "tcg",
+                               "-qmp", f"unix:{tmp_path / 'held.qmp'},server=on,wait=off",
+                               "-blockdev", f"driver=file,filename={image},node-name=f",
+                               "-blockdev", f"driver={fmt},file=f,node-name=d", "-device", "virtio-blk-pci,drive=d"],
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if (tmp_path / "held.qmp").exists():
+                break
+            time.sleep(0.05)
+        refused = run_cli(home, "backup", "restore", "roll", "--repo", str(place), "--to", str(out), "--in-place")
+        assert refused.returncode == 4, refused.stderr
+        assert "in use" in refused.stderr
+    finally:
+        holder.terminate()
+        holder.wait()
+    rolled, done = None, run_cli(home, "backup", "restore", "roll", "--repo", str(place), "--to", str(out),
+                                 "--in-place", "-o", "json")
+    assert done.returncode == 0, done.stderr
+    rolled = json.loads(done.stdout)
+    assert [(r["chunks_written"], r["bytes_written"], r["chunks_same"]) for r in rolled] == [(2, 2 * CHUNK, 6)]
+    assert rolled[0]["bytes_read"] == size
+    assert content() == original
+
+
 def test_sync_renames_chunks_between_keys_sends_only_what_is_missing_and_spreads_no_damage(tmp_path: Path) -> None:
     src, dst = sealed(tmp_path, "src", b"one"), sealed(tmp_path, "dst", b"two")
     chunks = [os.urandom(CHUNK) for _ in range(6)]

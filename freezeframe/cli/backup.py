@@ -46,7 +46,7 @@ from freezeframe.cli.output import (
     stdout,
 )
 from freezeframe.cli.point import plan_point, point_options
-from freezeframe.engine.backup import BackupPlan, Transfer, restore_backup, take_backup
+from freezeframe.engine.backup import BackupPlan, Transfer, restore_backup, roll_back_backup, take_backup
 from freezeframe.errors import BackupFailed, Conflict, InvalidInput, LabError, NotFound, UnreadableData
 from freezeframe.jobs.file_restore import Entry, GuestFiles, guest_files
 from freezeframe.jobs.prune import plan_prune, prune
@@ -189,6 +189,9 @@ def show(app: App, backup: str, repo_path: str | None, passphrase_file: Path | N
 @repo_option
 @passphrase_options
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Parallel writes. Default: one per core.")
+@click.option("--in-place", "in_place", is_flag=True,
+              help="Onto the images already in DIR (DEVICE.raw or DEVICE.qcow2, as a restore names them; their "
+                   "VM stopped): read each chunk's range, write only the chunks that differ.")
 @click.option("--live", is_flag=True, help="Instant recovery: see 'lab up --from-backup --live'; here only with "
                                            "--resume, to finish a live restore that was interrupted.")
 @click.option("--resume", "resume", metavar="NAME", help="With --live: finish the live restore of instance NAME.")
@@ -199,7 +202,7 @@ def show(app: App, backup: str, repo_path: str | None, passphrase_file: Path | N
 @pass_app
 def restore(app: App, backup: str | None, dest: Path | None, image_format: str, devices: tuple[str, ...],
             new_instance: str | None, repo_path: str | None, passphrase_file: Path | None,
-            passphrase_env: str | None, workers: int | None, live: bool, resume: str | None,
+            passphrase_env: str | None, workers: int | None, in_place: bool, live: bool, resume: str | None,
             rate_mib: float | None, fmt: str) -> None:
     """Restore BACKUP's disks as complete images: sparse, every chunk checked against its hash.
 
@@ -220,6 +223,21 @@ def restore(app: App, backup: str | None, dest: Path | None, image_format: str, 
         if any(i.name == new_instance for i in app.catalog.instances()):
             raise Conflict(f"instance {new_instance!r} exists already", hint="choose another --to-instance name")
     repo, backup_id = locate_backup(app, backup, repo_path, read_passphrase(passphrase_file, passphrase_env))
+    if in_place:
+        if new_instance is not None:
+            raise click.UsageError("--in-place rolls existing images back: it registers no new instance")
+        with byte_progress(f"in-place restore of {backup_id[:8]}", enabled=fmt != "json") as bar:
+            rolled = roll_back_backup(repo, backup_id, dest.absolute(), devices=devices,
+                                      progress=lambda done, total: bar(done, total, "compared"),
+                                      **({"workers": workers} if workers else {}))
+        rows = [{"device": r.device, "image": r.image, "chunks_same": r.chunks_same,
+                 "chunks_written": r.chunks_written, "bytes_read": r.bytes_read, "bytes_written": r.bytes_written}
+                for r in rolled]
+        if fmt == "json":
+            emit_json(rows)
+        else:
+            stdout.print(records_table(rows, list(rows[0]) if rows else ["device"]))
+        return
     with byte_progress(f"restore of {backup_id[:8]}", enabled=fmt != "json") as bar:
         restored = restore_backup(repo, backup_id, dest.absolute(), fmt=image_format, devices=devices,
                                   progress=lambda done, total: bar(done, total, ""),

@@ -50,6 +50,7 @@ from freezeframe.backup.pipeline import (
 )
 from freezeframe.backup.reader import ALLOCATION, NbdExport, Need, plan_chunks
 from freezeframe.backup.repository import DiskIndex, Repository
+from freezeframe.backup.rollback import RollbackReport, roll_back
 from freezeframe.catalog.store import Catalog, utc_now
 from freezeframe.engine import sentinel
 from freezeframe.engine.guard import Watcher
@@ -447,19 +448,23 @@ def _file_name(device: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", device) or "disk"
 
 
-def restore_backup(repo: Repository, backup_id: str, dest: Path, *, fmt: str = "qcow2",
-                   devices: tuple[str, ...] = (), workers: int = RESTORE_WORKERS,
-                   progress: Callable[[int, int], None] | None = None) -> list[tuple[str, Path]]:
-    """Restore a backup's disks (or those named in ``devices``) as images in ``dest``,
-    read from the repository alone. Returns (device, image) pairs."""
-    manifest = repo.manifest(backup_id)
-    disks = manifest["disks"]
+def _chosen_disks(repo: Repository, backup_id: str, devices: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The backup's disks named in ``devices`` (all when empty), as its manifest lists them."""
+    disks: list[dict[str, Any]] = repo.manifest(backup_id)["disks"]
     known = [d["device"] for d in disks]
     unknown = [d for d in devices if d not in known]
     if unknown:
         raise NotFound(f"backup {backup_id[:8]} has no disk {', '.join(unknown)}",
                        hint=f"its disks: {', '.join(known)}")
-    chosen = [d for d in disks if not devices or d["device"] in devices]
+    return [d for d in disks if not devices or d["device"] in devices]
+
+
+def restore_backup(repo: Repository, backup_id: str, dest: Path, *, fmt: str = "qcow2",
+                   devices: tuple[str, ...] = (), workers: int = RESTORE_WORKERS,
+                   progress: Callable[[int, int], None] | None = None) -> list[tuple[str, Path]]:
+    """Restore a backup's disks (or those named in ``devices``) as images in ``dest``,
+    read from the repository alone. Returns (device, image) pairs."""
+    chosen = _chosen_disks(repo, backup_id, devices)
     indexes = [repo.index(d["index"]) for d in chosen]
     total = sum(ix.chunk_length(i) for ix in indexes for i, c in enumerate(ix.chunks) if c is not None)
     done = 0
@@ -480,3 +485,33 @@ def restore_backup(repo: Repository, backup_id: str, dest: Path, *, fmt: str = "
             path.unlink(missing_ok=True)
         raise
     return restored
+
+
+def roll_back_backup(repo: Repository, backup_id: str, dest: Path, *, devices: tuple[str, ...] = (),
+                     workers: int = RESTORE_WORKERS,
+                     progress: Callable[[int, int], None] | None = None) -> list[RollbackReport]:
+    """Restore a backup's disks onto the images an earlier restore left in ``dest``
+    (``DEVICE.raw`` or ``DEVICE.qcow2``), writing only the chunks that differ."""
+    chosen = _chosen_disks(repo, backup_id, devices)
+    images = []
+    for disk in chosen:
+        name = _file_name(disk["device"])
+        found = [p for p in (dest / f"{name}.raw", dest / f"{name}.qcow2") if p.exists()]
+        if len(found) != 1:
+            raise NotFound(f"{dest} holds {'no' if not found else 'two'} image(s) of disk {disk['device']} "
+                           f"({name}.raw or {name}.qcow2)",
+                           hint="restore in place onto the images a restore of this backup's VM wrote there")
+        images.append(found[0])
+    indexes = [repo.index(d["index"]) for d in chosen]
+    total = sum(ix.virtual_size for ix in indexes)
+    reports = []
+    done = 0
+    for index, image in zip(indexes, images, strict=True):
+
+        def report(read: int, base: int = done) -> None:
+            if progress is not None:
+                progress(base + read, total)
+
+        reports.append(roll_back(repo, index, image, workers=workers, progress=report))
+        done += index.virtual_size
+    return reports
