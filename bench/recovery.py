@@ -38,6 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backup_throughput import usr_files  # this folder's: the same /usr files
+
 from freezeframe.agent.qga import GuestAgent
 from freezeframe.catalog import Catalog
 from freezeframe.config import Home
@@ -88,21 +90,16 @@ def build_disk(work: Path, size_gib: int, content_mib: int) -> Path:
     with open(content / "big.bin", "wb") as out:
         out.write(os.urandom(100 << 20))
     budget = (content_mib - 100) << 20
-    for root, dirs, files in os.walk("/usr"):
-        dirs.sort()
-        for name in sorted(files):
-            source = Path(root, name)
-            if budget <= 0:
-                break
-            if not source.is_file() or source.is_symlink():
-                continue
-            target = content / source.relative_to("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                shutil.copyfile(source, target)
-            except OSError:
-                continue
-            budget -= source.stat().st_size
+    for source in usr_files():
+        if budget <= 0:
+            break
+        target = content / source.relative_to("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(source, target)
+        except OSError:
+            continue
+        budget -= source.stat().st_size
     raw = work / "disk.raw"
     with open(raw, "wb") as handle:
         handle.truncate(size_gib << 30)

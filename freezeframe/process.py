@@ -5,12 +5,15 @@ A pid alone names nothing: it is reused, and inside a container (its own PID nam
 the same number means another process than outside it. The start time tells a reused pid
 from the original, the boot id a pid of an earlier boot, and the namespace whether our
 /proc can see it at all.
+
+Also how a server this process started is stopped (``stop_child``).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -87,3 +90,16 @@ class ProcessIdentity:
         if not self.pid_namespace or self.pid_namespace != here.pid_namespace:
             return False
         return start_time(self.pid) != self.pid_start
+
+
+def stop_child(process: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """Stop a server this process started: SIGTERM, and SIGKILL if it has not gone within
+    ``timeout`` seconds; reaped either way."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -27,6 +27,7 @@ from typing import Any
 from freezeframe.backup.pipeline import RESTORE_WORKERS, bounded_map
 from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.errors import Conflict, InvalidInput, RepositoryError
+from freezeframe.process import stop_child
 
 
 @dataclass(slots=True)
@@ -75,12 +76,7 @@ def _opened(path: Path, fmt: str, connections: int) -> Iterator[str]:
                 time.sleep(0.02)
             yield f"nbd+unix:///?socket={socket}"
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_child(server, timeout=60)
 
 
 def roll_back(repo: Repository, index: DiskIndex, image: Path, *, workers: int = RESTORE_WORKERS,

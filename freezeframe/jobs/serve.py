@@ -29,6 +29,7 @@ from urllib.parse import quote
 import freezeframe
 from freezeframe.backup.repository import RepoIdentity
 from freezeframe.errors import FreezeframeError, InvalidInput
+from freezeframe.process import stop_child
 
 PLUGIN = Path(__file__).resolve().parents[1] / "backup" / "nbd_plugin.py"
 #: How long nbdkit may take to open the repository and listen.
@@ -147,13 +148,7 @@ def serve(request: ServeRequest, socket: Path, log: Path) -> Iterator[Served]:
             time.sleep(0.05)
         yield Served(socket, list(request.devices), log, process.pid, process)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_child(process)
         ready.unlink(missing_ok=True)
         if socket.exists() and not _listening(socket):
             socket.unlink(missing_ok=True)
