@@ -55,6 +55,7 @@ each keeps what the other keeps.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,8 @@ from freezeframe.backup.leases import (
 from freezeframe.backup.repository import Repository
 from freezeframe.backup.store import ObjectStore
 from freezeframe.errors import RepositoryError
+
+log = logging.getLogger(__name__)
 
 #: Told what the collection is doing.
 Say = Callable[[str], None]
@@ -144,6 +147,7 @@ def collect_garbage(repo: Repository, *, say: Say | None = None) -> GcReport:
                 live.append(lease)
                 continue
             break_lease(store, lease)
+            log.warning("broke the lease %s in %s: %s", lease.name, repo.location, why)
             report.broken.append((lease.name, why))
         report.live = [lease.name for lease in live]
         cutoff = min([now] + [lease.started for lease in live if lease.kind != "gc"]) - lease_s
@@ -187,6 +191,8 @@ def collect_garbage(repo: Repository, *, say: Say | None = None) -> GcReport:
             report.chunks += 1
             report.bytes += info.size
         report.leftovers = store.remove_leftovers(cutoff)
+        log.info("gc of %s: deleted %d chunk(s) (%d bytes) and %d unpublished index(es); kept %d, %d too young",
+                 repo.location, report.chunks, report.bytes, report.indexes, report.kept, report.young)
         # Leases of crashed writers with no holder object left (a release cut short).
         for lease in read_leases(store):
             if lease.holder_object is None and lease.renewed < cutoff and lease.name != mine.name:

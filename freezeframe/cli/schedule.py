@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import threading
@@ -19,6 +20,7 @@ from freezeframe.cli.output import emit_json, output_option, records_table, stdo
 from freezeframe.errors import InvalidInput
 from freezeframe.jobs.schedule import check_cron, parse_every
 from freezeframe.jobs.systemd import unit_files
+from freezeframe.logs import configure as configure_log
 from freezeframe.model import BackupType, Level, Schedule
 
 WEEK_S = 7 * 86400
@@ -156,11 +158,15 @@ def daemon(app: App, tick_s: float, metrics_file: Path | None, clock_start: str 
             return datetime.now().astimezone()
 
     printing = threading.Lock()
+    # The daemon's own log, and what its jobs log, also go to logs/daemon.log in the home.
+    configure_log(app.log_level, app.home.logs / "daemon.log")
+    journal = logging.getLogger("freezeframe.daemon")
 
     def log(line: dict[str, Any]) -> None:
         # One line whole per job: jobs end on threads of their own, at the same time.
         with printing:
             print(json.dumps(line), flush=True)
+        journal.info("%s", json.dumps(line))
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -69,6 +70,8 @@ from freezeframe.targets.fleecing import (
     disk_layout,
 )
 from freezeframe.targets.qemu import discard_agent, open_agent, short_tag
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +247,8 @@ def _layout(plan: BackupPlan, backup: Backup, source: BackupSource, states: list
     drop: list[tuple[str, str]] = []
     for position, state in enumerate(states):
         reads = _choose_reads(state, kind, parent)
+        if reads.reason:
+            log.info("backup %s reads disk %s in full: %s", backup.id[:8], state.disk.device, reads.reason)
         parent_indexes.append(reads.parent_index)
         start = f"{mine}{short}" if kind is not BackupType.COPY and state.disk.format == "qcow2" else None
         disks.append(disk_layout(backup.id, position, state.disk, plan.fleecing_dir / short,
@@ -329,6 +334,7 @@ async def _run(plan: BackupPlan, catalog: Catalog, backup: Backup, source: Backu
             # The lease re-read just before the manifest: published only if it surely held.
             await asyncio.to_thread(lease.check)
             plan.repository.put_manifest(backup.id, _manifest(backup, point.manifest))
+            log.info("backup %s of %s published in %s", backup.id[:8], backup.instance, plan.repository.location)
             success = True
         finally:
             clock = time.monotonic()
@@ -404,6 +410,8 @@ def _read_all(plan: BackupPlan, backup: Backup, layout: Layout, parent_indexes: 
     missing = repo.missing_chunks(c for index in indexes for c in index.chunks if c is not None)
     if missing:
         say(f"storing again {len(missing)} chunk(s) the repository no longer holds")
+        log.warning("storing again %d chunk(s) the repository no longer holds (pruned or lost meanwhile)",
+                    len(missing))
     for position, (index, counters, source, record) in enumerate(
             zip(indexes, results, readers, backup.disks, strict=True)):
         if missing:
