@@ -29,19 +29,20 @@ def level_of(name: str | None) -> int:
     return int(getattr(logging, chosen.upper()))
 
 
-def configure(level: str | None = None, file: Path | None = None) -> None:
-    """Send the ``freezeframe`` log to standard error at ``level``, and to ``file`` (at
-    info or finer) when given. Called again, it replaces what it set before."""
+def configure(level: str | None = None, file: Path | None = None, *, console: bool = True) -> None:
+    """Send the ``freezeframe`` log to standard error at ``level`` (unless ``console`` is
+    false: a server whose standard error is that file already), and to ``file`` (at info
+    or finer) when given. Called again, it replaces what it set before."""
     root = logging.getLogger("freezeframe")
     for handler in list(root.handlers):
         if getattr(handler, "_freezeframe", False):
             root.removeHandler(handler)
             handler.close()
     wanted = level_of(level)
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(wanted)
-    console.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
-    handlers: list[logging.Handler] = [console]
+    console_handler = logging.StreamHandler(sys.stderr)
+    console_handler.setLevel(wanted)
+    console_handler.setFormatter(logging.Formatter(_FORMAT, "%H:%M:%S"))
+    handlers: list[logging.Handler] = [console_handler] if console else []
     finest = wanted
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,9 @@ def config(key: str, value: str) -> None:
 
 def config_complete() -> None:
     global _repo
-    logs.configure(_params.get("log-level"), Path(_params["log-file"]) if "log-file" in _params else None)
+    # nbdkit's standard error is the log file already (jobs/serve.py): write it once.
+    logs.configure(_params.get("log-level"), Path(_params["log-file"]) if "log-file" in _params else None,
+                   console="log-file" not in _params)
     for needed in ("repo", "backup"):
         if needed not in _params:
             raise ValueError(f"the parameter {needed}= is missing")
