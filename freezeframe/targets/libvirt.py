@@ -120,8 +120,9 @@ class LibvirtTarget(GuestTarget):
                 overlay = overlay_path(disk.filename, tag)
                 size = (await self._call("read a disk's size", functools.partial(self._domain().blockInfo,
                                                                                  disk.device)))[0]
-                await create_overlay(overlay, disk.filename, disk.format, int(size))
+                # Listed first: a cancel between the two would leave a file discard() misses.
                 self._prepared.append((disk, overlay, int(size)))
+                await create_overlay(overlay, disk.filename, disk.format, int(size))
         except BaseException:
             await self.discard()
             raise

@@ -630,6 +630,17 @@ async def create_empty(path: str, size: int, *, what: str) -> None:
 async def _qemu_img_create(path: str, size: int, options: list[str], what: str) -> None:
     argv = ["qemu-img", "create", "-q", "-f", "qcow2", *options, path, str(size)]
     process = await asyncio.create_subprocess_exec(*argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    _, err = await process.communicate()
+    try:
+        _, err = await process.communicate()
+    except BaseException:
+        # Cancelled: a snapshot prepares its overlays while the probe talks to the guest,
+        # and a failed probe cancels this. qemu-img would go on and leave the file after
+        # the run has cleaned up (seen under load): it is stopped, and what it made goes.
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
     if process.returncode != 0:
         raise HypervisorError(f"qemu-img could not create the {what} {path}: {err.decode().strip()}")
