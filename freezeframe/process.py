@@ -6,12 +6,14 @@ the same number means another process than outside it. The start time tells a re
 from the original, the boot id a pid of an earlier boot, and the namespace whether our
 /proc can see it at all.
 
-Also how a server this process started is stopped (``stop_child``).
+Also how a server this process starts goes with it (``die_with_parent``) and is stopped
+(``stop_child``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from dataclasses import asdict, dataclass
@@ -103,3 +105,12 @@ def stop_child(process: subprocess.Popen[Any], timeout: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def die_with_parent() -> None:
+    """For ``preexec_fn``: the child gets SIGTERM when this process dies (Linux's
+    PR_SET_PDEATHSIG), so a server without an option of its own for it (qemu-nbd) is not
+    left holding an image after this process was killed."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG

@@ -305,7 +305,7 @@ class Lease:
         """Return once garbage collection has surely seen every chunk named so far (the
         pending ones are written first): from then on, a chunk found stored stays stored."""
         with self._lock:
-            pending = len(self._pending) > 0
+            pending = bool(self._pending)
         if pending:
             self.renew()
         if self._journaled_at is not None:

@@ -27,7 +27,7 @@ from typing import Any
 from freezeframe.backup.pipeline import RESTORE_WORKERS, bounded_map
 from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.errors import Conflict, InvalidInput, RepositoryError
-from freezeframe.process import stop_child
+from freezeframe.process import die_with_parent, stop_child
 
 
 @dataclass(slots=True)
@@ -61,7 +61,7 @@ def _opened(path: Path, fmt: str, connections: int) -> Iterator[str]:
         server = subprocess.Popen(["qemu-nbd", "--socket", str(socket), "--pid-file", str(ready), "--format", fmt,
                                    "--shared", str(connections), "--discard=unmap", "--cache=writeback",
                                    "--persistent", str(path)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
+                                  stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
         try:
             deadline = time.monotonic() + 30
             while not ready.exists():

@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -230,9 +231,7 @@ def restore(app: App, backup: str | None, dest: Path | None, image_format: str, 
             rolled = roll_back_backup(repo, backup_id, dest.absolute(), devices=devices,
                                       progress=lambda done, total: bar(done, total, "compared"),
                                       **({"workers": workers} if workers else {}))
-        rows = [{"device": r.device, "image": r.image, "chunks_same": r.chunks_same,
-                 "chunks_written": r.chunks_written, "bytes_read": r.bytes_read, "bytes_written": r.bytes_written}
-                for r in rolled]
+        rows = [asdict(r) for r in rolled]
         if fmt == "json":
             emit_json(rows)
         else:
