@@ -15,7 +15,7 @@ packages=(
     mmdebstrap                                    # the Debian lab guest (lab build --distro debian)
     python3-libnbd                                # reading backups over NBD (linked into the venv)
     nbdkit nbdkit-plugin-python libnbd-bin        # serving a backup over NBD (backup serve); nbdcopy, nbdinfo
-    libguestfs-tools python3-guestfs              # file-level restore in an appliance VM, never a host mount
+    libguestfs-tools libguestfs-xfs python3-guestfs  # file restore and restore tests in an appliance VM, never a host mount
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients python3-libvirt  # libvirt domains
     ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime  # a one-node Ceph cluster's S3 gateway (fleet tests)
 )

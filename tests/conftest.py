@@ -26,6 +26,24 @@ from freezeframe.lab import vm as lab_vm
 from freezeframe.targets.libvirt import LibvirtTarget
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.combinations(ids)``: of a test crossing independent axes (target and
+    repository, target and hook runner), run only the combinations named; each value of
+    each axis still runs once, and the suite stays within its time. The others are
+    deselected, not skipped (nothing counts as passing that did not run)."""
+    kept, dropped = [], []
+    for item in items:
+        marker = item.get_closest_marker("combinations")
+        callspec = getattr(item, "callspec", None)
+        if marker is not None and callspec is not None and callspec.id not in marker.args[0]:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
     """The session's state directory: $FREEZEFRAME_TEST_HOME (kept between runs for its image

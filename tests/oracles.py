@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -30,6 +34,18 @@ def ext4_read(raw: Path, path: str) -> bytes:
     """A file's content from an unmounted ext4 image, without mounting it (no journal replay)."""
     done = subprocess.run(["debugfs", "-R", f"cat {path}", str(raw)], check=True, capture_output=True)
     return done.stdout
+
+
+def ext4_file_blocks(raw: Path, path: str) -> tuple[int, set[int]]:
+    """The file system's block size and the byte offsets (in the image) of the blocks that
+    hold a file's data."""
+    stats = subprocess.run(["debugfs", "-R", "stats", str(raw)], check=True, capture_output=True, text=True).stdout
+    found = re.search(r"^Block size:\s+(\d+)", stats, re.M)
+    assert found, f"debugfs stats printed no block size for {raw}"
+    size = int(found.group(1))
+    blocks = subprocess.run(["debugfs", "-R", f"blocks {path}", str(raw)], check=True, capture_output=True,
+                            text=True).stdout.split()
+    return size, {int(b) * size for b in blocks}
 
 
 def xfs_log_quiesced(raw: Path) -> bool:
@@ -74,3 +90,41 @@ def assert_in_step(first: list[int], second: list[int]) -> None:
     assert second == list(range(2, 2 * len(second) + 1, 2)), "disk 1 lost or reordered writes"
     last_first, last_second = first[-1], second[-1] if second else 0
     assert abs(last_first - last_second) == 1, f"disks out of step: {last_first} vs {last_second}"
+
+
+@contextmanager
+def host_mounts_watched() -> Iterator[list[str]]:
+    """Samples /proc/mounts and the loop devices while the block runs; yields the lines
+    that appeared (a mount line, or ``loop NAME BACKING`` for a loop device bound)."""
+    before = _mounts_and_loops()
+    appeared: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            for line in _mounts_and_loops() - before:
+                if line not in appeared:
+                    appeared.append(line)
+            stop.wait(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield appeared
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def guest_fs_mounts(lines: list[str]) -> list[str]:
+    """Of what appeared: file system mounts a guest's disk could be, and loop devices."""
+    return [line for line in lines if line.startswith("loop ")
+            or line.split()[2] in ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")]
+
+
+def _mounts_and_loops() -> set[str]:
+    found = set(Path("/proc/mounts").read_text().splitlines())
+    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            found.add(f"loop {backing.parent.parent.name} {backing.read_text().strip()}")
+    return found

@@ -3,10 +3,11 @@ manifest's writer records and its file systems come from the guest."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
-from freezeframe.jobs.app_check import RecordedApp, _mariadb_check_report, check_app, recorded_apps
+from freezeframe.jobs.app_check import RecordedApp, _mariadb_check_report, check_app, copy_of, recorded_apps
 from freezeframe.jobs.restore_check import RestoreCheck, _find
 
 MANIFEST: dict[str, Any] = {"point": {"filesystems": [{"mountpoint": "/mnt/ffdata0"}]}}
@@ -14,7 +15,7 @@ MANIFEST: dict[str, Any] = {"point": {"filesystems": [{"mountpoint": "/mnt/ffdat
 
 def findings(app: RecordedApp, source: Path) -> list[tuple[str, bool, str]]:
     found: list[tuple[str, bool, str]] = []
-    check_app(app, source, lambda what, passed, detail: found.append((what, passed, detail)))
+    check_app(app, copy_of(source), lambda what, passed, detail: found.append((what, passed, detail)))
     return found
 
 
@@ -39,14 +40,18 @@ def test_a_recorded_path_never_leads_out_of_the_restored_file_system(tmp_path: P
     root = tmp_path / "mounted"
     (root / "pg").mkdir(parents=True)
     (root / "escape").symlink_to("/etc")
-    mounted = {"vda": root}
+    mounted = {"vda": str(root)}
     result = RestoreCheck(backup="b")
-    assert _find(result, "pg", "/mnt/ffdata0/pg", MANIFEST, mounted, Path.is_dir) == ("vda", root / "pg")
-    assert _find(result, "pg", "/mnt/ffdata0/../../etc", MANIFEST, mounted, Path.is_dir) is None
-    assert _find(result, "pg", "/mnt/ffdata0/escape", MANIFEST, mounted, Path.is_dir) is None
+
+    def find(path: str) -> tuple[str, str] | None:
+        return _find(result, "pg", path, MANIFEST, mounted, os.path.isdir, os.path.realpath)
+    assert find("/mnt/ffdata0/pg") == ("vda", "vda/pg")
+    assert find("/mnt/ffdata0/../../etc") is None
+    assert find("/mnt/ffdata0/escape") is None
+    assert find("/mnt/ffdata0/escape/ssl") is None
     assert [(c.passed, c.detail) for c in result.checks] == [
         (False, "the path the backup recorded climbs out with '..': not followed"),
-        (False, "not found on any restored file system")]
+        (False, "not found on any restored file system"), (False, "not found on any restored file system")]
     assert not result.passed
 
 

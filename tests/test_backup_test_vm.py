@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from backups import backup, chunks_of, cli_json, init_repo
 from conftest import LabFactory
+from oracles import guest_fs_mounts, host_mounts_watched
 
 from freezeframe.backup.repository import chunk_name
 from freezeframe.config import Home
@@ -20,8 +21,11 @@ pytestmark = pytest.mark.vm
 
 
 def trial(home: Home, backup_id: str, *args: str) -> tuple[dict[str, Any], int]:
-    data, done = cli_json(home, "backup", "test", backup_id, *args)
+    """``backup test``, watching that the host never mounts or loop-attaches what it checks."""
+    with host_mounts_watched() as appeared:
+        data, done = cli_json(home, "backup", "test", backup_id, *args)
     assert data is not None, done.stderr
+    assert guest_fs_mounts(appeared) == [], f"the host mounted or attached a guest file system: {appeared}"
     return data, done.returncode
 
 

@@ -11,16 +11,14 @@ import hashlib
 import os
 import random
 import stat
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from backups import backup, cli_json, damage_chunk, guest, init_repo
 from conftest import LabFactory, run_cli
+from oracles import guest_fs_mounts, host_mounts_watched
 
 from freezeframe.backup.repository import Repository
 from freezeframe.backup.store import open_store
@@ -71,33 +69,6 @@ def guest_view(vm: Any, root: str) -> dict[str, dict[str, str]]:
             digest, name = line.split()
             view[name.removeprefix("./")]["sha256"] = digest
     return view
-
-
-@contextmanager
-def host_mounts_watched() -> Iterator[list[str]]:
-    """Samples /proc/mounts while the block runs; yields the lines that appeared."""
-    before = set(Path("/proc/mounts").read_text().splitlines())
-    appeared: list[str] = []
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            for line in set(Path("/proc/mounts").read_text().splitlines()) - before:
-                if line not in appeared:
-                    appeared.append(line)
-            stop.wait(0.05)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        yield appeared
-    finally:
-        stop.set()
-        watcher.join()
-
-
-def guest_fs_mounts(lines: list[str]) -> list[str]:
-    return [line for line in lines if line.split()[2] in ("ext2", "ext3", "ext4", "xfs", "btrfs", "vfat")]
 
 
 def check_extracted(out: Path, view: dict[str, dict[str, str]], report: dict[str, Any]) -> None:
@@ -162,16 +133,23 @@ def test_files_and_extract_from_ext4_partitions_and_lvm_in_the_sandbox(
 
     with host_mounts_watched() as appeared:
         top = {e["name"]: e["fstype"] for e in files(home, made["id"])}
-        assert {n: top.get(n) for n in (first, f"{second}1", "lvm-vgff-data")} == {
-            first: "ext4", f"{second}1": "ext4", "lvm-vgff-data": "ext4"}, top
+        assert {n: top.get(n) for n in (first, f"{second}p1", "lvm-vgff-data")} == {
+            first: "ext4", f"{second}p1": "ext4", "lvm-vgff-data": "ext4"}, top
 
         out = tmp_path / "out"
-        report, done = cli_json(home, "backup", "extract", made["id"], f"{first}/tree", f"{second}1/p.txt",
+        report, done = cli_json(home, "backup", "extract", made["id"], f"{first}/tree", f"{second}p1/p.txt",
                                 "lvm-vgff-data/v.txt", "--to", str(out))
         assert done.returncode == 0, done.stderr
         check_extracted(out, view, report)
         assert (out / "p.txt").read_text() == "on-the-partition\n"
         assert (out / "v.txt").read_text() == "on-the-volume\n"
+
+        # backup test checks each file system in the same sandbox: disk, partition, volume.
+        tested, done = cli_json(home, "backup", "test", made["id"], "--scratch", str(tmp_path / "scratch"))
+        assert done.returncode == 0, tested
+        checked = {(c["what"], c["where"]) for c in tested["checks"] if c["passed"]}
+        assert {(what, where) for what in ("journal clean", "e2fsck -fn")
+                for where in (first, f"{second}p1", "lvm-vgff-data")} <= checked, tested
 
         # A chunk that holds only big.bin's bytes, damaged: that file fails, named; the
         # others are still extracted; the exit code says damage.

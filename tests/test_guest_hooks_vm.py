@@ -46,6 +46,7 @@ def assert_sqlite_copy_has_every_acknowledged_commit(vm: LabVM, raw: Path, freez
 
 
 @pytest.mark.parametrize("runner", ["python", "sh"])
+@pytest.mark.combinations(["qemu-sh", "libvirt-python"])
 def test_guest_sqlite_snapshot_is_application_consistent(home: Home, any_lab: LabFactory, tmp_path: Path,
                                                          runner: str) -> None:
     vm = any_lab(disks=1, hooks=("sqlite", "ok"), app="sqlite", hook_runner=runner)

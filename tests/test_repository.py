@@ -280,6 +280,10 @@ def test_restored_images_are_owner_only_whatever_the_umask(tmp_path: Path, fmt: 
                          check=True)
     assert out.returncode == 0
     assert (tmp_path / "x.raw").read_bytes() == data + bytes(CHUNK)
+    if fmt == "qcow2":  # written once, in place: the zero chunk was never allocated
+        mapped = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(tmp_path / "vda.qcow2")],
+                                           check=True, capture_output=True, text=True).stdout)
+        assert [(m["start"], m["length"], m["data"]) for m in mapped] == [(0, CHUNK, True), (CHUNK, CHUNK, False)]
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from freezeframe.backup.nbd_image import per_thread, served
 from freezeframe.backup.reader import NbdExport, Need
 from freezeframe.backup.repository import DiskIndex, Repository
-from freezeframe.errors import FreezeframeError, InvalidInput, RepositoryError
+from freezeframe.errors import InvalidInput, RepositoryError
 
 #: Two per core: a worker spends part of its time waiting for NBD replies, and a second
 #: one keeps the core busy meanwhile (3 and 6 on 2 cores measured the same as 4). As many
@@ -260,19 +261,20 @@ class _Output:
 def restore_disk(repo: Repository, index: DiskIndex, dest: Path, *, fmt: str = "raw",
                  workers: int = RESTORE_WORKERS, progress: Callable[[int], None] | None = None) -> int:
     """Write the disk ``index`` describes to ``dest``: sparse (zero chunks are holes), every
-    chunk checked against its id as it is read. The file appears under its name only when
-    complete. Returns the bytes written."""
+    chunk checked against its id as it is read, each written once (into a qcow2 image
+    through qemu-nbd, no raw image converted afterwards). The file is created owner-only
+    and appears under its name only when complete. Returns the bytes written."""
     if fmt not in ("raw", "qcow2"):
         raise InvalidInput(f"unknown image format {fmt!r}", hint="use raw or qcow2")
     if dest.exists():
         raise InvalidInput(f"{dest} exists already", hint="restore into an empty directory, or remove it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    raw = dest.with_name(f".{dest.name}.partial")
+    partial = dest.with_name(f".{dest.name}.partial")
+    wanted = [i for i, c in enumerate(index.chunks) if c is not None]
     written = 0
-    buffers = threading.local()
     try:
-        output = _Output(raw, index.virtual_size)
-        try:
+        with _restore_target(partial, fmt, index.virtual_size, workers) as write:
+            buffers = threading.local()
 
             def work(position: int) -> int:
                 chunk_id = index.chunks[position]
@@ -281,35 +283,58 @@ def restore_disk(repo: Repository, index: DiskIndex, dest: Path, *, fmt: str = "
                 if out is None:
                     out = buffers.out = mmap.mmap(-1, index.chunk_size)  # page-aligned
                 data = repo.get_chunk_into(chunk_id, index.chunk_length(position), out)
-                output.write(data, position * index.chunk_size, out)
+                write(data, position * index.chunk_size, out)
                 return len(data)
 
-            wanted = [i for i, c in enumerate(index.chunks) if c is not None]
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ff-restore") as pool:
                 for _, length in bounded_map(pool, work, wanted, 2 * workers):
                     written += length
                     if progress is not None:
                         progress(written)
+        partial.rename(dest)
+    except OSError as err:
+        raise RepositoryError(f"cannot write {dest}: {err.strerror}", hint="is the disk full?") from err
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            partial.unlink()
+    return written
+
+
+#: Writes one chunk's bytes at an offset (given the thread's page-aligned buffer).
+_Write = Callable[[memoryview, int, mmap.mmap], None]
+
+
+@contextlib.contextmanager
+def _restore_target(path: Path, fmt: str, size: int, workers: int) -> Iterator[_Write]:
+    """The new image being restored into, synced when the block ends without error."""
+    if fmt == "raw":
+        output = _Output(path, size)
+        try:
+            yield output.write
             output.sync()
         finally:
             output.close()
-        if fmt == "qcow2":
-            converting = dest.with_name(f".{dest.name}.qcow2-partial")
-            # Created owner-only first: qemu-img keeps the mode of a file it truncates.
-            os.close(os.open(converting, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-            done = subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw),
-                                   str(converting)], capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                converting.unlink(missing_ok=True)
-                raise RepositoryError(f"qemu-img could not write {dest}: {done.stderr.strip()}")
-            converting.rename(dest)
-        else:
-            raw.rename(dest)
-    except OSError as err:
-        raise RepositoryError(f"cannot write {dest}: {err.strerror}", hint="is the disk full?") from err
-    except FreezeframeError:
-        raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            raw.unlink()
-    return written
+        return
+    # qcow2: created owner-only first (qemu-img keeps the mode of a file it truncates), with
+    # qcow2's usual clusters (the image is for a VM to run on), written through qemu-nbd.
+    import nbd  # Debian's python3-libnbd, linked into the venv
+
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    done = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RepositoryError(f"qemu-img could not create {path}: {done.stderr.strip()}")
+    with served(path, "qcow2", workers + 1) as uri, per_thread(uri) as handle:
+
+        def write(data: memoryview, offset: int, _aligned: mmap.mmap) -> None:
+            try:
+                handle().pwrite(data, offset)
+            except nbd.Error as err:
+                raise RepositoryError(f"cannot write {path} at byte {offset}: {err}",
+                                      hint="is the disk full?") from None
+
+        yield write
+        try:
+            handle().flush()
+        except nbd.Error as err:
+            raise RepositoryError(f"cannot write {path}: {err}", hint="is the disk full?") from None

@@ -2,9 +2,9 @@
 
 A backup whose writer quiesced PostgreSQL or MariaDB/MySQL records the server's data
 directory (the path the server saw, inside the guest for a VM). A restore test finds that
-directory on the restored file systems, copies it (the server writes while it recovers),
-starts this host's server on the copy the way it would start after a power cut, and runs
-the server's own check:
+directory on the restored file systems, copies it out of the sandbox (the server writes
+while it recovers; ``jobs/restore_check.py``), starts this host's server on the copy the
+way it would start after a power cut, and runs the server's own check:
 
 * PostgreSQL: the server must recover at least to the WAL position the writer flushed at
   the freeze (else commits acknowledged before the point are missing), then ``pg_amcheck
@@ -69,13 +69,26 @@ def recorded_apps(manifest: dict[str, Any]) -> list[RecordedApp]:
     return found
 
 
-def check_app(app: RecordedApp, source: Path, report: Report) -> None:
-    """Start ``app``'s server on a copy of ``source`` (its restored data directory) and run its check."""
+#: Copies the data directory into the (new) path given; says what went wrong, or None.
+Fetch = Callable[[Path], "str | None"]
+
+
+def copy_of(source: Path) -> Fetch:
+    """A fetch that copies a local directory."""
+    def fetch(data: Path) -> str | None:
+        copied = _run(["cp", "-a", "--reflink=auto", str(source), str(data)], timeout=CHECK_TIMEOUT)
+        return None if copied.returncode == 0 else f"cannot copy {source}: {output_tail(copied)}"
+    return fetch
+
+
+def check_app(app: RecordedApp, fetch: Fetch, report: Report) -> None:
+    """Start ``app``'s server on a copy of its data directory (``fetch`` makes it, out of
+    the restored backup) and run its check."""
     with _scratch() as base:
         data = base / "data"
-        copied = _run(["cp", "-a", "--reflink=auto", str(source), str(data)], timeout=CHECK_TIMEOUT)
-        if copied.returncode != 0:
-            report("copy", False, f"cannot copy {source}: {output_tail(copied)}")
+        trouble = fetch(data)
+        if trouble is not None or not data.is_dir():
+            report("copy", False, f"cannot copy {app.data_directory} out of the backup: {trouble or 'nothing came'}")
             return
         links = _symlinks(data)
         if links:

@@ -20,7 +20,9 @@ import logging
 import os
 import posixpath
 import stat
+import tarfile
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -158,6 +160,50 @@ class GuestFiles:
             self._copy(inside, st, top, top, path.rstrip("/"), report, owner=owner, progress=progress)
         return report
 
+    def extract_tree(self, path: str, dest: Path) -> ExtractReport:
+        """Copy the directory ``path`` into ``dest`` (made here) in one stream: the appliance
+        packs it (``tar-out``) and it is unpacked here through Python's ``data`` filter, so
+        nothing lands outside ``dest``, no device node is made, no setuid bit set, no owner
+        kept. Far fewer round trips than ``extract`` for a tree of many small files (a
+        database's data directory); a read error fails it whole, not one file."""
+        _, inside = self._inside(path)
+        if not stat.S_ISDIR(int(self._stat(inside, path)["st_mode"])):
+            raise InvalidInput(f"{path} is not a directory")
+        report = ExtractReport()
+        dest.mkdir(mode=0o700)
+        with tempfile.TemporaryDirectory(prefix="ff-tar-") as tmp:
+            fifo = os.path.join(tmp, "stream")
+            os.mkfifo(fifo, 0o600)
+            failed: list[str] = []
+
+            def pack() -> None:
+                try:
+                    self.g.tar_out(inside, fifo, numericowner=True)
+                except RuntimeError as err:
+                    failed.append(_why(err))
+                    with contextlib.suppress(OSError), open(fifo, "wb"):
+                        pass  # the reader may still wait for a writer
+
+            packer = threading.Thread(target=pack, daemon=True)
+            packer.start()
+            with open(fifo, "rb") as stream:
+                try:
+                    with tarfile.open(fileobj=stream, mode="r|") as archive:
+                        archive.extractall(dest, filter=lambda member, where: _admitted(member, where, report))
+                except (tarfile.TarError, OSError) as err:
+                    failed.append(f"unpacking the stream: {err}")
+                while stream.read(1 << 20):
+                    pass  # the rest (tar's padding, or what followed an error): the appliance waits to write it
+            packer.join()
+        if failed:
+            report.failed.append({"path": path, "error": failed[0]})
+            log.error("could not copy %s out of the backup: %s", path, failed[0])
+        for member in dest.rglob("*"):
+            if member.is_file() and not member.is_symlink():
+                report.files += 1
+                report.bytes += member.stat().st_size
+        return report
+
     def _copy(self, inside: str, st: dict[str, Any], local: Path, top: Path, shown: str, report: ExtractReport,
               *, owner: bool, progress: Callable[[str], None] | None) -> None:
         mode = int(st["st_mode"])
@@ -206,6 +252,15 @@ class GuestFiles:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _admitted(member: tarfile.TarInfo, dest: str, report: ExtractReport) -> tarfile.TarInfo | None:
+    """Python's ``data`` filter, with what it refuses reported and left out, not fatal."""
+    try:
+        return tarfile.data_filter(member, dest)
+    except tarfile.FilterError as err:
+        report.skipped.append({"path": member.name, "why": str(err)})
+        return None
 
 
 def _why(err: RuntimeError) -> str:

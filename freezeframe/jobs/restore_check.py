@@ -1,33 +1,35 @@
 """Restore tests (``backup test``): a backup restored to scratch images, its file systems checked with their
 own tools, and the applications its writers recorded opened and checked.
 
-Per file system found on a restored image (a bare one, or each partition):
+No guest file system is parsed by this host's kernel, not even a partition table: the
+restored images are attached read-only to the sandbox appliance (``jobs/sandbox.py``),
+which finds partitions, logical volumes and file systems, and runs the checkers there.
+Per file system found:
 
 * ext2/3/4: the journal must need no recovery when the backup was taken at filesystem
   level or above (a frozen file system leaves a clean journal); then ``e2fsck -fn``.
 * XFS: the log must hold nothing to replay but the superblock (what a freeze leaves:
-  Linux writes no unmount record when it freezes XFS); then the log is replayed on the
-  scratch copy (a mount, as a boot would) and ``xfs_repair -n`` checks the structure.
+  Linux writes no unmount record when it freezes XFS); then the log is replayed (a mount,
+  as a boot would) and ``xfs_repair -n`` checks the structure.
 
-At crash level a journal that needs recovery is expected: it is replayed on the scratch
-copy first, as a boot would, and the check runs after. SQLite databases the guest's hook
-held (the freeze hook names them) are copied out of a read-only mount and pass ``PRAGMA
-integrity_check``; PostgreSQL and MariaDB data directories their writers recorded are
-started on a copy and checked by the server's own tool (``jobs/app_check.py``).
-Everything runs on loop devices this module attaches and always detaches; nothing is ever
-frozen.
+At crash level a journal that needs recovery is expected: it is replayed first, as a boot
+would, and the check runs after. Replays write only to the appliance's overlay. SQLite
+databases the guest's hook held (the freeze hook names them) are copied out of the
+appliance and pass ``PRAGMA integrity_check`` here; PostgreSQL and MariaDB data
+directories their writers recorded are copied out, started and checked by the server's own
+tool (``jobs/app_check.py``). Copies out go through the same guarded extraction as ``backup
+extract`` (``jobs/file_restore.py``): no device nodes, no setuid bits, no link followed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import posixpath
 import re
 import shutil
 import sqlite3
-import subprocess
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,9 @@ from freezeframe.catalog import Catalog
 from freezeframe.catalog.store import utc_now
 from freezeframe.engine.backup import restore_backup
 from freezeframe.errors import FreezeframeError, InvalidInput
-from freezeframe.jobs.app_check import RecordedApp, check_app, output_tail, recorded_apps
+from freezeframe.jobs.app_check import RecordedApp, check_app, recorded_apps
+from freezeframe.jobs.file_restore import GuestFiles
+from freezeframe.jobs.sandbox import FileSystem, Sandbox, sandbox_of_images
 from freezeframe.model import Backup, BackupState, Level
 
 #: Boots the restored images (device, raw image) and says what it saw; raises when it fails.
@@ -68,97 +72,55 @@ class RestoreCheck:
         return {"outcome": "passed" if self.passed else "failed", "checks": [asdict(c) for c in self.checks]}
 
 
-def _run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError as err:
-        raise InvalidInput(f"{argv[0]} is not installed; a restore test needs it",
-                           hint="run make setup (it installs e2fsprogs and xfsprogs)") from err
+def _tail(text: str) -> str:
+    return text.strip()[-600:]
 
 
-@contextlib.contextmanager
-def _loop(image: Path) -> Iterator[list[str]]:
-    """The image attached to a loop device with its partitions scanned: the devices that
-    may hold a file system (the partitions, else the whole device). Always detached."""
-    done = _run(["losetup", "--find", "--show", "--partscan", str(image)])
-    if done.returncode != 0:
-        raise InvalidInput(f"cannot attach {image} to a loop device: {output_tail(done)}")
-    device = done.stdout.strip()
-    try:
-        # Partition nodes appear through devtmpfs; udev, where it runs, may still be busy with them.
-        if shutil.which("udevadm"):
-            _run(["udevadm", "settle", "--timeout=10"])
-        parts = sorted(str(p) for p in Path("/dev").glob(f"{Path(device).name}p*"))
-        yield parts or [device]
-    finally:
-        _run(["losetup", "--detach", device])
-
-
-def _fs_type(device: str) -> str | None:
-    done = _run(["blkid", "-p", "-o", "value", "-s", "TYPE", device])
-    return done.stdout.strip() or None if done.returncode == 0 else None
-
-
-@contextlib.contextmanager
-def _mounted(device: str, options: str) -> Iterator[Path]:
-    point = Path(tempfile.mkdtemp(prefix="ff-restore-test-"))
-    try:
-        done = _run(["mount", "-o", options, device, str(point)])
-        if done.returncode != 0:
-            raise InvalidInput(f"cannot mount {device}: {output_tail(done)}")
-        try:
-            yield point
-        finally:
-            _run(["umount", str(point)])
-    finally:
-        with contextlib.suppress(OSError):
-            point.rmdir()
-
-
-def _check_ext(result: RestoreCheck, device: str, where: str, level: Level | None) -> None:
-    header = _run(["dumpe2fs", "-h", device])
-    features = next((line.split(":", 1)[1].split() for line in header.stdout.splitlines()
+def _check_ext(result: RestoreCheck, box: Sandbox, fs: FileSystem, level: Level | None) -> None:
+    status, header = box.run(["dumpe2fs", "-h", fs.device])
+    features = next((line.split(":", 1)[1].split() for line in header.splitlines()
                      if line.startswith("Filesystem features:")), None)
     if features is None:
-        result.add("ext4 superblock", where, False, f"dumpe2fs found no superblock: {output_tail(header)}")
+        result.add("ext4 superblock", fs.name, False, f"dumpe2fs found no superblock: {_tail(header)}")
         return
     dirty = "needs_recovery" in features
     if level is not None and level >= Level.FILESYSTEM:
-        result.add("journal clean", where, not dirty,
+        result.add("journal clean", fs.name, not dirty,
                    "the journal needs recovery: the file system was not frozen at the point" if dirty
                    else "no recovery needed")
     elif dirty:
-        replay = _run(["e2fsck", "-E", "journal_only", "-y", device])
-        result.add("journal replay (crash level)", where, replay.returncode in (0, 1),
-                   output_tail(replay) or "replayed")
-    fsck = _run(["e2fsck", "-fn", device])
+        status, said = box.run(["e2fsck", "-E", "journal_only", "-y", fs.device])
+        result.add("journal replay (crash level)", fs.name, status in (0, 1), _tail(said) or "replayed")
+    status, said = box.run(["e2fsck", "-fn", fs.device])
     # A clean run says it in its summary line (files and blocks); a failing one needs all of it.
-    summary = next((line.strip() for line in fsck.stdout.splitlines() if " files (" in line), None)
-    result.add("e2fsck -fn", where, fsck.returncode == 0,
-               summary if fsck.returncode == 0 and summary else output_tail(fsck))
+    summary = next((line.strip() for line in said.splitlines() if " files (" in line), None)
+    result.add("e2fsck -fn", fs.name, status == 0, summary if status == 0 and summary else _tail(said))
 
 
-def _xfs_log_quiesced(device: str) -> tuple[bool | None, str]:
+def _xfs_log_quiesced(box: Sandbox, fs: FileSystem) -> tuple[bool | None, str]:
     """Whether the log holds nothing to replay but superblock buffers (see the module doc)."""
-    done = _run(["xfs_logprint", "-t", device])
-    if "log tail:" not in done.stdout:
-        return None, f"xfs_logprint gave nothing to judge by: {output_tail(done)}"
-    items = re.findall(r"^(\w+): cnt:", done.stdout, flags=re.MULTILINE)
-    blocks = re.findall(r"start blkno:(0x[0-9a-f]+)", done.stdout)
+    _, said = box.run(["xfs_logprint", "-t", fs.device])
+    if "log tail:" not in said:
+        return None, f"xfs_logprint gave nothing to judge by: {_tail(said)}"
+    items = re.findall(r"^(\w+): cnt:", said, flags=re.MULTILINE)
+    blocks = re.findall(r"start blkno:(0x[0-9a-f]+)", said)
     quiet = all(kind == "BUF" for kind in items) and all(int(b, 16) == 0 for b in blocks)
     return quiet, "only the superblock in the log" if quiet else f"log items to replay: {sorted(set(items))}"
 
 
-def _check_xfs(result: RestoreCheck, device: str, where: str, level: Level | None) -> None:
-    quiet, why = _xfs_log_quiesced(device)
+def _check_xfs(result: RestoreCheck, box: Sandbox, fs: FileSystem, level: Level | None) -> None:
+    quiet, why = _xfs_log_quiesced(box, fs)
     if level is not None and level >= Level.FILESYSTEM:
-        result.add("log clean", where, bool(quiet), why)
-    # xfs_repair -n will not look at a file system whose log needs replaying: replay it on
-    # the scratch copy, as a boot would.
-    with contextlib.suppress(InvalidInput), _mounted(device, "rw"):
-        pass
-    repair = _run(["xfs_repair", "-n", device])
-    result.add("xfs_repair -n", where, repair.returncode == 0, output_tail(repair))
+        result.add("log clean", fs.name, bool(quiet), why)
+    # xfs_repair -n will not look at a file system whose log needs replaying: replay it,
+    # as a boot would (into the overlay).
+    try:
+        box.replay(fs.name)
+    except FreezeframeError as err:
+        result.add("log replay", fs.name, False, err.message)
+        return
+    status, said = box.run(["xfs_repair", "-n", fs.device])
+    result.add("xfs_repair -n", fs.name, status == 0, _tail(said))
 
 
 def _guest_databases(manifest: dict[str, Any]) -> list[str]:
@@ -186,16 +148,24 @@ def _relative_candidates(path: str, manifest: dict[str, Any]) -> list[str]:
     return found or [path.lstrip("/")]
 
 
-def _find(result: RestoreCheck, what: str, path: str, manifest: dict[str, Any], mounted: dict[str, Path],
-          exists: Callable[[Path], bool]) -> tuple[str, Path] | None:
-    """The one restored file system holding the guest's ``path``, and where; else a failed check."""
+#: Answers whether a path in the appliance is of the wanted kind (a file, a directory).
+Exists = Callable[[str], bool]
+
+
+def _find(result: RestoreCheck, what: str, path: str, manifest: dict[str, Any], mounted: dict[str, str],
+          exists: Exists, realpath: Callable[[str], str]) -> tuple[str, str] | None:
+    """The one restored file system holding the guest's ``path``, and the path there
+    relative to it (``NAME/rel``, as ``backup extract`` takes it); else a failed check."""
     if ".." in Path(path).parts:
         result.add(what, path, False, "the path the backup recorded climbs out with '..': not followed")
         return None
-    # The file systems are the guest's: a symbolic link there must not lead into this host.
-    hits = [(where, root / rel) for rel in _relative_candidates(path, manifest)[:1]
-            for where, root in mounted.items()
-            if exists(root / rel) and (root / rel).resolve().is_relative_to(root.resolve())]
+    # The file systems are the guest's: a symbolic link there must not lead out of them.
+    hits = []
+    for rel in _relative_candidates(path, manifest)[:1]:
+        for name, root in mounted.items():
+            inside = posixpath.join(root, rel)
+            if exists(inside) and _under(realpath(inside), root):
+                hits.append((name, f"{name}/{rel}".rstrip("/")))
     if len(hits) != 1:
         result.add(what, path, False, "not found on any restored file system" if not hits
                    else f"found on {len(hits)} file systems: {', '.join(w for w, _ in hits)}")
@@ -203,37 +173,68 @@ def _find(result: RestoreCheck, what: str, path: str, manifest: dict[str, Any], 
     return hits[0]
 
 
-def _check_sqlite(result: RestoreCheck, mounted: dict[str, Path], databases: list[str],
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _check_sqlite(result: RestoreCheck, files: GuestFiles, mounted: dict[str, str], databases: list[str],
                   manifest: dict[str, Any], scratch: Path) -> None:
+    g = files.g
     for database in databases:
-        found = _find(result, "sqlite integrity_check", database, manifest, mounted, Path.is_file)
+        found = _find(result, "sqlite integrity_check", database, manifest, mounted,
+                      lambda p: bool(g.is_file(p, followsymlinks=False)), g.realpath)
         if found is None:
             continue
-        where, source = found
-        copy = scratch / f"sqlite-{len(result.checks)}.db"
-        shutil.copyfile(source, copy)
-        for suffix in ("-wal", "-journal"):  # what a crash-level copy may still need
-            if source.with_name(source.name + suffix).exists():
-                shutil.copyfile(source.with_name(source.name + suffix), copy.with_name(copy.name + suffix))
+        where, relative = found
+        copy = scratch / f"sqlite-{len(result.checks)}"
+        inside = posixpath.join(mounted[where], relative.partition("/")[2])
+        names = [relative] + [relative + suffix for suffix in ("-wal", "-journal")  # what a crash-level copy may need
+                              if g.is_file(inside + suffix, followsymlinks=False)]
+        report = files.extract(names, copy)
+        if report.failed:
+            result.add("sqlite integrity_check", f"{database} ({where})", False,
+                       f"cannot copy it out: {report.failed[0]['error']}")
+            continue
         try:
-            with contextlib.closing(sqlite3.connect(copy)) as db:
+            with contextlib.closing(sqlite3.connect(copy / posixpath.basename(relative))) as db:
                 answer = [row[0] for row in db.execute("PRAGMA integrity_check")]
         except sqlite3.DatabaseError as err:
             answer = [f"cannot open: {err}"]
         result.add("sqlite integrity_check", f"{database} ({where})", answer == ["ok"], "; ".join(answer)[:600])
 
 
-def _check_app(result: RestoreCheck, mounted: dict[str, Path], app: RecordedApp, manifest: dict[str, Any]) -> None:
-    found = _find(result, f"{app.kind} data directory", app.data_directory, manifest, mounted, Path.is_dir)
-    if found is not None:
-        where, source = found
-        label = f"{app.data_directory} ({where}, writer {app.writer})"
-        check_app(app, source, lambda what, passed, detail: result.add(what, label, passed, detail))
+def _check_app(result: RestoreCheck, files: GuestFiles, mounted: dict[str, str], app: RecordedApp,
+               manifest: dict[str, Any]) -> None:
+    g = files.g
+    found = _find(result, f"{app.kind} data directory", app.data_directory, manifest, mounted,
+                  lambda p: bool(g.is_dir(p, followsymlinks=False)), g.realpath)
+    if found is None:
+        return
+    where, relative = found
+    label = f"{app.data_directory} ({where}, writer {app.writer})"
+
+    def fetch(data: Path) -> str | None:
+        report = files.extract_tree(relative, data)
+        trouble = [f"{f['path']}: {f['error']}" for f in report.failed] + [
+            f"{s['path']}: {s['why']}" for s in report.skipped]
+        return "; ".join(trouble)[:600] or None
+
+    check_app(app, fetch, lambda what, passed, detail: result.add(what, label, passed, detail))
+
+
+def _check_filesystems(result: RestoreCheck, box: Sandbox, level: Level | None) -> None:
+    for name, fs in sorted(box.filesystems.items()):
+        if fs.fstype in ("ext2", "ext3", "ext4"):
+            _check_ext(result, box, fs, level)
+        elif fs.fstype == "xfs":
+            _check_xfs(result, box, fs, level)
+        else:
+            result.add("file system", name, True, f"{fs.fstype}: not checked")
 
 
 def check_restore(catalog: Catalog, repo: Repository, backup_id: str, *, scratch: Path,
-                boot: Booter | None = None, keep: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> RestoreCheck:
+                  boot: Booter | None = None, keep: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> RestoreCheck:
     """Restore ``backup_id`` into ``scratch``, check it, record the outcome on the backup."""
     manifest = repo.manifest(backup_id)
     level = Level(manifest["consistency"]) if manifest.get("consistency") else None
@@ -248,28 +249,15 @@ def check_restore(catalog: Catalog, repo: Repository, backup_id: str, *, scratch
         result.add("restore", "every disk", True, f"{len(images)} disks restored, every chunk checked")
         databases = _guest_databases(manifest)
         apps = recorded_apps(manifest)
-        with contextlib.ExitStack() as stack:
-            mounted: dict[str, Path] = {}
-            for device, image in images:
-                devices = stack.enter_context(_loop(image))
-                for part in devices:
-                    where = device if len(devices) == 1 else f"{device} {Path(part).name}"
-                    kind = _fs_type(part)
-                    if kind in ("ext2", "ext3", "ext4"):
-                        _check_ext(result, part, where, level)
-                        options = "ro,noload"
-                    elif kind == "xfs":
-                        _check_xfs(result, part, where, level)
-                        options = "ro,norecovery"
-                    else:
-                        result.add("file system", where, True, f"{kind or 'no file system'}: not checked")
-                        continue
-                    if databases or apps:
-                        mounted[where] = stack.enter_context(_mounted(part, options))
-            if databases:
-                _check_sqlite(result, mounted, databases, manifest, work)
-            for app in apps:
-                _check_app(result, mounted, app, manifest)
+        with sandbox_of_images(images) as box:
+            _check_filesystems(result, box, level)
+            if databases or apps:
+                mounted = {name: box.mount(name) for name in box.mount_all()}
+                files = GuestFiles(box)
+                if databases:
+                    _check_sqlite(result, files, mounted, databases, manifest, work)
+                for app in apps:
+                    _check_app(result, files, mounted, app, manifest)
         if boot is not None:
             try:
                 result.add("boot", "restored VM", True, boot(images))

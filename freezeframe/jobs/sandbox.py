@@ -3,15 +3,19 @@ the host kernel.
 
 A file system image is data the guest controls, and a crafted ext4, XFS or btrfs image is
 an attack on whichever kernel mounts it. So freezeframe never mounts one on the host:
-the backup's disks are served over NBD (``jobs/serve.py``) and attached read-only to a
-small appliance VM (libguestfs, from Debian), whose kernel finds the partitions, the LVM
-volumes and the file systems, and mounts them read-only without replaying anything: ext4
-with ``noload`` and XFS with ``norecovery,nouuid`` (a backup's copy has the original's
-UUID). The guest's volume groups exist only inside the appliance.
+the backup's disks are served over NBD (``jobs/serve.py``), or restored to scratch
+images for a restore test, and attached read-only to a small appliance VM (libguestfs,
+from Debian), whose kernel finds the partitions, the LVM volumes and the file systems,
+and mounts them read-only without replaying anything: ext4 with ``noload`` and XFS with
+``norecovery,nouuid`` (a backup's copy has the original's UUID). The checkers a restore
+test runs (``e2fsck``, ``xfs_repair``, ``xfs_logprint``) run in the appliance too. What
+the appliance writes (a journal replayed as a boot would) goes to a throw-away overlay.
+The guest's volume groups exist only inside the appliance.
 
 What is found is named for the user by the guest's device: a whole-disk file system by
-the disk (``vdb``), a partition by the disk and its number (``vdb1``), a logical volume
-as ``lvm-VG-LV``. Inside the appliance each is mounted at ``/NAME``.
+the disk (``vdb``), a partition by the disk and its number (``vdb1``; ``ffdata0p1`` when
+the disk's name ends in a digit), a logical volume as ``lvm-VG-LV``. Inside the appliance
+each is mounted at ``/NAME``.
 
 KVM is used where it works; where ``/dev/kvm`` exists but does not run a guest (it spins,
 as on these test machines), the appliance runs under TCG (``FREEZEFRAME_SANDBOX_ACCEL``
@@ -25,9 +29,10 @@ import json
 import logging
 import os
 import re
+import shlex
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +142,37 @@ class Sandbox:
         self.filesystems = found
         return found
 
+    def run(self, argv: list[str]) -> tuple[int, str]:
+        """A tool of the appliance (``e2fsck``, ``xfs_repair``, ...) run there: its exit
+        status and what it printed (the end of it). Through libguestfs's ``debug sh``: the
+        appliance's own tools, where the stable API has no call for the check wanted."""
+        script = " ".join(shlex.quote(a) for a in argv) + ' 2>&1; echo "freezeframe-exit=$?"'
+        try:
+            out = str(self.g.debug("sh", [script]))
+        except RuntimeError as err:
+            raise SandboxError(f"{argv[0]} did not run in the sandbox: {err}") from None
+        text, _, status = out.rstrip().rpartition("freezeframe-exit=")
+        if not status.isdigit():
+            raise SandboxError(f"{argv[0]} in the sandbox gave no exit status: {out[-300:]}")
+        return int(status), text[-4000:]
+
+    def replay(self, name: str) -> None:
+        """Replay file system ``name``'s journal or log in the appliance, as a boot would
+        (a read-write mount and unmount; the writes land in the overlay)."""
+        fs = self.filesystems[name]
+        if name in self._mounted:
+            raise SandboxError(f"{name} is mounted already: replay it first")
+        where = f"/.replay-{name}"
+        self.g.mkmountpoint(where)
+        try:
+            self.g.mount_options("nouuid" if fs.fstype == "xfs" else "", fs.device, where)
+            self.g.umount(where)
+        except RuntimeError as err:
+            raise SandboxError(f"{name} ({fs.fstype}) does not mount to replay its journal: {err}") from None
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self.g.rmmountpoint(where)
+
     def mount(self, name: str) -> str:
         """Mount file system ``name`` read-only at /NAME in the appliance; its path there."""
         fs = self.filesystems.get(name)
@@ -156,7 +192,6 @@ class Sandbox:
         self._mounted.add(name)
         log.info("mounted %s (%s, %s) read-only in the sandbox", name, fs.device, fs.fstype)
         return where
-
 
     def mount_all(self) -> list[str]:
         """Every file system that mounts, each at /NAME; the names of those that did."""
@@ -191,7 +226,10 @@ def _name_of(device: str, by_letter: dict[str, str]) -> str | None:
     whole = re.fullmatch(r"(/dev/sd[a-z]+)(\d*)", device)
     if whole:
         disk = by_letter.get(whole.group(1))
-        return None if disk is None else disk + whole.group(2)
+        if disk is None:
+            return None
+        # ffdata0 partition 1 is ffdata0p1 (as Linux names nvme0n1p1), vdb's is vdb1.
+        return disk + ("p" if whole.group(2) and disk[-1:].isdigit() else "") + whole.group(2)
     lv = re.fullmatch(r"/dev/([^/]+)/([^/]+)", device)
     if lv and lv.group(1) not in ("mapper", "disk"):
         return f"lvm-{lv.group(1)}-{lv.group(2)}"
@@ -201,11 +239,32 @@ def _name_of(device: str, by_letter: dict[str, str]) -> str | None:
 @contextlib.contextmanager
 def sandbox(socket: Path, disks: list[str], *, memory_mib: int = 512) -> Iterator[Sandbox]:
     """An appliance with ``disks`` (exports on ``socket``) attached read-only, until the block ends."""
+    def attach(g: Any) -> None:
+        for disk in disks:
+            g.add_drive_opts(disk, format="raw", readonly=True, protocol="nbd", server=[f"unix:{socket}"])
+    with _launched(attach, disks, memory_mib) as box:
+        yield box
+
+
+@contextlib.contextmanager
+def sandbox_of_images(images: list[tuple[str, Path]], *, memory_mib: int = 512) -> Iterator[Sandbox]:
+    """An appliance with restored raw images (device, path) attached. Read-only for the
+    images: what the appliance writes (a journal replayed, as a boot would) goes to a
+    throw-away overlay, so the images stay as restored."""
+    def attach(g: Any) -> None:
+        for _, image in images:
+            g.add_drive_opts(str(image), format="raw", readonly=True)
+    with _launched(attach, [device for device, _ in images], memory_mib) as box:
+        yield box
+
+
+@contextlib.contextmanager
+def _launched(attach: Callable[[Any], None], disks: list[str], memory_mib: int) -> Iterator[Sandbox]:
     try:
         import guestfs  # Debian's python3-guestfs, linked into the venv
     except ImportError:
-        raise SandboxError("reading a guest's files needs libguestfs",
-                           hint="apt install libguestfs-tools python3-guestfs (make setup)") from None
+        raise SandboxError("reading a guest's file systems needs libguestfs",
+                           hint="apt install libguestfs-tools libguestfs-xfs python3-guestfs (make setup)") from None
     os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
     g = guestfs.GuestFS(python_return_dict=True)
     began = time.monotonic()
@@ -215,8 +274,7 @@ def sandbox(socket: Path, disks: list[str], *, memory_mib: int = 512) -> Iterato
         g.set_autosync(False)  # nothing to sync: every disk is read-only
         if accel() == "tcg":
             g.set_backend_setting("force_tcg", "1")
-        for disk in disks:
-            g.add_drive_opts(disk, format="raw", readonly=True, protocol="nbd", server=[f"unix:{socket}"])
+        attach(g)
         try:
             g.launch()
         except RuntimeError as err:
