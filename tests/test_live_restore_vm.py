@@ -1,7 +1,8 @@
 """Instant recovery on real parts: a lab VM boots at once on overlays backed by its
 backup served over NBD (real nbdkit), QEMU's block-stream copies the backup in behind the
 running guest, from a local and from an S3 repository; an S3 outage pauses and resumes
-it without the guest losing a write; a killed freezeframe is resumed."""
+it without the guest losing a write; a restore whose freezeframe was killed is finished
+by the daemon."""
 
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from backups import backup, cli_json, e2fsck_clean, guest, init_repo, restore, write_random
-from conftest import RepoPlace, qmp, unique, vm_status
+from conftest import RepoPlace, qmp, run_cli, unique, vm_status
 from oracles import ext4_read
 from servers import S3Server
 
 from freezeframe.config import Home
+from freezeframe.jobs import live_restore
+from freezeframe.jobs.daemon import Daemon, cli_runner
 from freezeframe.lab import vm as lab_vm
 
 pytestmark = pytest.mark.vm
@@ -174,12 +178,15 @@ def test_an_s3_outage_pauses_the_restored_vm_and_loses_nothing_it_wrote(
     assert acked > 5
 
 
-def test_a_killed_live_restore_is_resumed_and_the_vm_never_stopped(
+def test_a_killed_live_restore_is_finished_by_the_daemon_and_the_vm_never_stopped(
         home: Home, source: dict[str, Any]) -> None:
+    """freezeframe killed mid-copy: the VM runs on; a second finisher is refused while one
+    holds the restore; the daemon finds the restore nobody finishes and finishes it (with
+    the rate the operator gave)."""
     repo = source["local"]
     name = unique("live-killed")
     seen: list[dict[str, Any]] = []
-    with live_up(home, name, source["backups"][str(repo)], repo, "--rate-limit", "8") as proc:
+    with live_up(home, name, source["backups"][str(repo)], repo, "--rate-limit", "32") as proc:
         events_until(proc, "booted", seen)
         events_until(proc, "progress", seen)  # the copy has begun
         vm = lab_vm.get(home.lab, name)
@@ -187,9 +194,22 @@ def test_a_killed_live_restore_is_resumed_and_the_vm_never_stopped(
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
         assert vm.running, "QEMU died with the live restore"
-        resumed, done = cli_json(home, "backup", "restore", "--live", "--resume", name, "--rate-limit", "0")
-        assert done.returncode == 0, done.stderr
-        assert resumed["live_restore"]["bytes_local"] == resumed["live_restore"]["bytes_total"]
+
+        state = home.live / f"{name}.json"
+        with live_restore._exclusive(state, name):  # as a finisher holds it
+            assert live_restore.interrupted(home.live) == []
+            refused = run_cli(home, "backup", "restore", "--live", "--resume", name)
+            assert refused.returncode == 4, refused.stderr
+            assert "being finished by another process" in refused.stderr
+        assert live_restore.interrupted(home.live) == [name]
+
+        lines: list[dict[str, Any]] = []
+        daemon = Daemon(home.catalog, cli_runner(home.root, fake_clock=False), lambda: datetime.now(UTC),
+                        lines.append, live_dir=home.live)
+        daemon.tick(wait=True)
+        [line] = [entry for entry in lines if entry["job"] == "live-restore"]
+        assert (line["instance"], line["outcome"]) == (name, "ok"), line
+        assert line["bytes_local"] == line["bytes_total"] > 0, line
         assert vm_status(vm) == "running"
         assert not streaming(vm)
         guest(vm, "dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null && dd if=/dev/vdb of=/dev/null bs=1M 2>/dev/null")

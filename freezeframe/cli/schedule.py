@@ -174,7 +174,7 @@ def daemon(app: App, tick_s: float, metrics_file: Path | None, clock_start: str 
         threading.Timer(run_for, stop.set).start()
     gc_every_s = None if gc_every == "never" else parse_every(gc_every)
     worker = Daemon(app.home.catalog, cli_runner(app.home.root, fake_clock=clock_start is not None), clock, log,
-                    metrics_file, gc_every_s=gc_every_s)
+                    metrics_file, gc_every_s=gc_every_s, live_dir=app.home.live)
     log({"at": clock().isoformat(), "event": "daemon started", "schedules": len(app.catalog.schedules())})
     try:
         worker.run_forever(tick_s=tick_s, stop=stop)

@@ -1,4 +1,5 @@
-"""The scheduler daemon: runs due backups, prunes, verifies and restore tests.
+"""The scheduler daemon: runs due backups, prunes, verifies and restore tests, collects
+garbage, and finishes live restores that were interrupted.
 
 Each job is the command a person would run (``freezeframe backup create ...``), in a
 process of its own: a job that dies (or is killed) takes nothing else with it, and its
@@ -13,6 +14,7 @@ jobs see it through ``FREEZEFRAME_NOW``, so a test runs weeks of schedule in a m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -27,6 +29,7 @@ from typing import Any
 
 from freezeframe.catalog import Catalog
 from freezeframe.catalog.store import parse_time
+from freezeframe.jobs.live_restore import interrupted
 from freezeframe.jobs.schedule import Due, due
 from freezeframe.model import BackupState, Level, Schedule
 
@@ -65,6 +68,9 @@ class Daemon:
     #: Garbage collection of every repository the schedules use, this often (None: never).
     #: It runs beside backups (they do not wait for each other), one at a time per repository.
     gc_every_s: float | None = None
+    #: Where live restores keep their state: one that no process is finishing (its
+    #: freezeframe was killed, the host rebooted under it) is finished by the daemon.
+    live_dir: Path | None = None
     _busy: set[str] = field(default_factory=set)
     _gc_due: dict[str, datetime] = field(default_factory=dict)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -90,6 +96,7 @@ class Daemon:
             thread.start()
             started.append(found)
         self._collect(schedules, now)
+        self._finish_live(now)
         if wait:
             self.join()
         return started
@@ -129,6 +136,37 @@ class Daemon:
             elif isinstance(result, dict):
                 line |= {k: result.get(k) for k in ("chunks_deleted", "bytes_freed", "leases_honoured",
                                                      "leases_broken")}
+            self.log(line)
+        finally:
+            with self._lock:
+                self._busy.discard(key)
+
+    def _finish_live(self, now: datetime) -> None:
+        if self.live_dir is None or not self.live_dir.is_dir():
+            return
+        for instance in interrupted(self.live_dir):
+            key = f"live:{instance}"
+            with self._lock:
+                if key in self._busy:
+                    continue
+                self._busy.add(key)
+            thread = threading.Thread(target=self._live, args=(instance, key, now), name="ff-job-live", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _live(self, instance: str, key: str, now: datetime) -> None:
+        try:
+            started = time.monotonic()
+            code, out, err = self.runner(["backup", "restore", "--live", "--resume", instance, "-o", "json"], now)
+            line: dict[str, Any] = {"at": now.isoformat(), "instance": instance, "job": "live-restore",
+                                    "outcome": "ok" if code == 0 else "failed", "exit_code": code,
+                                    "duration_s": round(time.monotonic() - started, 3)}
+            if code != 0:
+                line["error"] = (err.strip().splitlines() or ["(no message)"])[0][:500]
+            else:
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    done = json.loads(out)["live_restore"]
+                    line |= {"bytes_local": int(done["bytes_local"]), "bytes_total": int(done["bytes_total"])}
             self.log(line)
         finally:
             with self._lock:

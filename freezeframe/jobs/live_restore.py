@@ -21,7 +21,9 @@ A bad day, and what it costs:
   parent), QEMU's NBD client keeps trying to reconnect (``reconnect-delay``), and the VM
   keeps running on what is local, pausing if it needs what is not. ``--resume`` serves
   the backup again on the same socket (from the state file this job keeps), QEMU
-  reconnects, and the job carries on where QEMU left it.
+  reconnects, and the job carries on where QEMU left it. The daemon does the same by
+  itself for every restore that no process is finishing (the finishing process holds a
+  lock on the state; the kernel drops it when that process dies).
 
 Progress (bytes local, rate, time left) comes from ``query-block-jobs``.
 """
@@ -29,18 +31,20 @@ Progress (bytes local, rate, time left) comes from ``query-block-jobs``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from freezeframe.agent.qmp import Monitor
 from freezeframe.backup.repository import RepoIdentity, Repository
-from freezeframe.errors import FreezeframeError, HypervisorError, MonitorCommandError, NotFound
+from freezeframe.errors import Conflict, FreezeframeError, HypervisorError, MonitorCommandError, NotFound
 from freezeframe.jobs.serve import ServeRequest, serve
 from freezeframe.lab import host_tools
 
@@ -271,18 +275,44 @@ async def _resume(monitor: Monitor, jobs: dict[str, dict[str, Any]], status: str
         await monitor.execute("cont")
 
 
+@contextlib.contextmanager
+def _exclusive(state_path: Path, instance: str) -> Iterator[None]:
+    """The one process finishing ``instance``'s live restore holds this lock (``flock``,
+    released by the kernel when the process ends however it ends): a second ``--resume``
+    is refused, and the daemon knows which restores nobody is finishing."""
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(state_path.with_suffix(".lock"), "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(f"the live restore of {instance} is being finished by another process already",
+                           hint="wait for it; see: freezeframe lab list") from None
+        yield
+
+
+def interrupted(live_dir: Path) -> list[str]:
+    """The instances whose live restore began and that no process is finishing now."""
+    found = []
+    for state_path in sorted(live_dir.glob("*.json")):
+        with contextlib.suppress(Conflict, OSError), _exclusive(state_path, state_path.stem):
+            if state_path.exists():  # not finished while this looked
+                found.append(state_path.stem)
+    return found
+
+
 def run(state: LiveState, state_path: Path, passphrase: bytes | None, *,
         boot: Callable[[LiveState], str] | None = None,
         on_progress: Callable[[Progress], None] | None = None) -> Progress:
     """Serve the backup, boot the VM on the overlays (``boot``: returns its QMP socket;
     None when resuming one that runs), and stream until every disk is local. The state
     file says what to resume until then."""
-    state_path.parent.mkdir(parents=True, exist_ok=True)
-    with serve(state.request(passphrase), Path(state.socket), Path(state.log)):
+    with _exclusive(state_path, state.instance), serve(state.request(passphrase), Path(state.socket),
+                                                       Path(state.log)):
         if boot is not None:
             state.save(state_path)  # an interrupted boot is resumable or removable
             state.qmp_socket = boot(state)
         state.save(state_path)
         done = asyncio.run(stream(state, on_progress=on_progress))
-    state_path.unlink(missing_ok=True)
+        state_path.unlink(missing_ok=True)
+    state_path.with_suffix(".lock").unlink(missing_ok=True)
     return done
