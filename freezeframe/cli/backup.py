@@ -415,8 +415,9 @@ def _resume_live(app: App, live: bool, resume: str | None, passphrase: bytes | N
     if rate_mib is not None:
         state.rate = int(rate_mib * (1 << 20))
     done = stream_live(app, state, passphrase, boot=None, fmt=fmt)
-    with contextlib.suppress(NotFound):
-        lab_vm.set_attach(app.home.lab, resume, live_restore.qemu_args(state, backing=False))
+    if not state.libvirt_uri:  # libvirt rewrote its domain itself
+        with contextlib.suppress(NotFound):
+            lab_vm.set_attach(app.home.lab, resume, live_restore.qemu_args(state, backing=False))
     record = {"instance": resume, "backup": state.backup, "live_restore": done.to_json()}
     if fmt == "json":
         emit_json(record)

@@ -102,7 +102,8 @@ def build(app: App, distro: str) -> None:
 @click.option("--live", is_flag=True,
               help="With --from-backup: boot at once on empty local overlays backed by the backup served over "
                    "NBD, and copy the backup in behind the running guest (block-stream); returns when every disk "
-                   "is local. If interrupted, finish with: freezeframe backup restore --live --resume NAME.")
+                   "is local (with --libvirt: a libvirt domain, pulled by libvirt). If interrupted, finish with: "
+                   "freezeframe backup restore --live --resume NAME (the daemon does it by itself).")
 @click.option("--rate-limit", "rate_mib", type=click.FloatRange(min=0, min_open=True), default=None,
               metavar="MiB/s", help="With --live: the most each disk's copy reads per second.")
 @click.option("--repo-wait", "repo_wait", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -131,12 +132,11 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
     if live or rate_mib is not None:
         if from_backup is None or not live:
             raise click.UsageError("--live goes with --from-backup, and --rate-limit with --live")
-        if libvirt or distro != "busybox" or application or hooks:
-            raise click.UsageError("--live boots the busybox lab guest under plain QEMU (no --libvirt, --distro, "
-                                   "--app or --hook)")
+        if distro != "busybox" or application or hooks:
+            raise click.UsageError("--live boots the busybox lab guest (no --distro, --app or --hook)")
         _up_live(app, name, from_backup, repo_path, read_passphrase(passphrase_file, passphrase_env),
                  template=template, workload=workload, rate=int((rate_mib or 0) * (1 << 20)), wait_s=repo_wait,
-                 fmt=fmt)
+                 libvirt_uri=uri if libvirt else None, fmt=fmt)
         return
     images: list[Path] | None = None
     with progress(f"lab VM {name}") as say, tempfile.TemporaryDirectory(dir=app.home.root) as scratch:
@@ -179,29 +179,41 @@ def up(app: App, name: str, disks: int, fs: str, no_agent: bool, workload: bool,
 
 
 def _up_live(app: App, name: str, from_backup: str, repo_path: str | None, passphrase: bytes | None, *,
-             template: str | None, workload: bool, rate: int, wait_s: float, fmt: str) -> None:
+             template: str | None, workload: bool, rate: int, wait_s: float, libvirt_uri: str | None,
+             fmt: str) -> None:
     repo, backup_id = locate_backup(app, from_backup, repo_path, passphrase)
     state = live_restore.plan(repo, backup_id, name, (app.home.lab / name).resolve(),
                               app.home.run / f"live-{name}.sock", app.home.logs / f"live-{name}.log", rate=rate,
-                              wait_s=wait_s)
+                              wait_s=wait_s, libvirt_uri=libvirt_uri or "")
 
     def boot(state: live_restore.LiveState) -> str:
-        vm = lab_vm.up_attached(app.home.lab, app.home.images, name, attach=live_restore.qemu_args(state),
-                                disks=[d.overlay for d in state.disks], workload=workload,
-                                setup=lambda _: live_restore.create_overlays(state))
+        if libvirt_uri is not None:
+            # A transient domain whose disks' backing is the export: libvirt knows the chain.
+            vm = lab_vm.up(app.home.lab, app.home.images, name, disks=len(state.disks), workload=workload,
+                           libvirt_uri=libvirt_uri, setup=lambda _: live_restore.create_overlays(state),
+                           libvirt_backing=live_restore.nbd_backing(state))
+        else:
+            vm = lab_vm.up_attached(app.home.lab, app.home.images, name, attach=live_restore.qemu_args(state),
+                                    disks=[d.overlay for d in state.disks], workload=workload,
+                                    setup=lambda _: live_restore.create_overlays(state))
         try:
-            app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket, qga_socket=vm.qga_socket,
-                                     template=template, lab=True)
+            if vm.libvirt_uri is not None:
+                app.catalog.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, template=template,
+                                         lab=True, libvirt_uri=vm.libvirt_uri, libvirt_domain=vm.name)
+            else:
+                app.catalog.add_instance(name, kind="qemu", qmp_socket=vm.qmp_socket, qga_socket=vm.qga_socket,
+                                         template=template, lab=True)
         except BaseException:
             lab_vm.down(app.home.lab, name)
             raise
         shown = {"event": "booted", "instance": name, "backup": backup_id, "qmp_socket": vm.qmp_socket,
-                 "qga_socket": vm.qga_socket}
+                 "qga_socket": vm.qga_socket, "libvirt_uri": vm.libvirt_uri}
         emit_progress(shown, fmt)
         return vm.qmp_socket
 
     done = stream_live(app, state, passphrase, boot=boot, fmt=fmt)
-    vm = lab_vm.set_attach(app.home.lab, name, live_restore.qemu_args(state, backing=False))
+    vm = lab_vm.get(app.home.lab, name) if libvirt_uri is not None else lab_vm.set_attach(
+        app.home.lab, name, live_restore.qemu_args(state, backing=False))
     record = {**_record(vm), "live_restore": done.to_json()}
     if fmt == "json":
         emit_json(record)

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,6 +84,8 @@ class LiveState:
     log: str
     disks: list[LiveDisk]
     qmp_socket: str = ""
+    #: A libvirt domain (named as the instance) at this URI, instead of a QEMU of our own.
+    libvirt_uri: str = ""
     rate: int = 0  # bytes/s per disk, 0: unlimited
     wait_s: float = SERVE_WAIT_S  # how long a read waits for the repository before the VM pauses
     started_at: float = field(default_factory=time.time)
@@ -113,7 +116,7 @@ class LiveState:
 
 
 def plan(repo: Repository, backup_id: str, instance: str, directory: Path, socket: Path, log_file: Path,
-         *, rate: int = 0, wait_s: float = SERVE_WAIT_S) -> LiveState:
+         *, rate: int = 0, wait_s: float = SERVE_WAIT_S, libvirt_uri: str = "") -> LiveState:
     """The live restore of ``backup_id`` as ``instance``, its overlays in ``directory``."""
     disks = []
     for number, disk in enumerate(repo.manifest(backup_id)["disks"]):
@@ -121,7 +124,8 @@ def plan(repo: Repository, backup_id: str, instance: str, directory: Path, socke
                               node=f"ffdata{number}", source=f"ffsrc{number}",
                               size=repo.index(str(disk["index"])).virtual_size))
     return LiveState(instance=instance, backup=backup_id, location=repo.location, identity=asdict(repo.identity),
-                     socket=str(socket), log=str(log_file), disks=disks, rate=rate, wait_s=wait_s)
+                     socket=str(socket), log=str(log_file), disks=disks, rate=rate, wait_s=wait_s,
+                     libvirt_uri=libvirt_uri)
 
 
 def create_overlays(state: LiveState) -> None:
@@ -177,6 +181,114 @@ async def _has_backing(monitor: Monitor, node: str) -> bool:
     raise LiveRestoreError(f"QEMU has no block node {node}: is this the VM the live restore started?")
 
 
+def nbd_backing(state: LiveState) -> list[tuple[str, str]]:
+    """Per disk, the NBD export its overlay reads through to: (unix socket, export name)."""
+    return [(state.socket, disk.device) for disk in state.disks]
+
+
+class _Rate:
+    """Bytes per second over the last few seconds."""
+
+    def __init__(self) -> None:
+        self.history: list[tuple[float, int]] = []
+
+    def __call__(self, done: int) -> float:
+        now = time.monotonic()
+        self.history = [h for h in self.history if now - h[0] <= 5] + [(now, done)]
+        first = self.history[0]
+        return (done - first[1]) / (now - first[0]) if now > first[0] else 0.0
+
+
+def _stream_libvirt(state: LiveState, on_progress: Callable[[Progress], None] | None, poll_s: float) -> Progress:
+    """The same for a libvirt domain, through libvirt's own block pull (``block-stream``):
+    libvirt then drops the backing and the NBD nodes itself, and its view of the disks
+    stays true. libvirt 9.0 cannot give the NBD client a reconnect delay, so a read the
+    server cannot answer pauses the VM (``error_policy=stop``) until it is resumed here,
+    and a pull that failed is started again; what was copied stays copied."""
+    import libvirt
+
+    try:
+        conn = libvirt.open(state.libvirt_uri)
+    except libvirt.libvirtError as err:
+        raise LiveRestoreError(f"cannot connect to libvirt at {state.libvirt_uri}: {err.get_error_message()}") from None
+    try:
+        dom = conn.lookupByName(state.instance)
+        targets = _libvirt_targets(dom, state)
+        total = sum(d.size for d in state.disks)
+        rate = _Rate()
+        restarts: dict[str, int] = {}
+        started: set[str] = set()
+        last_resume = 0.0
+        while True:
+            backed = _libvirt_backed(dom)
+            done, paused = 0, False
+            for disk in state.disks:
+                target = targets[disk.node]
+                info = dom.blockJobInfo(target, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES)
+                if not info:
+                    if target not in backed:
+                        done += disk.size
+                        continue
+                    if target in started:
+                        restarts[target] = restarts.get(target, 0) + 1
+                        if restarts[target] > 20:
+                            raise LiveRestoreError(f"the copy of disk {disk.device} keeps failing",
+                                                   hint=f"see {state.log}; resume with --resume {state.instance}")
+                        log.warning("the copy of disk %s stopped early; starting it again", disk.device)
+                    dom.blockPull(target, state.rate, libvirt.VIR_DOMAIN_BLOCK_PULL_BANDWIDTH_BYTES)
+                    started.add(target)
+                    log.info("pulling disk %s of backup %s into %s", disk.device, state.backup[:8], disk.overlay)
+                    continue
+                if target not in started:  # a pull left by an interrupted run goes on, at the speed asked now
+                    dom.blockJobSetSpeed(target, state.rate, libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES)
+                    started.add(target)
+                done += int(info["cur"]) * disk.size // max(int(info["end"]), 1)
+            status, reason = dom.state()
+            if status == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
+                paused = True
+                if time.monotonic() - last_resume >= 2:
+                    last_resume = time.monotonic()
+                    log.warning("the VM paused on a read the repository could not answer; resuming it")
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.resume()
+            progress = Progress(done=done, total=total, rate=rate(done), paused=paused)
+            if on_progress is not None:
+                on_progress(progress)
+            if done >= total:
+                log.info("live restore of %s done: every disk is local", state.instance)
+                return progress
+            time.sleep(poll_s)
+    except libvirt.libvirtError as err:
+        raise LiveRestoreError(f"libvirt failed during the live restore of {state.instance}: "
+                               f"{err.get_error_message()}", hint=f"resume with --resume {state.instance}") from None
+    finally:
+        conn.close()
+
+
+def _libvirt_targets(dom: Any, state: LiveState) -> dict[str, str]:
+    """Each disk's target (vda...) in the domain, found by its serial (the overlay's node name)."""
+    found = {}
+    for disk in ET.fromstring(dom.XMLDesc()).iterfind("devices/disk"):
+        serial, target = disk.findtext("serial"), disk.find("target")
+        if serial and target is not None:
+            found[serial] = target.get("dev", "")
+    missing = [d.node for d in state.disks if not found.get(d.node)]
+    if missing:
+        raise LiveRestoreError(f"the domain {state.instance} has no disk with serial {', '.join(missing)}: "
+                               "is this the domain the live restore started?")
+    return found
+
+
+def _libvirt_backed(dom: Any) -> set[str]:
+    """The targets whose image still reads through to a network (NBD) backing."""
+    backed = set()
+    for disk in ET.fromstring(dom.XMLDesc()).iterfind("devices/disk"):
+        store, target = disk.find("backingStore"), disk.find("target")
+        if store is not None and store.get("type") == "network" and target is not None:
+            backed.add(target.get("dev", ""))
+    return backed
+
+
 async def stream(state: LiveState, *, on_progress: Callable[[Progress], None] | None = None,
                  poll_s: float = 0.5) -> Progress:
     """Stream every disk until it is local; resumes jobs and the VM paused by errors.
@@ -184,6 +296,8 @@ async def stream(state: LiveState, *, on_progress: Callable[[Progress], None] | 
 
     QMP is connected for each look and let go in between: QEMU serves one monitor client
     at a time, and snapshots, backups and people need it while the copy runs."""
+    if state.libvirt_uri:
+        return await asyncio.to_thread(_stream_libvirt, state, on_progress, poll_s)
     jobs = {f"ff-stream-{d.node}": d for d in state.disks}
     total = sum(d.size for d in state.disks)
     history: list[tuple[float, int]] = []

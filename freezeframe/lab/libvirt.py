@@ -98,10 +98,13 @@ def _alive_pid(pidfile: str) -> int | None:
 
 
 def domain_xml(name: str, *, kernel: Path, initrd: Path, cmdline: str, disks: list[Path], console: Path,
-               memory_mib: int, accel: str, iothread: bool = False) -> str:
+               memory_mib: int, accel: str, iothread: bool = False,
+               backing: list[tuple[str, str]] | None = None) -> str:
     """The lab VM as libvirt describes it: the lab's q35 machine, its kernel and initramfs,
     a virtio disk per data disk (serials ffdataN), a serial console to a file and the agent
-    channel. ``iothread``: the disks in one iothread with ``cache=none`` and native AIO."""
+    channel. ``iothread``: the disks in one iothread with ``cache=none`` and native AIO.
+    ``backing``: per disk, the NBD export (unix socket, export name) its overlay reads
+    through to (a live restore), with errors stopping the VM rather than reaching the guest."""
     domain = ET.Element("domain", type="kvm" if accel == "kvm" else "qemu")
     ET.SubElement(domain, "name").text = name
     ET.SubElement(domain, "memory", unit="MiB").text = str(memory_mib)
@@ -123,6 +126,14 @@ def domain_xml(name: str, *, kernel: Path, initrd: Path, cmdline: str, disks: li
         if iothread:
             driver.attrib.update(cache="none", io="native", iothread="1")
         ET.SubElement(disk, "source", file=str(path))
+        if backing is not None:
+            driver.attrib.update(error_policy="stop", rerror_policy="stop")
+            socket, export = backing[index]
+            store = ET.SubElement(disk, "backingStore", type="network")
+            ET.SubElement(store, "format", type="raw")
+            source = ET.SubElement(store, "source", protocol="nbd", name=export)
+            ET.SubElement(source, "host", transport="unix", socket=socket)
+            ET.SubElement(store, "backingStore")
         ET.SubElement(disk, "target", dev=f"vd{chr(ord('a') + index)}", bus="virtio")
         ET.SubElement(disk, "serial").text = f"ffdata{index}"
     serial = ET.SubElement(devices, "serial", type="file")
@@ -157,6 +168,22 @@ def start_domain(uri: str, xml: str) -> int:
             raise LabError(f"libvirt started {name} but wrote no {pidfile}")
         time.sleep(0.05)
     return pid
+
+
+def agent_connected(uri: str, name: str) -> bool:
+    """Whether libvirt has the guest agent's channel connected (it answers "not connected"
+    at once, without waiting, until the agent in the guest opened its end)."""
+    import libvirt
+
+    with contextlib.suppress(libvirt.libvirtError):
+        conn = _connect(uri)
+        try:
+            for channel in ET.fromstring(conn.lookupByName(name).XMLDesc()).iterfind("devices/channel/target"):
+                if channel.get("name") == AGENT_CHANNEL:
+                    return channel.get("state") == "connected"
+        finally:
+            conn.close()
+    return False
 
 
 def destroy_domain(uri: str, name: str) -> None:

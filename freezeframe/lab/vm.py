@@ -230,12 +230,16 @@ def up(
     disk_images: list[Path] | None = None,
     libvirt_uri: str | None = None,
     iothread: bool = False,
+    setup: Callable[[Path], None] | None = None,
+    libvirt_backing: list[tuple[str, str]] | None = None,
 ) -> LabVM:
     """Build (or reuse) the guest image, create the disks and boot the VM; returns once the
     guest has mounted its disks and started its agent. ``disk_images``: qcow2 files to
     boot on instead of new disks (moved into the VM's directory), such as a restored backup.
     ``iothread`` (libvirt only; plain QEMU layouts come from ``up_attached``): every disk
-    in one iothread, ``cache=none``, as production domains often run."""
+    in one iothread, ``cache=none``, as production domains often run. ``setup``: called
+    with the VM's new directory to create its disks (``disk0.qcow2``...) instead of new
+    ones; ``libvirt_backing``: the NBD export each disk reads through to (a live restore)."""
     if disk_images is not None:
         disks = len(disk_images)
     if fs not in FILESYSTEMS:
@@ -262,7 +266,11 @@ def up(
     vm_dir, image, accel = _claim(lab_root, image_cache, name)
     try:
         disk_paths = [vm_dir / f"disk{i}.qcow2" for i in range(disks)]
+        if setup is not None:
+            setup(vm_dir)
         for index, path in enumerate(disk_paths):
+            if setup is not None:
+                continue
             if disk_images is not None:
                 shutil.move(disk_images[index], path)
             elif index == 0 and app in apps.DATABASES:
@@ -280,7 +288,8 @@ def up(
                            hook_policy=hook_policy, hook_timeout=hook_timeout, hook_runner=hook_runner, app=app)
         if libvirt_uri is not None:
             pid = _boot_libvirt(libvirt_uri, name, vm_dir, image, disk_paths, accel=accel, cmdline=cmdline,
-                                memory_mib=memory_mib, timeout=boot_timeout, iothread=iothread)
+                                memory_mib=memory_mib, timeout=boot_timeout, iothread=iothread,
+                                backing=libvirt_backing, agent=agent)
         else:
             pid = _boot(vm_dir, image, disk_paths, accel=accel, cmdline=cmdline, memory_mib=memory_mib,
                         timeout=boot_timeout, extra=_app_args(app, app_port))
@@ -384,13 +393,20 @@ def _cmdline(*, agent: bool = True, workload: bool = False, workload_sync: bool 
 
 
 def _boot_libvirt(uri: str, name: str, vm_dir: Path, image: GuestImage, disks: list[Path], *, accel: str,
-                  cmdline: str, memory_mib: int, timeout: float, iothread: bool = False) -> int | None:
+                  cmdline: str, memory_mib: int, timeout: float, iothread: bool = False,
+                  backing: list[tuple[str, str]] | None = None, agent: bool = True) -> int | None:
     lab_libvirt.ensure_daemons(uri)
     xml = lab_libvirt.domain_xml(name, kernel=image.kernel, initrd=image.initrd, cmdline=cmdline, disks=disks,
                                  console=vm_dir / "console.log", memory_mib=memory_mib, accel=accel,
-                                 iothread=iothread)
+                                 iothread=iothread, backing=backing)
     pid = lab_libvirt.start_domain(uri, xml)
+    deadline = time.monotonic() + timeout
     if _wait_ready(vm_dir, pid, timeout):
+        # The guest is up; libvirt connects its agent channel a moment later.
+        while agent and not lab_libvirt.agent_connected(uri, name):
+            if time.monotonic() > deadline:
+                raise LabError(f"libvirt never connected the guest agent of {name} within {timeout:g}s")
+            time.sleep(0.1)
         return pid
     lab_libvirt.destroy_domain(uri, name)
     return None
