@@ -6,6 +6,8 @@ by the daemon."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,6 +30,7 @@ from servers import S3Server
 from freezeframe.config import Home
 from freezeframe.jobs import live_restore
 from freezeframe.jobs.daemon import Daemon, cli_runner
+from freezeframe.lab import libvirt as lab_libvirt
 from freezeframe.lab import vm as lab_vm
 
 pytestmark = pytest.mark.vm
@@ -219,3 +222,67 @@ def test_a_killed_live_restore_is_finished_by_the_daemon_and_the_vm_never_stoppe
         guest(vm, "dd if=/dev/vda of=/dev/null bs=1M 2>/dev/null && dd if=/dev/vdb of=/dev/null bs=1M 2>/dev/null")
         assert file_digest(vm, "/mnt/ffdata1/before.bin") == source["digest"]
         assert not (home.live / f"{name}.json").exists()
+
+
+def test_a_libvirt_domain_runs_on_its_backup_under_a_new_name_and_is_defined_once_local(
+        home: Home, shared_libvirt_vm: lab_vm.LabVM, tmp_path: Path) -> None:
+    """``backup restore ID --live --to DIR --to-instance NEW`` for a backup of a libvirt
+    domain: NEW is the backed-up domain's definition on overlays backed by the backup; the
+    guest answers while libvirt pulls the blocks; freezeframe killed, --resume finishes;
+    then NEW is defined, stands alone, and snapshots like any instance, and the original's
+    disks were never touched."""
+    import libvirt
+
+    source_vm = shared_libvirt_vm
+    assert source_vm.libvirt_uri is not None
+    repo = tmp_path / "repo"
+    init_repo(home, repo)
+    digest = write_random(source_vm, "/mnt/ffdata1/live.bin", 2)
+    made = backup(home, source_vm, repo)
+    name = unique("live-clone")
+    clone = dataclasses.replace(source_vm, name=name)
+    seen: list[dict[str, Any]] = []
+    proc = subprocess.Popen([sys.executable, "-m", "freezeframe", "backup", "restore", made["id"], "--live",
+                             "--to", str(tmp_path / "clone"), "--to-instance", name, "--rate-limit", "1", "-o",
+                             "json"], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, FREEZEFRAME_HOME=str(home.root)))
+    conn = libvirt.open(source_vm.libvirt_uri)
+    try:
+        events_until(proc, "booted", seen)
+        deadline = time.monotonic() + 120
+        while not lab_libvirt.agent_connected(source_vm.libvirt_uri, name):
+            assert time.monotonic() < deadline, "the restored domain's agent never connected"
+            time.sleep(0.2)
+        assert file_digest(clone, "/mnt/ffdata1/live.bin") == digest
+        assert streaming(clone), "the copy had finished before the guest was checked: nothing shown"
+        # The copy crawls (1 MiB/s): freezeframe killed, it is finished at full speed.
+        proc.kill()
+        proc.communicate()
+        resumed, done = cli_json(home, "backup", "restore", "--live", "--resume", name, "--rate-limit", "0")
+        assert done.returncode == 0, done.stderr
+        assert resumed["live_restore"]["bytes_local"] == resumed["live_restore"]["bytes_total"]
+
+        dom = conn.lookupByName(name)
+        assert dom.isPersistent(), "the restored domain was not defined"
+        defined = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        assert "nbd" not in defined, defined
+        assert str(tmp_path / "clone") in defined, defined
+        nodes = qmp(clone, "query-named-block-nodes", {"flat": True})
+        assert not [n["node-name"] for n in nodes if n["drv"] == "nbd" or n.get("backing_file")]
+        assert file_digest(clone, "/mnt/ffdata1/live.bin") == digest
+        snap, done = cli_json(home, "snapshot", "create", name, "--consistency", "filesystem")
+        assert done.returncode == 0, done.stderr
+        assert snap["consistency"] == "filesystem"
+        original = conn.lookupByName(source_vm.name).XMLDesc()
+        assert str(tmp_path / "clone") not in original, "the original domain's disks changed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        with contextlib.suppress(libvirt.libvirtError):
+            dom = conn.lookupByName(name)
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
+        conn.close()

@@ -38,6 +38,7 @@ from freezeframe.cli.output import (
     backups_table,
     byte_progress,
     emit_json,
+    emit_progress,
     human_size,
     output_option,
     progress,
@@ -193,12 +194,15 @@ def show(app: App, backup: str, repo_path: str | None, passphrase_file: Path | N
 @click.option("--in-place", "in_place", is_flag=True,
               help="Onto the images already in DIR (DEVICE.raw or DEVICE.qcow2, as a restore names them; their "
                    "VM stopped): read each chunk's range, write only the chunks that differ.")
-@click.option("--live", is_flag=True, help="Instant recovery: see 'lab up --from-backup --live'; here only with "
-                                           "--resume, to finish a live restore that was interrupted.")
+@click.option("--live", is_flag=True,
+              help="Instant recovery of a libvirt domain's backup (with --to DIR --to-instance NEW): NEW starts at "
+                   "once, defined like the backed-up domain, on empty overlays in DIR backed by the backup served "
+                   "over NBD, while libvirt copies the backup in behind it; NEW is defined for good when every "
+                   "disk is local. Lab VMs: lab up NAME --from-backup ID --live. With --resume: finish one.")
 @click.option("--resume", "resume", metavar="NAME", help="With --live: finish the live restore of instance NAME.")
 @click.option("--rate-limit", "rate_mib", type=click.FloatRange(min=0), default=None, metavar="MiB/s",
-              help="With --resume: the most each disk's copy reads per second from now on (0: no limit). "
-                   "Default: as the live restore began.")
+              help="With --live: the most each disk's copy reads per second (0: no limit); with --resume, "
+                   "from now on (default: as the live restore began).")
 @output_option
 @pass_app
 def restore(app: App, backup: str | None, dest: Path | None, image_format: str, devices: tuple[str, ...],
@@ -213,8 +217,14 @@ def restore(app: App, backup: str | None, dest: Path | None, image_format: str, 
     --live --resume NAME finishes the live restore of NAME (started by 'lab up NAME
     --from-backup BACKUP --live') after the process copying it was killed: the backup is
     served again on the same socket, QEMU reconnects, the VM and the copy carry on."""
-    if live or resume:
+    if resume:
         _resume_live(app, live, resume, read_passphrase(passphrase_file, passphrase_env), rate_mib, fmt)
+        return
+    if live:
+        if backup is None or dest is None or new_instance is None or in_place:
+            raise click.UsageError("a live restore takes BACKUP, --to DIR and --to-instance NEW (not --in-place)")
+        _restore_live(app, backup, dest, new_instance, repo_path, read_passphrase(passphrase_file, passphrase_env),
+                      rate_mib, fmt)
         return
     if backup is None or dest is None:
         raise click.UsageError("give BACKUP and --to DIR")
@@ -400,6 +410,55 @@ def extract(app: App, backup: str, paths: tuple[str, ...], dest: Path, devices: 
     if report.failed:
         raise UnreadableData("could not read " + "; ".join(f"{f['path']}: {f['error']}" for f in report.failed),
                               hint="the other files were extracted; see: freezeframe backup verify")
+
+
+def _restore_live(app: App, backup: str, dest: Path, name: str, repo_path: str | None, passphrase: bytes | None,
+                  rate_mib: float | None, fmt: str) -> None:
+    from freezeframe.cli.lab import stream_live
+    from freezeframe.jobs import live_restore
+    from freezeframe.targets import libvirt_clone
+
+    validate_name("instance", name)
+    if any(i.name == name for i in app.catalog.instances()):
+        raise Conflict(f"instance {name!r} exists already", hint="choose another --to-instance name")
+    repo, backup_id = locate_backup(app, backup, repo_path, passphrase)
+    source = app.catalog.instance(str(repo.manifest(backup_id)["instance"]))
+    if source.kind != "libvirt" or not source.libvirt_uri:
+        raise InvalidInput(f"backup {backup_id[:8]} is of {source.name}, a {source.kind} instance: a live restore "
+                           "starts a libvirt domain (or a lab VM: lab up NAME --from-backup ID --live)",
+                           hint="restore the images (backup restore --to DIR) and start the VM on them")
+    dest = dest.absolute()
+    if dest.exists() and any(dest.iterdir()):
+        raise InvalidInput(f"{dest} is not empty", hint="a live restore puts its overlays into an empty directory")
+    dest.mkdir(parents=True, exist_ok=True)
+    state = live_restore.plan(repo, backup_id, name, dest, app.home.run / f"live-{name}.sock",
+                              app.home.logs / f"live-{name}.log", rate=int((rate_mib or 0) * (1 << 20)),
+                              libvirt_uri=source.libvirt_uri)
+    state.persist = True
+    for disk in state.disks:
+        disk.target = disk.device  # a libvirt backup names its disks by target dev
+    definition = libvirt_clone.source_definition(source.libvirt_uri, source.libvirt_domain or source.name)
+
+    def boot(state: live_restore.LiveState) -> str:
+        live_restore.create_overlays(state)
+        xml = libvirt_clone.clone_xml(definition, name, [
+            libvirt_clone.ClonedDisk(target=d.target, overlay=d.overlay, socket=state.socket, export=d.device)
+            for d in state.disks], dest)
+        libvirt_clone.start(state.libvirt_uri, xml)
+        app.catalog.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, template=source.template,
+                                 libvirt_uri=state.libvirt_uri, libvirt_domain=name)
+        emit_progress({"event": "booted", "instance": name, "backup": backup_id, "libvirt_uri": state.libvirt_uri},
+                      fmt)
+        return ""
+
+    done = stream_live(app, state, passphrase, boot=boot, fmt=fmt)
+    record = {"instance": name, "backup": backup_id, "to": str(dest), "libvirt_uri": state.libvirt_uri,
+              "live_restore": done.to_json()}
+    if fmt == "json":
+        emit_json(record)
+    else:
+        stdout.print(f"{name} runs on local images in {dest}: every disk is local, the domain is defined",
+                     highlight=False)
 
 
 def _resume_live(app: App, live: bool, resume: str | None, passphrase: bytes | None, rate_mib: float | None,

@@ -48,6 +48,7 @@ from freezeframe.backup.repository import RepoIdentity, Repository
 from freezeframe.errors import Conflict, FreezeframeError, HypervisorError, MonitorCommandError, NotFound
 from freezeframe.jobs.serve import ServeRequest, serve
 from freezeframe.lab import host_tools
+from freezeframe.targets import libvirt_clone
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class LiveDisk:
     node: str          # QEMU's node for the overlay (what the guest's device uses)
     source: str        # QEMU's node for the NBD export
     size: int
+    target: str = ""   # a libvirt domain's target dev for it (else found by the serial, the node name)
 
 
 @dataclass(slots=True)
@@ -86,6 +88,8 @@ class LiveState:
     qmp_socket: str = ""
     #: A libvirt domain (named as the instance) at this URI, instead of a QEMU of our own.
     libvirt_uri: str = ""
+    #: Define the libvirt domain (make it persistent) once every disk is local.
+    persist: bool = False
     rate: int = 0  # bytes/s per disk, 0: unlimited
     wait_s: float = SERVE_WAIT_S  # how long a read waits for the repository before the VM pauses
     started_at: float = field(default_factory=time.time)
@@ -270,13 +274,15 @@ def _libvirt_targets(dom: Any, state: LiveState) -> dict[str, str]:
     found = {}
     for disk in ET.fromstring(dom.XMLDesc()).iterfind("devices/disk"):
         serial, target = disk.findtext("serial"), disk.find("target")
-        if serial and target is not None:
-            found[serial] = target.get("dev", "")
-    missing = [d.node for d in state.disks if not found.get(d.node)]
+        if target is not None:
+            found[serial or target.get("dev", "")] = target.get("dev", "")
+    targets = set(found.values())
+    chosen = {d.node: d.target if d.target in targets else found.get(d.node, "") for d in state.disks}
+    missing = [d.target or d.node for d in state.disks if not chosen[d.node]]
     if missing:
-        raise LiveRestoreError(f"the domain {state.instance} has no disk with serial {', '.join(missing)}: "
+        raise LiveRestoreError(f"the domain {state.instance} has no disk {', '.join(missing)}: "
                                "is this the domain the live restore started?")
-    return found
+    return chosen
 
 
 def _libvirt_backed(dom: Any) -> set[str]:
@@ -427,6 +433,8 @@ def run(state: LiveState, state_path: Path, passphrase: bytes | None, *,
             state.qmp_socket = boot(state)
         state.save(state_path)
         done = asyncio.run(stream(state, on_progress=on_progress))
+        if state.persist:
+            libvirt_clone.make_persistent(state.libvirt_uri, state.instance)
         state_path.unlink(missing_ok=True)
     state_path.with_suffix(".lock").unlink(missing_ok=True)
     return done
