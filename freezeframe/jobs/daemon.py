@@ -14,7 +14,6 @@ jobs see it through ``FREEZEFRAME_NOW``, so a test runs weeks of schedule in a m
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -122,24 +121,27 @@ class Daemon:
 
     def _gc(self, repository: str, key: str, now: datetime) -> None:
         try:
-            started = time.monotonic()
-            code, out, err = self.runner(["repo", "gc", *([repository] if repository else []), "-o", "json"], now)
-            try:
-                result = json.loads(out) if out.strip() else {}
-            except ValueError:
-                result = {}
-            line: dict[str, Any] = {"at": now.isoformat(), "repository": repository or "default", "job": "gc",
-                                    "outcome": "ok" if code == 0 else "failed", "exit_code": code,
-                                    "duration_s": round(time.monotonic() - started, 3)}
-            if code != 0:
-                line["error"] = (err.strip().splitlines() or ["(no message)"])[0][:500]
-            elif isinstance(result, dict):
+            line, out = self._command(["repo", "gc", *([repository] if repository else [])], now,
+                                      repository=repository or "default", job="gc")
+            result = _json(out)
+            if line["outcome"] == "ok" and isinstance(result, dict):
                 line |= {k: result.get(k) for k in ("chunks_deleted", "bytes_freed", "leases_honoured",
                                                      "leases_broken")}
             self.log(line)
         finally:
             with self._lock:
                 self._busy.discard(key)
+
+    def _command(self, argv: list[str], now: datetime, **who: Any) -> tuple[dict[str, Any], str]:
+        """Run one job's command (``-o json``): its log line (who, outcome, exit code,
+        duration, the first line of its error) and what it printed."""
+        started = time.monotonic()
+        code, out, err = self.runner([*argv, "-o", "json"], now)
+        line: dict[str, Any] = {"at": now.isoformat(), **who, "outcome": "ok" if code == 0 else "failed",
+                                "exit_code": code, "duration_s": round(time.monotonic() - started, 3)}
+        if code != 0:
+            line["error"] = (err.strip().splitlines() or ["(no message)"])[0][:500]
+        return line, out
 
     def _finish_live(self, now: datetime) -> None:
         if self.live_dir is None or not self.live_dir.is_dir():
@@ -156,17 +158,12 @@ class Daemon:
 
     def _live(self, instance: str, key: str, now: datetime) -> None:
         try:
-            started = time.monotonic()
-            code, out, err = self.runner(["backup", "restore", "--live", "--resume", instance, "-o", "json"], now)
-            line: dict[str, Any] = {"at": now.isoformat(), "instance": instance, "job": "live-restore",
-                                    "outcome": "ok" if code == 0 else "failed", "exit_code": code,
-                                    "duration_s": round(time.monotonic() - started, 3)}
-            if code != 0:
-                line["error"] = (err.strip().splitlines() or ["(no message)"])[0][:500]
-            else:
-                with contextlib.suppress(ValueError, TypeError, KeyError):
-                    done = json.loads(out)["live_restore"]
-                    line |= {"bytes_local": int(done["bytes_local"]), "bytes_total": int(done["bytes_total"])}
+            line, out = self._command(["backup", "restore", "--live", "--resume", instance], now,
+                                      instance=instance, job="live-restore")
+            result = _json(out)
+            done = result.get("live_restore") if isinstance(result, dict) else None
+            if line["outcome"] == "ok" and isinstance(done, dict):
+                line |= {"bytes_local": done.get("bytes_local"), "bytes_total": done.get("bytes_total")}
             self.log(line)
         finally:
             with self._lock:
@@ -207,19 +204,10 @@ class Daemon:
 
     def _job(self, job: str, schedule: Schedule, argv: list[str], now: datetime,
              **extra: Any) -> tuple[bool, Any]:
-        started = time.monotonic()
-        code, out, err = self.runner([*argv, "-o", "json"], now)
-        try:
-            result = json.loads(out) if out.strip() else None
-        except ValueError:
-            result = None
-        line: dict[str, Any] = {"at": now.isoformat(), "instance": schedule.instance, "job": job,
-                                "outcome": "ok" if code == 0 else "failed", "exit_code": code,
-                                "duration_s": round(time.monotonic() - started, 3), **extra}
-        if code != 0:
-            line["error"] = (err.strip().splitlines() or ["(no message)"])[0][:500]
+        line, out = self._command(argv, now, instance=schedule.instance, job=job, **extra)
+        result = _json(out)
         self.log(line | self._summary(job, result))
-        return code == 0, result
+        return line["outcome"] == "ok", result
 
     @staticmethod
     def _summary(job: str, result: Any) -> dict[str, Any]:
@@ -328,3 +316,11 @@ class Daemon:
                                             and b.created_at > newest.created_at))
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         write_to_textfile(str(self.metrics_path), registry)  # a temporary file, then a rename
+
+
+def _json(out: str) -> Any:
+    """What a job printed with ``-o json``; None when it printed nothing, or not JSON."""
+    try:
+        return json.loads(out) if out.strip() else None
+    except ValueError:
+        return None
