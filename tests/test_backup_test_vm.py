@@ -63,11 +63,15 @@ def test_xfs_is_checked_with_its_own_tools(home: Home, lab: LabFactory, tmp_path
     init_repo(home, repo)
     vm = lab(disks=1, fs="xfs", workload=True)
     made = backup(home, vm, repo)
-    result, code = trial(home, made["id"], "--scratch", str(tmp_path / "scratch"))
-    assert code == 0, result
+    result, done = cli_json(home, "backup", "test", made["id"], "--scratch", str(tmp_path / "scratch"),
+                            env={"FREEZEFRAME_LOG": "info"})
+    assert done.returncode == 0, result
     ok = passed(result)
     assert ok[("log clean", "ffdata0")] == "only the superblock in the log"
     assert ("xfs_repair -n", "ffdata0") in ok
+    # The log says what the test did, check by check, and where the sandbox ran.
+    assert f"restore test of {made['id'][:8]}: xfs_repair -n on ffdata0 passed" in done.stderr, done.stderr
+    assert "sandbox appliance up in" in done.stderr
 
 
 def test_a_backup_that_cannot_be_restored_fails_its_test(home: Home, lab: LabFactory, tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import time
@@ -53,6 +54,8 @@ from freezeframe.targets.base import Target
 from freezeframe.targets.host import HostTarget
 from freezeframe.targets.qemu import QemuTarget
 from freezeframe.writers import make_writer
+
+log = logging.getLogger(__name__)
 
 #: Called with the name of each phase as it starts, for progress displays.
 Progress = Callable[[str], None]
@@ -112,7 +115,9 @@ class _Ladder:
         if to >= self.level:
             return
         if self.on_failure is OnFailure.FAIL:
+            log.warning("level %s not reached, and the policy is to fail: %s", self.level.value, reason)
             raise _StepDownRefused(reason)
+        log.warning("stepping down from %s to %s level: %s", self.level.value, to.value, reason)
         self.reasons.append(reason)
         self.level = to
 
@@ -310,6 +315,7 @@ class _Run:
         }
 
     def event(self, text: str) -> None:
+        log.info("%s: %s", self.plan.instance.name, text)
         self.manifest["events"].append({"at": utc_now(), "event": text})
 
     def finish_record(self) -> None:
@@ -334,6 +340,10 @@ class _Run:
             }
         )
         snap.manifest = self.manifest
+        log.info("snapshot %s of %s %s: %s level (asked %s), frozen %s ms, phases %s", snap.name,
+                 self.plan.instance.name, snap.state.value,
+                 snap.achieved_level.value if snap.achieved_level else "no", snap.requested_level.value,
+                 snap.freeze_window_ms, snap.timings_ms)
 
     async def execute(self) -> None:
         target = self.target_factory(self.plan.instance)

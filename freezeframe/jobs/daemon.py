@@ -15,6 +15,7 @@ jobs see it through ``FREEZEFRAME_NOW``, so a test runs weeks of schedule in a m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from freezeframe.catalog.store import parse_time
 from freezeframe.jobs.live_restore import interrupted
 from freezeframe.jobs.schedule import Due, due
 from freezeframe.model import BackupState, Level, Schedule
+
+log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 #: argv after ``freezeframe``, and the clock's time -> exit code, stdout, stderr.
@@ -136,11 +139,16 @@ class Daemon:
         """Run one job's command (``-o json``): its log line (who, outcome, exit code,
         duration, the first line of its error) and what it printed."""
         started = time.monotonic()
+        log.info("starting: freezeframe %s", " ".join(argv))
         code, out, err = self.runner([*argv, "-o", "json"], now)
         line: dict[str, Any] = {"at": now.isoformat(), **who, "outcome": "ok" if code == 0 else "failed",
                                 "exit_code": code, "duration_s": round(time.monotonic() - started, 3)}
         if code != 0:
             line["error"] = (err.strip().splitlines() or ["(no message)"])[0][:500]
+            log.warning("failed (exit %d after %.1fs): freezeframe %s: %s", code, line["duration_s"], " ".join(argv),
+                        line["error"])
+        else:
+            log.info("done in %.1fs: freezeframe %s", line["duration_s"], " ".join(argv))
         return line, out
 
     def _finish_live(self, now: datetime) -> None:

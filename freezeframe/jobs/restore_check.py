@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import posixpath
 import re
 import shutil
@@ -43,6 +44,8 @@ from freezeframe.jobs.app_check import RecordedApp, check_app, recorded_apps
 from freezeframe.jobs.file_restore import GuestFiles
 from freezeframe.jobs.sandbox import FileSystem, Sandbox, sandbox_of_images
 from freezeframe.model import Backup, BackupState, Level
+
+log = logging.getLogger(__name__)
 
 #: Boots the restored images (device, raw image) and says what it saw; raises when it fails.
 Booter = Callable[[list[tuple[str, Path]]], str]
@@ -65,6 +68,8 @@ class RestoreCheck:
     checks: list[Check] = field(default_factory=list)
 
     def add(self, what: str, where: str, passed: bool, detail: str) -> None:
+        log.log(logging.INFO if passed else logging.WARNING, "restore test of %s: %s on %s %s: %s", self.backup[:8],
+                what, where, "passed" if passed else "FAILED", detail[:300])
         self.checks.append(Check(what, where, passed, detail))
         self.passed = self.passed and passed
 
