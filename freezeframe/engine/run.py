@@ -115,7 +115,7 @@ class _Ladder:
         if to >= self.level:
             return
         if self.on_failure is OnFailure.FAIL:
-            log.warning("level %s not reached, and the policy is to fail: %s", self.level.value, reason)
+            log.info("level %s not reached, and the policy is to fail: %s", self.level.value, reason)
             raise _StepDownRefused(reason)
         log.warning("stepping down from %s to %s level: %s", self.level.value, to.value, reason)
         self.reasons.append(reason)
