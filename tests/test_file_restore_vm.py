@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import stat
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,10 @@ from backups import backup, cli_json, damage_chunk, guest, init_repo
 from conftest import LabFactory, run_cli
 from oracles import guest_fs_mounts, host_mounts_watched
 
-from freezeframe.backup.repository import Repository
+from freezeframe.backup.repository import DiskIndex, Repository
 from freezeframe.backup.store import open_store
 from freezeframe.config import Home
+from freezeframe.jobs.sandbox import FileSystem
 
 pytestmark = pytest.mark.vm
 
@@ -213,3 +215,61 @@ def test_files_and_extract_from_xfs(home: Home, lab: LabFactory, tmp_path: Path)
         assert f" {where} " not in Path("/proc/mounts").read_text()
         assert not Path(f"/proc/{shown['pid']}").exists(), "the mount's process outlived the unmount"
     assert guest_fs_mounts(appeared) == [], f"the host mounted a guest file system: {appeared}"
+
+
+def _disk_backup(repo_dir: Path, home: Home, images: dict[str, Path]) -> str:
+    """A backup of these raw images as disks (by device name), written through the
+    repository as a backup would: zero chunks are holes."""
+    assert run_cli(home, "repo", "init", str(repo_dir), "--chunk-size", "1024").returncode == 0
+    repo = Repository.open(open_store(str(repo_dir)))
+    backup_id = f"images-{os.urandom(4).hex()}"
+    disks = []
+    for number, (device, image) in enumerate(images.items()):
+        data = image.read_bytes()
+        chunk = 1 << 20
+        ids = [None if not data[o:o + chunk].strip(b"\0") else repo.put_chunk(data[o:o + chunk])[0]
+               for o in range(0, len(data), chunk)]
+        name = repo.put_index(DiskIndex(backup=backup_id, device=device, virtual_size=len(data), chunk_size=chunk,
+                                        chunks=ids), number)
+        disks.append({"device": device, "virtual_size": len(data), "index": name})
+    repo.put_manifest(backup_id, {"id": backup_id, "instance": "synthetic", "disks": disks})
+    return backup_id
+
+
+def test_btrfs_is_read_and_an_encrypted_volume_or_unknown_data_is_named(home: Home, tmp_path: Path) -> None:
+    """Disks made on the host without mounting anything: a btrfs filled by mkfs.btrfs
+    --rootdir, a LUKS2 volume, and random bytes. The sandbox finds each by itself; btrfs
+    files come out; the others are named for what they are."""
+    content = tmp_path / "content"
+    (content / "dir").mkdir(parents=True)
+    (content / "dir" / "hello.txt").write_text("from btrfs\n")
+    (content / "dir" / "big.bin").write_bytes(big_bytes()[: 3 << 20])
+    images = {"vdb": tmp_path / "btrfs.img", "vdc": tmp_path / "luks.img", "vdd": tmp_path / "junk.img"}
+    with open(images["vdb"], "wb") as f:
+        f.truncate(160 << 20)
+    subprocess.run(["mkfs.btrfs", "-q", "--rootdir", str(content), str(images["vdb"])], check=True,
+                   capture_output=True)
+    with open(images["vdc"], "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2",
+                    "--pbkdf-force-iterations", "1000", "--key-file", "-", str(images["vdc"])], input=b"secret",
+                   check=True, capture_output=True)
+    images["vdd"].write_bytes(random.Random(SEED).randbytes(8 << 20))
+    repo = tmp_path / "repo"
+    backup_id = _disk_backup(repo, home, images)
+
+    with host_mounts_watched() as appeared:
+        listed, done = cli_json(home, "backup", "files", backup_id, "--repo", str(repo))
+        assert done.returncode == 0, done.stderr
+        assert {e["name"]: e["fstype"] for e in listed} == {"vdb": "btrfs", "vdc": "crypto_LUKS", "vdd": "unknown"}
+        out = tmp_path / "out"
+        report, done = cli_json(home, "backup", "extract", backup_id, "vdb/dir", "--to", str(out), "--repo",
+                                str(repo))
+        assert done.returncode == 0, done.stderr
+        assert (out / "dir" / "hello.txt").read_text() == "from btrfs\n"
+        assert (out / "dir" / "big.bin").read_bytes() == big_bytes()[: 3 << 20]
+        assert report["files"] == 2
+    assert guest_fs_mounts(appeared) == [], f"the host mounted a guest file system: {appeared}"
+    # What a listing into them says (the same FileSystem the sandbox built from its finding).
+    assert "encrypted volume (crypto_LUKS)" in FileSystem("vdc", "/dev/sdb", "crypto_LUKS", "vdc").why_not()
+    assert "cannot read (unknown)" in FileSystem("vdd", "/dev/sdc", "unknown", "vdd").why_not()

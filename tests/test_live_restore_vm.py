@@ -97,7 +97,7 @@ def file_digest(vm: lab_vm.LabVM, path: str) -> str:
     return guest(vm, f"sha256sum {path}").split()[0]
 
 
-@pytest.mark.parametrize(("where", "runner"), [("local", "qemu"), ("remote", "libvirt")])
+@pytest.mark.parametrize(("where", "runner"), [("local", "qemu"), ("remote", "qemu"), ("remote", "libvirt")])
 def test_a_vm_runs_on_its_backup_at_once_and_stands_alone_after_the_copy(
         home: Home, source: dict[str, Any], tmp_path: Path, where: str, runner: str,
         request: pytest.FixtureRequest) -> None:

@@ -133,7 +133,16 @@ class Sandbox:
         """Every file system, partition and logical volume the appliance finds."""
         by_letter = {f"/dev/sd{chr(ord('a') + i)}": disk for i, disk in enumerate(self.disks)}
         found: dict[str, FileSystem] = {}
-        for device, fstype in self.g.list_filesystems().items():
+        listed = dict(self.g.list_filesystems())
+        # libguestfs lists no encrypted volume (it is no file system until opened): name
+        # them too, so that a user learns why the files on them are not there.
+        for device in [*self.g.list_devices(), *self.g.list_partitions()]:
+            if device not in listed:
+                with contextlib.suppress(RuntimeError):
+                    kind = self.g.vfs_type(device)
+                    if kind in ENCRYPTED:
+                        listed[device] = kind
+        for device, fstype in listed.items():
             name = _name_of(device, by_letter)
             if name is None:
                 continue
