@@ -203,7 +203,7 @@ def test_a_killed_live_restore_is_finished_by_the_daemon_and_the_vm_never_stoppe
         assert vm.running, "QEMU died with the live restore"
 
         state = home.live / f"{name}.json"
-        with live_restore._exclusive(state, name):  # as a finisher holds it
+        with live_restore.finisher(state, name):  # as a finisher holds it
             assert live_restore.interrupted(home.live) == []
             refused = run_cli(home, "backup", "restore", "--live", "--resume", name)
             assert refused.returncode == 4, refused.stderr

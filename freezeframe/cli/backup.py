@@ -431,20 +431,13 @@ def _restore_live(app: App, backup: str, dest: Path, name: str, repo_path: str |
     if dest.exists() and any(dest.iterdir()):
         raise InvalidInput(f"{dest} is not empty", hint="a live restore puts its overlays into an empty directory")
     dest.mkdir(parents=True, exist_ok=True)
-    state = live_restore.plan(repo, backup_id, name, dest, app.home.run / f"live-{name}.sock",
-                              app.home.logs / f"live-{name}.log", rate=int((rate_mib or 0) * (1 << 20)),
-                              libvirt_uri=source.libvirt_uri)
-    state.persist = True
-    for disk in state.disks:
-        disk.target = disk.device  # a libvirt backup names its disks by target dev
+    state = live_restore.plan_clone(repo, backup_id, name, dest, app.home.run / f"live-{name}.sock",
+                                    app.home.logs / f"live-{name}.log", libvirt_uri=source.libvirt_uri,
+                                    rate=int((rate_mib or 0) * (1 << 20)))
     definition = libvirt_clone.source_definition(source.libvirt_uri, source.libvirt_domain or source.name)
 
     def boot(state: live_restore.LiveState) -> str:
-        live_restore.create_overlays(state)
-        xml = libvirt_clone.clone_xml(definition, name, [
-            libvirt_clone.ClonedDisk(target=d.target, overlay=d.overlay, socket=state.socket, export=d.device)
-            for d in state.disks], dest)
-        libvirt_clone.start(state.libvirt_uri, xml)
+        live_restore.start_clone(state, definition, dest)
         app.catalog.add_instance(name, kind="libvirt", qmp_socket=None, qga_socket=None, template=source.template,
                                  libvirt_uri=state.libvirt_uri, libvirt_domain=name)
         emit_progress({"event": "booted", "instance": name, "backup": backup_id, "libvirt_uri": state.libvirt_uri},

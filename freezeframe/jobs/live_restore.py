@@ -132,6 +132,27 @@ def plan(repo: Repository, backup_id: str, instance: str, directory: Path, socke
                      libvirt_uri=libvirt_uri)
 
 
+def plan_clone(repo: Repository, backup_id: str, instance: str, directory: Path, socket: Path, log_file: Path,
+               *, libvirt_uri: str, rate: int = 0) -> LiveState:
+    """The live restore of a libvirt domain's backup as a new domain ``instance``: its disks
+    found by target dev (as a libvirt backup names them), defined once every disk is local."""
+    state = plan(repo, backup_id, instance, directory, socket, log_file, rate=rate, libvirt_uri=libvirt_uri)
+    state.persist = True
+    for disk in state.disks:
+        disk.target = disk.device
+    return state
+
+
+def start_clone(state: LiveState, definition: str, directory: Path) -> None:
+    """Create the overlays and start the new domain: ``definition`` (the backed-up
+    domain's) with its disks on them, backed by the backup (``targets/libvirt_clone.py``)."""
+    create_overlays(state)
+    xml = libvirt_clone.clone_xml(definition, state.instance, [
+        libvirt_clone.ClonedDisk(target=d.target, overlay=d.overlay, socket=state.socket, export=d.device)
+        for d in state.disks], directory)
+    libvirt_clone.start(state.libvirt_uri, xml)
+
+
 def create_overlays(state: LiveState) -> None:
     """The empty overlays, owner-only: what the guest writes lands there."""
     old = os.umask(0o077)
@@ -306,7 +327,7 @@ async def stream(state: LiveState, *, on_progress: Callable[[Progress], None] | 
         return await asyncio.to_thread(_stream_libvirt, state, on_progress, poll_s)
     jobs = {f"ff-stream-{d.node}": d for d in state.disks}
     total = sum(d.size for d in state.disks)
-    history: list[tuple[float, int]] = []
+    rate = _Rate()
     restarts: dict[str, int] = {}
     last_resume = 0.0
     started = False
@@ -341,9 +362,7 @@ async def stream(state: LiveState, *, on_progress: Callable[[Progress], None] | 
             if paused and now - last_resume >= 2:
                 last_resume = now
                 await _resume(monitor, listed, status)
-            history = [h for h in history if now - h[0] <= 5] + [(now, done)]
-            rate = (done - history[0][1]) / (now - history[0][0]) if now > history[0][0] else 0.0
-            progress = Progress(done=done, total=total, rate=rate, paused=paused)
+            progress = Progress(done=done, total=total, rate=rate(done), paused=paused)
             if on_progress is not None:
                 on_progress(progress)
             if done >= total and not listed:
@@ -396,7 +415,7 @@ async def _resume(monitor: Monitor, jobs: dict[str, dict[str, Any]], status: str
 
 
 @contextlib.contextmanager
-def _exclusive(state_path: Path, instance: str) -> Iterator[None]:
+def finisher(state_path: Path, instance: str) -> Iterator[None]:
     """The one process finishing ``instance``'s live restore holds this lock (``flock``,
     released by the kernel when the process ends however it ends): a second ``--resume``
     is refused, and the daemon knows which restores nobody is finishing."""
@@ -414,7 +433,7 @@ def interrupted(live_dir: Path) -> list[str]:
     """The instances whose live restore began and that no process is finishing now."""
     found = []
     for state_path in sorted(live_dir.glob("*.json")):
-        with contextlib.suppress(Conflict, OSError), _exclusive(state_path, state_path.stem):
+        with contextlib.suppress(Conflict, OSError), finisher(state_path, state_path.stem):
             if state_path.exists():  # not finished while this looked
                 found.append(state_path.stem)
     return found
@@ -426,7 +445,7 @@ def run(state: LiveState, state_path: Path, passphrase: bytes | None, *,
     """Serve the backup, boot the VM on the overlays (``boot``: returns its QMP socket;
     None when resuming one that runs), and stream until every disk is local. The state
     file says what to resume until then."""
-    with _exclusive(state_path, state.instance), serve(state.request(passphrase), Path(state.socket),
+    with finisher(state_path, state.instance), serve(state.request(passphrase), Path(state.socket),
                                                        Path(state.log)):
         if boot is not None:
             state.save(state_path)  # an interrupted boot is resumable or removable

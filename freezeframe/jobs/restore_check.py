@@ -257,7 +257,7 @@ def check_restore(catalog: Catalog, repo: Repository, backup_id: str, *, scratch
         with sandbox_of_images(images) as box:
             _check_filesystems(result, box, level)
             if databases or apps:
-                mounted = {name: box.mount(name) for name in box.mount_all()}
+                mounted = box.mount_all()
                 files = GuestFiles(box)
                 if databases:
                     _check_sqlite(result, files, mounted, databases, manifest, work)

@@ -202,19 +202,17 @@ class Sandbox:
         log.info("mounted %s (%s, %s) read-only in the sandbox", name, fs.device, fs.fstype)
         return where
 
-    def mount_all(self) -> list[str]:
-        """Every file system that mounts, each at /NAME; the names of those that did."""
-        done = []
+    def mount_all(self) -> dict[str, str]:
+        """Every file system that mounts, each at /NAME: name -> where, of those that did."""
+        done = {}
         for name, fs in sorted(self.filesystems.items()):
             if not fs.mountable:
                 log.info("not mounting %s: %s", name, fs.why_not())
                 continue
             try:
-                self.mount(name)
+                done[name] = self.mount(name)
             except SandboxError as err:
                 log.warning("%s", err)
-                continue
-            done.append(name)
         return done
 
     def export(self, mountpoint: Path) -> None:

@@ -268,9 +268,7 @@ def up(
         disk_paths = [vm_dir / f"disk{i}.qcow2" for i in range(disks)]
         if setup is not None:
             setup(vm_dir)
-        for index, path in enumerate(disk_paths):
-            if setup is not None:
-                continue
+        for index, path in enumerate(disk_paths if setup is None else []):
             if disk_images is not None:
                 shutil.move(disk_images[index], path)
             elif index == 0 and app in apps.DATABASES:
